@@ -1,0 +1,98 @@
+"""The per-layer key/value cache (mlx-lm's protocol: update_and_fetch, offset, trim).
+
+Storage grows in blocks of `step` positions, written in place, so decoding one token
+does not re-concatenate the whole cache. Rows of a batch may be left-padded: the cache
+knows each row's padding, so it gives every row its own RoPE offset and masks the
+padding keys; finished rows can be dropped with `filter`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import mlx.core as mx
+
+
+class KVCache:
+    step = 256
+
+    def __init__(self, left_padding: Sequence[int] | None = None):
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+        self.left_padding = mx.array(list(left_padding), dtype=mx.int32) if left_padding is not None and any(left_padding) else None
+
+    # -- the protocol ----------------------------------------------------------------------
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append (B, heads, L, dim) keys/values; return everything cached so far."""
+        start, n = self.offset, keys.shape[2]
+        if self.keys is None or start + n > self.keys.shape[2]:
+            self._grow(keys, values, start + n)
+        self.offset = start + n
+        self.keys[..., start : self.offset, :] = keys
+        self.values[..., start : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def trim(self, n: int) -> int:
+        """Forget the last n positions (rejected draft tokens); returns how many were trimmed."""
+        n = min(self.offset, max(0, n))
+        self.offset -= n
+        return n
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    # -- what attention needs ----------------------------------------------------------------
+    @property
+    def rope_offset(self) -> int | mx.array:
+        """Position of the next token: per row when rows are left-padded."""
+        if self.left_padding is None:
+            return self.offset
+        return self.offset - self.left_padding
+
+    def make_mask(self, n_new: int) -> mx.array | str | None:
+        """Attention mask for n_new queries against offset + n_new keys (before the update)."""
+        if self.left_padding is None:
+            return "causal" if n_new > 1 else None
+        total = self.offset + n_new
+        key_pos = mx.arange(total)
+        query_pos = mx.arange(self.offset, total)
+        causal = query_pos[:, None] >= key_pos[None, :]
+        real = key_pos[None, :] >= self.left_padding[:, None]  # (B, total)
+        return causal[None, None] & real[:, None, None, :]
+
+    # -- batch bookkeeping -------------------------------------------------------------------
+    def filter(self, rows: Sequence[int] | mx.array) -> None:
+        """Keep only these batch rows; drop padding columns no remaining row needs."""
+        rows = mx.array(rows, dtype=mx.int32) if not isinstance(rows, mx.array) else rows
+        if self.keys is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+        if self.left_padding is not None:
+            self.left_padding = self.left_padding[rows]
+            shift = int(self.left_padding.min().item()) if self.left_padding.size else 0
+            if shift and self.keys is not None:
+                self.keys = self.keys[..., shift:, :]
+                self.values = self.values[..., shift:, :]
+                self.offset -= shift
+                self.left_padding = self.left_padding - shift
+            if not bool(mx.any(self.left_padding > 0).item()):
+                self.left_padding = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return 2 * self.keys[..., : self.offset, :].nbytes
+
+    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
+        B, H, _, Dk = keys.shape
+        Dv = values.shape[3]
+        capacity = ((needed + self.step - 1) // self.step) * self.step
+        have = 0 if self.keys is None else self.keys.shape[2]
+        new_k = mx.zeros((B, H, capacity - have, Dk), keys.dtype)
+        new_v = mx.zeros((B, H, capacity - have, Dv), values.dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys, new_k], axis=2)
+            self.values = mx.concatenate([self.values, new_v], axis=2)

@@ -1,0 +1,35 @@
+"""Errors a user can act on. The CLI prints them as one line; nothing else is caught."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class StratlmError(Exception):
+    """Base class: the message names what was wrong and what would be right."""
+
+
+class ConfigError(StratlmError, ValueError):
+    """An option or parameter has a value it cannot take."""
+
+
+class ModelLoadError(StratlmError):
+    """A model source is missing, corrupt or of an unsupported kind."""
+
+
+class UnknownNameError(StratlmError, KeyError):
+    """A name (model, strategy, transform, ...) is not registered."""
+
+    def __init__(self, kind: str, name: str, known: list[str]):
+        self.kind, self.name, self.known = kind, name, sorted(known)
+        close = difflib.get_close_matches(name, self.known, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        listing = ", ".join(self.known) if self.known else "none registered"
+        super().__init__(f"unknown {kind} {name!r}.{hint} Known {kind}s: {listing}.")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class DuplicateNameError(StratlmError):
+    """Two plugins registered the same name for the same kind."""

@@ -1,0 +1,53 @@
+"""Every extension point of stratlm, in one place.
+
+A plugin is a plain module with functions decorated by `hookimpl`, named after these
+specs, registered through the `stratlm` entry-point group. Each hook receives a
+`register(name, obj)` callable.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+PROJECT = "stratlm"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[..., None]
+
+
+@hookspec
+def register_model_families(register: Register) -> None:
+    """register(family: ModelFamily) - a model architecture and how to build it."""
+
+
+@hookspec
+def register_model_aliases(register: Register) -> None:
+    """register(alias: str, source: str) - a short name for a hub repo id, folder or file."""
+
+
+@hookspec
+def register_strategies(register: Register) -> None:
+    """register(name: str, strategy_class) - a decoding strategy (a core.Strategy subclass)."""
+
+
+@hookspec
+def register_transforms(register: Register) -> None:
+    """register(name: str, transform) - a callable (LoadedModel, **options) -> LoadedModel."""
+
+
+@hookspec
+def register_scorers(register: Register) -> None:
+    """register(name: str, scorer) - ranks candidate completions (best-of-n)."""
+
+
+@hookspec
+def register_answer_extractors(register: Register) -> None:
+    """register(name: str, extractor) - maps a completion's text to an answer (majority vote)."""
+
+
+@hookspec
+def register_draft_sources(register: Register) -> None:
+    """register(name: str, factory) - makes a draft for speculative decoding from a spec."""

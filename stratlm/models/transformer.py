@@ -1,0 +1,196 @@
+"""A decoder-only transformer in the Hugging Face layout, shared by the Llama-like families.
+
+Parameter names follow the Hugging Face checkpoints (model.layers.N.self_attn.q_proj, ...),
+the same names mlx-lm uses, so checkpoints and adapters move between them and stratlm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+
+from stratlm.core.cache import KVCache
+from stratlm.core.errors import ModelLoadError
+from stratlm.core.model import Model
+
+
+@attrs.frozen
+class TransformerArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, qk_norm: bool = False) -> "TransformerArgs":
+        required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"]
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise ModelLoadError(f"config.json lacks {', '.join(missing)} (needed for model_type {config.get('model_type')!r})")
+        # transformers 5 moved rope_theta / rope_scaling into rope_parameters
+        rope = dict(config.get("rope_parameters") or {})
+        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden_size=config["hidden_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            intermediate_size=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            attention_bias=config.get("attention_bias", False),
+            mlp_bias=config.get("mlp_bias", False),
+            qk_norm=qk_norm,
+        )
+
+
+class RoPE(nn.Module):
+    """Rotary embedding in the Hugging Face (non-interleaved) layout, with Llama 3 / linear scaling."""
+
+    def __init__(self, dims: int, base: float, scaling: dict[str, Any] | None):
+        super().__init__()
+        self.dims = dims
+        self.scale = 1.0
+        self.base: float | None = base
+        kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
+        if kind == "llama3":
+            self._freqs = self._llama3_periods(dims, base, scaling)
+            self.base = None
+        elif kind == "linear":
+            self.scale = 1.0 / scaling["factor"]
+        elif kind != "default":
+            raise ModelLoadError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+
+    @staticmethod
+    def _llama3_periods(dims: int, base: float, s: dict[str, Any]) -> mx.array:
+        factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old_len = s.get("original_max_position_embeddings", 8192)
+        periods = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)  # 1 / inv_freq
+        wavelens = 2 * math.pi * periods
+        periods = mx.where(wavelens > old_len / low, periods * factor, periods)
+        medium = (wavelens > old_len / high) & (wavelens < old_len / low)
+        smooth = (old_len / wavelens - low) / (high - low)
+        return mx.where(medium, periods / ((1 - smooth) / factor + smooth), periods)
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        freqs = getattr(self, "_freqs", None)
+        return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=self.scale, offset=offset, freqs=freqs)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: TransformerArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.scale = a.head_dim**-0.5
+        self.q_proj = nn.Linear(a.hidden_size, a.num_attention_heads * a.head_dim, bias=a.attention_bias)
+        self.k_proj = nn.Linear(a.hidden_size, a.num_key_value_heads * a.head_dim, bias=a.attention_bias)
+        self.v_proj = nn.Linear(a.hidden_size, a.num_key_value_heads * a.head_dim, bias=a.attention_bias)
+        self.o_proj = nn.Linear(a.num_attention_heads * a.head_dim, a.hidden_size, bias=a.attention_bias)
+        if a.qk_norm:
+            self.q_norm = nn.RMSNorm(a.head_dim, eps=a.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(a.head_dim, eps=a.rms_norm_eps)
+        self.rope = RoPE(a.head_dim, a.rope_theta, a.rope_scaling)
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        offset = cache.rope_offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: TransformerArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: TransformerArgs):
+        super().__init__()
+        self.self_attn = Attention(a)
+        self.mlp = MLP(a)
+        self.input_layernorm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: TransformerArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = [Block(a) for _ in range(a.num_hidden_layers)]
+        self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
+
+
+class DecoderLM(Model):
+    """model.{embed_tokens, layers, norm} + lm_head (absent when tied to the embeddings)."""
+
+    def __init__(self, config: dict[str, Any], args: TransformerArgs):
+        super().__init__()
+        self.config = dict(config)
+        self.args = args
+        self.model = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.model.layers
+
+    @layers.setter
+    def layers(self, blocks: list[nn.Module]) -> None:
+        self.model.layers = list(blocks)
+        self.config["num_hidden_layers"] = len(blocks)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.model.embed_tokens(tokens)
+
+    def head(self, hidden: mx.array) -> mx.array:
+        hidden = self.model.norm(hidden)
+        if "lm_head" in self:
+            return self.lm_head(hidden)
+        return self.model.embed_tokens.as_linear(hidden)
+
+
+def drop_unused(weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
+    """Checkpoint keys no model uses: precomputed rotary tables, a tied head stored anyway."""
+    out = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if config.get("tie_word_embeddings", False):
+        out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
+    return out

@@ -1,0 +1,19 @@
+"""Built-in model families, registered through the same entry-point group as any plugin."""
+
+from stratlm.core.hookspecs import hookimpl
+from stratlm.models import llama, qwen3
+
+FAMILIES = (llama, qwen3)
+
+
+@hookimpl
+def register_model_families(register):
+    for module in FAMILIES:
+        register(module.FAMILY)
+
+
+@hookimpl
+def register_model_aliases(register):
+    for module in FAMILIES:
+        for alias, source in module.ALIASES.items():
+            register(alias, source)
