@@ -51,3 +51,8 @@ def register_answer_extractors(register: Register) -> None:
 @hookspec
 def register_draft_sources(register: Register) -> None:
     """register(name: str, factory) - makes a draft for speculative decoding from a spec."""
+
+
+@hookspec(firstresult=True)
+def load_adapter(loaded, path):
+    """Return `loaded` with the adapter in folder `path` applied, or None if this plugin does not read that kind."""

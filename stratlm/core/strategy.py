@@ -21,6 +21,8 @@ class Strategy:
     name: str = ""
     #: Options this strategy accepts (keyword arguments of Engine / --option on the CLI).
     options: tuple[str, ...] = ()
+    #: Temperature used when the caller does not give one (sampling strategies: > 0).
+    default_temperature: float = 0.0
 
     def __init__(self, target: "LoadedModel", **options: Any):
         unknown = sorted(set(options) - set(self.options))

@@ -1,0 +1,155 @@
+"""Engine: a model, a strategy and transforms, composed by name from the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence, Union
+
+from .errors import ConfigError, ModelLoadError
+from .loading import LoadedModel, load_model
+from .log import get_logger
+from .registry import Registry, get_registry
+from .types import GenerationParams, GenerationResult, SamplingParams
+
+log = get_logger(__name__)
+
+Message = dict
+Prompt = Union[str, Sequence[Message]]
+TransformSpec = Union[str, tuple]  # "collapse" or ("collapse", {"n": 4})
+
+
+class Engine:
+    """Load a model (alias, hub id, folder, .gguf; None = the embedded SmolLM2), apply an adapter
+    and transforms, and decode with a strategy. Extra keyword options go to the strategy."""
+
+    def __init__(
+        self,
+        model: str | LoadedModel | None = None,
+        strategy: str = "greedy",
+        *,
+        transforms: Sequence[TransformSpec] = (),
+        adapter: str | Path | None = None,
+        dtype: str | None = None,
+        quantized: str | None = None,
+        registry: Registry | None = None,
+        **options: Any,
+    ):
+        self.registry = registry or get_registry()
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, quantized=quantized, registry=self.registry)
+        if adapter is not None:
+            self.loaded = apply_adapter(self.loaded, Path(adapter), self.registry)
+        self.loaded = apply_transforms(self.loaded, transforms, self.registry)
+        strategy_class = self.registry.get("strategy", strategy)
+        self.strategy = strategy_class(self.loaded, **options)
+        self.last_result: GenerationResult | None = None
+        log.debug("engine ready", model=self.loaded.source, strategy=strategy, transforms=list(transforms))
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def render(self, prompt: Prompt, *, chat_template: bool | None = None, chat_template_kwargs: dict | None = None, system: str | None = None) -> tuple[str, list[int]]:
+        """The prompt text the model sees and its token ids.
+
+        chat_template None: apply the model's template when it has one (instruct models).
+        """
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ConfigError("the prompt is empty; give some text")
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+            messages = list(prompt)
+            if any("role" not in m or "content" not in m for m in messages):
+                raise ConfigError("chat messages need 'role' and 'content' keys, e.g. {'role': 'user', 'content': 'Hi'}")
+            if chat_template is False:
+                raise ConfigError("chat messages need the chat template; pass a plain string prompt to skip it")
+        else:
+            raise ConfigError(f"a prompt is a string or a list of chat messages, got {type(prompt).__name__}")
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+        use_template = tok.has_chat_template if chat_template is None else chat_template
+        if use_template:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
+            ids = tok.encode(text, add_special_tokens=False)
+        else:
+            text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
+            ids = tok.encode(text)
+        limit = self.loaded.context_length
+        if limit is not None and len(ids) >= limit:
+            raise ConfigError(f"the prompt is {len(ids)} tokens; this model's context is {limit} tokens: shorten the prompt")
+        return text, ids
+
+    def params(self, *, max_tokens: int = 256, temperature: float | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] | str = (), logprobs: bool = False,
+               ignore_eos: bool = False) -> GenerationParams:
+        if temperature is None:
+            temperature = self.strategy.default_temperature
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+        return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=(stop,) if isinstance(stop, str) else tuple(stop), logprobs=logprobs, ignore_eos=ignore_eos)
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt: Prompt | Sequence[Prompt], *, chat_template: bool | None = None, chat_template_kwargs: dict | None = None,
+                 system: str | None = None, **kwargs: Any) -> GenerationResult | list[GenerationResult]:
+        """One prompt (a string or chat messages) -> a result; a list of prompts -> a list of results."""
+        batch = is_batch(prompt)
+        prompts = list(prompt) if batch else [prompt]
+        if not prompts:
+            raise ConfigError("the prompt list is empty; give at least one prompt")
+        params = self.params(**kwargs)
+        rendered = [self.render(p, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system) for p in prompts]
+        results = self.strategy.generate([ids for _, ids in rendered], params)
+        results = [r if r.prompt else attrs_replace(r, prompt=text) for r, (text, _) in zip(results, rendered)]
+        self.last_result = results[-1]
+        return results if batch else results[0]
+
+    def stream(self, prompt: Prompt, *, chat_template: bool | None = None, chat_template_kwargs: dict | None = None,
+               system: str | None = None, **kwargs: Any) -> Iterator[str]:
+        """Yield text pieces as they are decoded; the full result is then in `last_result`."""
+        params = self.params(**kwargs)
+        text, ids = self.render(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system)
+        for item in self.strategy.stream(ids, params):
+            if isinstance(item, GenerationResult):
+                self.last_result = item if item.prompt else attrs_replace(item, prompt=text)
+            else:
+                yield item
+
+
+def is_batch(prompt: Any) -> bool:
+    if isinstance(prompt, str) or not isinstance(prompt, Sequence):
+        return False
+    return len(prompt) == 0 or not all(isinstance(m, dict) for m in prompt)
+
+
+def attrs_replace(result: GenerationResult, **changes: Any) -> GenerationResult:
+    import attrs
+
+    return attrs.evolve(result, **changes)
+
+
+def parse_transform(spec: TransformSpec) -> tuple[str, dict]:
+    if isinstance(spec, str):
+        return spec, {}
+    name, options = spec
+    return name, dict(options)
+
+
+def apply_transforms(loaded: LoadedModel, transforms: Sequence[TransformSpec], registry: Registry) -> LoadedModel:
+    for spec in transforms:
+        name, options = parse_transform(spec)
+        loaded = registry.get("transform", name)(loaded, **options)
+    return loaded
+
+
+def apply_adapter(loaded: LoadedModel, path: Path, registry: Registry) -> LoadedModel:
+    if not (path / "adapter_config.json").exists():
+        raise ModelLoadError(f"{path} is not an adapter folder: it needs adapter_config.json and adapters.safetensors")
+    result = registry.pm.hook.load_adapter(loaded=loaded, path=path)
+    if result is None:
+        raise ModelLoadError(f"no installed plugin reads the adapter in {path} (see its adapter_config.json fine_tune_type)")
+    return result

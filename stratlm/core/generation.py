@@ -1,0 +1,194 @@
+"""The pieces every strategy shares: the prefill, the single-sequence decode loop
+(evaluated one step ahead, so the host never waits on the device between tokens) and
+`Completion`, which turns a row's tokens into text, honours EOS and stop strings, and
+builds the result."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, Sequence
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .model import Model
+from .sampler import Sampler
+from .tokenizer import Tokenizer
+from .types import GenerationParams, GenerationResult, GenerationStats
+
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
+
+
+def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk: int = PREFILL_CHUNK) -> mx.array:
+    """Run the prompt (B, L) through the model; return the last position's logits (B, vocab)."""
+    while tokens.shape[1] > chunk:
+        model(tokens[:, :chunk], cache)
+        mx.eval([c.keys for c in cache])
+        tokens = tokens[:, chunk:]
+    return model(tokens, cache)[:, -1, :]
+
+
+def token_logprobs(logits: mx.array, tokens: mx.array) -> mx.array:
+    """log p(token) under the raw model distribution. logits (B, V), tokens (B,) -> (B,)."""
+    picked = mx.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
+
+
+def decode(
+    model: Model,
+    prompt: Sequence[int],
+    sampler: Sampler,
+    *,
+    cache: list[KVCache] | None = None,
+    logprobs: bool = False,
+) -> Iterator[tuple[int, float | None]]:
+    """Yield (token, logprob) forever for one prompt; the caller decides when to stop.
+
+    The next step is queued (async_eval) before the current token is handed over.
+    """
+    cache = cache if cache is not None else model.make_cache()
+    needs_history = sampler.params.repetition_penalty != 1.0
+    history = mx.array([list(prompt)], dtype=mx.int32) if needs_history else None
+
+    def pick(logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        token = sampler.sample(logits, history)
+        return token, (token_logprobs(logits, token) if logprobs else None)
+
+    token, lp = pick(prefill(model, mx.array([list(prompt)], dtype=mx.int32), cache))
+    mx.async_eval(token, lp) if lp is not None else mx.async_eval(token)
+    while True:
+        if needs_history:
+            history = mx.concatenate([history, token[:, None]], axis=1)
+        next_token, next_lp = pick(model(token[:, None], cache)[:, -1, :])
+        mx.async_eval(next_token, next_lp) if next_lp is not None else mx.async_eval(next_token)
+        yield int(token.item()), (float(lp.item()) if lp is not None else None)
+        token, lp = next_token, next_lp
+
+
+class Completion:
+    """One row's output as it grows: text pieces safe to show, and when it is finished.
+
+    Text that could be the start of a stop string is held back until it is decided.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, params: GenerationParams, eos_token_ids: frozenset[int]):
+        self.tokenizer, self.params = tokenizer, params
+        self.eos = frozenset() if params.ignore_eos else eos_token_ids
+        self.detok = tokenizer.detokenizer()
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.generated = 0  # every sampled token, EOS included: the work done
+        self.shown = 0  # characters of detok.text handed out
+        self.finish_reason: str | None = None
+        self._text_end: int | None = None  # where a stop string cut the text
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int, logprob: float | None = None) -> str:
+        """Take the next token; return the text that can be shown now."""
+        if self.finished:
+            return ""
+        self.generated += 1
+        if token in self.eos:
+            self.finish_reason = "stop"
+            return self._flush()
+        self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        self.detok.add(token)
+        text = self.detok.text
+        for stop in self.params.stop:
+            at = text.find(stop, max(0, self.shown - len(stop)))
+            if at != -1:
+                self._text_end = at if self._text_end is None else min(self._text_end, at)
+        if self._text_end is not None:
+            self.finish_reason = "stop"
+            return self._flush()
+        if len(self.tokens) >= self.params.max_tokens:
+            self.finish_reason = "length"
+            return self._flush()
+        safe = len(text) - self._held_back(text)
+        piece, self.shown = text[self.shown : safe], max(self.shown, safe)
+        return piece
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self.params.stop:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def _flush(self) -> str:
+        self.detok.finish()
+        end = self._text_end if self._text_end is not None else len(self.detok.text)
+        piece, self.shown = self.detok.text[self.shown : end], end
+        return piece
+
+    @property
+    def text(self) -> str:
+        end = self._text_end if self._text_end is not None else len(self.detok.text)
+        return self.detok.text[:end]
+
+    def result(self, stats: GenerationStats, prompt: str = "", **extra) -> GenerationResult:
+        return GenerationResult(
+            text=self.text,
+            token_ids=self.tokens,
+            finish_reason=self.finish_reason or "length",
+            prompt=prompt,
+            logprobs=tuple(self.logprobs) if self.params.logprobs else None,
+            stats=stats,
+            extra=extra,
+        )
+
+
+class Timer:
+    """Prompt and generation wall time, and peak memory, for GenerationStats."""
+
+    def __init__(self) -> None:
+        mx.reset_peak_memory()
+        self.start = time.perf_counter()
+        self.first_token: float | None = None
+
+    def mark_first_token(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+
+    def stats(self, prompt_tokens: int, generation_tokens: int) -> GenerationStats:
+        end = time.perf_counter()
+        first = self.first_token or end
+        return GenerationStats(
+            prompt_tokens=prompt_tokens,
+            generation_tokens=generation_tokens,
+            prompt_time=first - self.start,
+            generation_time=end - first,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+        )
+
+
+def run_single(
+    model: Model,
+    tokenizer: Tokenizer,
+    eos_token_ids: frozenset[int],
+    prompt: Sequence[int],
+    params: GenerationParams,
+    sampler: Sampler | None = None,
+) -> Iterator[str | GenerationResult]:
+    """Decode one prompt, yielding text pieces and finally the GenerationResult."""
+    sampler = sampler or Sampler(params.sampling)
+    completion = Completion(tokenizer, params, eos_token_ids)
+    timer = Timer()
+    for token, lp in decode(model, prompt, sampler, logprobs=params.logprobs):
+        timer.mark_first_token()
+        piece = completion.add(token, lp)
+        if piece:
+            yield piece
+        if completion.finished:
+            break
+    # the first token costs the prefill; generation speed counts the tokens after it
+    stats = timer.stats(len(prompt), max(0, completion.generated - 1))
+    yield completion.result(stats)
