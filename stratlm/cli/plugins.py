@@ -1,6 +1,42 @@
-"""stratlm plugins (being written)."""
+"""stratlm plugins: everything registered, by kind, with the package it came from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from stratlm.core.errors import plural
+from stratlm.core.registry import KINDS, get_registry
 
 
-def add_parser(sub):
-    p = sub.add_parser("plugins", help="(not yet implemented)")
-    p.set_defaults(run=lambda args: print("not yet implemented") or 1)
+def add_parser(sub) -> None:
+    p = sub.add_parser("plugins", help="list model families, aliases, strategies, transforms ... and their packages")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run)
+
+
+def describe(kind: str, obj) -> str:
+    if kind == "model family":
+        return "model types: " + ", ".join(obj.model_types) + (f"; GGUF: {', '.join(obj.gguf_architectures)}" if obj.gguf_architectures else "")
+    if kind == "model alias":
+        return str(obj)
+    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def run(args: argparse.Namespace) -> int:
+    registry = get_registry()
+    listing = {kind: [{"name": e.name, "package": e.origin, "about": describe(kind, e.obj)} for e in sorted(registry.table(kind).values(), key=lambda e: e.name)] for kind in KINDS}
+    if args.json:
+        print(json.dumps({"plugins": listing, "failed": registry.failed}, indent=2))
+        return 0
+    for kind, entries in listing.items():
+        print(f"{plural(kind)}:")
+        if not entries:
+            print("  (none)")
+        width = max((len(e["name"]) for e in entries), default=0)
+        for e in entries:
+            print(f"  {e['name']:<{width}}  [{e['package']}]  {e['about']}")
+    for name, error in registry.failed.items():
+        print(f"failed to load: {name}: {error}")
+    return 0

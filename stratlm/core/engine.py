@@ -85,13 +85,8 @@ class Engine:
             raise ConfigError(f"the prompt is {len(ids)} tokens; this model's context is {limit} tokens: shorten the prompt")
         return text, ids
 
-    def params(self, *, max_tokens: int = 256, temperature: float | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-               repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] | str = (), logprobs: bool = False,
-               ignore_eos: bool = False) -> GenerationParams:
-        if temperature is None:
-            temperature = self.strategy.default_temperature
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-        return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=(stop,) if isinstance(stop, str) else tuple(stop), logprobs=logprobs, ignore_eos=ignore_eos)
+    def params(self, **kwargs: Any) -> GenerationParams:
+        return make_params(self.strategy.default_temperature, **kwargs)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompt: Prompt | Sequence[Prompt], *, chat_template: bool | None = None, chat_template_kwargs: dict | None = None,
@@ -110,14 +105,29 @@ class Engine:
 
     def stream(self, prompt: Prompt, *, chat_template: bool | None = None, chat_template_kwargs: dict | None = None,
                system: str | None = None, **kwargs: Any) -> Iterator[str]:
-        """Yield text pieces as they are decoded; the full result is then in `last_result`."""
+        """Yield text pieces as they are decoded; the full result is then in `last_result`.
+
+        Parameters and the prompt are checked now, before the first piece is asked for."""
         params = self.params(**kwargs)
         text, ids = self.render(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system)
+        return self._stream(text, ids, params)
+
+    def _stream(self, text: str, ids: list[int], params: GenerationParams) -> Iterator[str]:
         for item in self.strategy.stream(ids, params):
             if isinstance(item, GenerationResult):
                 self.last_result = item if item.prompt else attrs_replace(item, prompt=text)
             else:
                 yield item
+
+
+def make_params(default_temperature: float = 0.0, *, max_tokens: int = 256, temperature: float | None = None, top_k: int = 0,
+                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                stop: Sequence[str] | str = (), logprobs: bool = False, ignore_eos: bool = False) -> GenerationParams:
+    """GenerationParams from flat keyword arguments (validated: bad values raise ConfigError)."""
+    sampling = SamplingParams(temperature=default_temperature if temperature is None else temperature, top_k=top_k, top_p=top_p,
+                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                            logprobs=logprobs, ignore_eos=ignore_eos)
 
 
 def is_batch(prompt: Any) -> bool:

@@ -25,10 +25,16 @@ class UnknownNameError(StratlmError, KeyError):
         close = difflib.get_close_matches(name, self.known, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         listing = ", ".join(self.known) if self.known else "none registered"
-        super().__init__(f"unknown {kind} {name!r}.{hint} Known {kind}s: {listing}.")
+        super().__init__(f"unknown {kind} {name!r}.{hint} Known {plural(kind)}: {listing}.")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
+
+
+def plural(noun: str) -> str:
+    if noun.endswith("y"):
+        return noun[:-1] + "ies"
+    return noun + ("es" if noun.endswith("s") else "s")
 
 
 class DuplicateNameError(StratlmError):
