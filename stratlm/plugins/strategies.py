@@ -1,12 +1,35 @@
-"""Built-in decoding strategies, registered through the `stratlm` entry-point group."""
+"""Built-in decoding strategies and their parts (scorers, answer extractors, draft sources),
+registered through the `stratlm` entry-point group."""
 
 from stratlm.core.hookspecs import hookimpl
+from stratlm.strategies.batched import Batch
+from stratlm.strategies.best_of_n import SCORERS, BestOfN
 from stratlm.strategies.greedy import Greedy, Sample
+from stratlm.strategies.speculative import DRAFT_SOURCES, Speculative
+from stratlm.strategies.vote import EXTRACTORS, Vote
 
-STRATEGIES = (Greedy, Sample)
+STRATEGIES = (Greedy, Sample, Batch, BestOfN, Vote, Speculative)
 
 
 @hookimpl
 def register_strategies(register):
     for strategy in STRATEGIES:
         register(strategy.name, strategy)
+
+
+@hookimpl
+def register_scorers(register):
+    for name, scorer in SCORERS.items():
+        register(name, scorer)
+
+
+@hookimpl
+def register_answer_extractors(register):
+    for name, extractor in EXTRACTORS.items():
+        register(name, extractor)
+
+
+@hookimpl
+def register_draft_sources(register):
+    for name, factory in DRAFT_SOURCES.items():
+        register(name, factory)

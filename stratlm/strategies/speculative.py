@@ -1,0 +1,278 @@
+"""speculative: a draft proposes tokens, the target checks them all in one forward.
+
+Draft sources are plugins (`register_draft_sources`): register(name, factory) where
+factory(target: LoadedModel, spec) returns an object with
+    reset()                                   - a new sequence starts
+    propose(sequence, k, sampler) -> (tokens, logprobs)
+tokens: up to k proposed next tokens; logprobs: the (len(tokens), vocab) distributions they
+were sampled from, or None for deterministic proposals (a point mass).
+The `draft` option picks one: "NAME" or "NAME:SPEC" for a registered source (spec = the text
+after the colon, e.g. "lookup:2"); anything else is a model source for the "model" source,
+whose factory also takes a LoadedModel (so a plugin can build a transformed draft itself).
+
+Verification is standard speculative sampling: accept draft token x with probability
+min(1, p(x)/q(x)); on rejection sample from normalize(max(0, p - q)); a bonus token from the
+target when every draft token is accepted. At temperature 0 that is: keep the draft tokens
+that equal the target's argmax. Rejected positions are trimmed from the caches.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Protocol, Sequence
+
+import attrs
+import mlx.core as mx
+
+from stratlm.core.errors import ConfigError
+from stratlm.core.generation import Completion, Timer, prefill, token_logprobs
+from stratlm.core.loading import LoadedModel, load_model
+from stratlm.core.registry import get_registry
+from stratlm.core.sampler import Sampler
+from stratlm.core.strategy import Strategy
+from stratlm.core.types import GenerationParams, GenerationResult
+
+from .batched import check_prompts
+from .options import int_option
+
+DraftProposal = tuple[Sequence[int], "mx.array | None"]
+
+
+class DraftSource(Protocol):
+    def reset(self) -> None: ...
+
+    def propose(self, sequence: Sequence[int], k: int, sampler: Sampler) -> DraftProposal: ...
+
+
+# -- draft sources ---------------------------------------------------------------------------------
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ModelDraft:
+    """A smaller model sharing the target's tokenizer; its cache follows the sequence (trimmed, never recomputed)."""
+
+    def __init__(self, target: LoadedModel, draft: LoadedModel):
+        check_same_vocabulary(target, draft)
+        self.model = draft.model
+        self.source = draft.source
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.model.make_cache()
+        self.cached: list[int] = []  # the tokens whose keys/values the cache holds
+
+    def propose(self, sequence: Sequence[int], k: int, sampler: Sampler) -> DraftProposal:
+        keep = min(common_prefix_length(self.cached, sequence), len(sequence) - 1)
+        for layer_cache in self.cache:
+            layer_cache.trim(len(self.cached) - keep)
+        logits = prefill(self.model, mx.array([list(sequence[keep:])], dtype=mx.int32), self.cache)
+        tokens, dists = [], []
+        for i in range(k):  # built lazily, evaluated once
+            if i:
+                logits = self.model(tokens[-1][:, None], self.cache)[:, -1, :]
+            if sampler.params.greedy:
+                tokens.append(mx.argmax(logits, axis=-1).astype(mx.int32))
+            else:
+                dist = sampler.distribution(logits)
+                dists.append(dist)
+                tokens.append(mx.random.categorical(dist, axis=-1, key=sampler.next_key()).astype(mx.int32))
+        mx.eval(tokens, dists)
+        proposed = [int(t.item()) for t in tokens]
+        self.cached = list(sequence) + proposed[:-1]
+        return proposed, (mx.concatenate(dists, axis=0) if dists else None)
+
+
+def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
+    t_size, d_size = target.model.vocab_size, draft.model.vocab_size
+    if t_size != d_size:
+        raise ConfigError(f"draft model {draft.source!r} has a vocabulary of {d_size} tokens, the target {target.source!r} has {t_size}: "
+                          "option draft needs a model with the target's tokenizer (e.g. a smaller model of the same family)")
+    if target.tokenizer.hf.get_vocab() != draft.tokenizer.hf.get_vocab():
+        raise ConfigError(f"draft model {draft.source!r} has another tokenizer than the target {target.source!r} (same size, different tokens): "
+                          "option draft needs a model with the target's tokenizer")
+
+
+def model_draft(target: LoadedModel, spec: str | LoadedModel) -> ModelDraft:
+    """Factory of the "model" source: spec is a model source (alias, folder, .gguf, hub id) or a LoadedModel."""
+    if isinstance(spec, LoadedModel):
+        return ModelDraft(target, spec)
+    if not spec:
+        raise ConfigError("option draft='model:SOURCE' needs a model source after the colon (alias, folder, .gguf file or hub id)")
+    return ModelDraft(target, load_model(spec))
+
+
+class LookupDraft:
+    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens
+    (n = max_ngram down to 1) and propose the tokens that followed it. No model needed."""
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, sequence: Sequence[int], k: int, sampler: Sampler) -> DraftProposal:
+        seq = list(sequence)
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            pattern = seq[-n:]
+            for start in range(len(seq) - n - 1, -1, -1):  # latest first; at least one token must follow
+                if seq[start : start + n] == pattern:
+                    return seq[start + n : start + n + k], None
+        return [], None
+
+
+def lookup_draft(target: LoadedModel, spec: str) -> LookupDraft:
+    """Factory of the "lookup" source: spec is the longest n-gram to match (default 3)."""
+    return LookupDraft(int_option("speculative", "draft='lookup:N' (N, the longest n-gram)", spec) if spec else 3)
+
+
+DRAFT_SOURCES = {"model": model_draft, "lookup": lookup_draft}
+
+
+def make_draft(target: LoadedModel, draft: Any) -> DraftSource:
+    if isinstance(draft, LoadedModel):
+        return get_registry().get("draft source", "model")(target, draft)
+    if not isinstance(draft, str) or not draft:
+        raise ConfigError(f"strategy 'speculative': option draft must be 'lookup', 'NAME:SPEC' of a registered draft source or a model source, got {draft!r}")
+    sources = get_registry().table("draft source")
+    name, _, spec = draft.partition(":")
+    if name in sources:
+        return sources[name].obj(target, spec)
+    return get_registry().get("draft source", "model")(target, draft)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+@attrs.define
+class SpeculativeCounts:
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0  # verification forwards (the prefill not counted)
+    tokens_from_verification: int = 0
+    draft_time: float = 0.0
+    target_time: float = 0.0
+
+    def as_extra(self) -> dict[str, float]:
+        return {
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "tokens_per_target_forward": self.tokens_from_verification / self.target_forwards if self.target_forwards else 0.0,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "target_forwards": self.target_forwards,
+            "draft_time": self.draft_time,
+            "target_time": self.target_time,
+        }
+
+
+def verify(logits: mx.array, drafted: list[int], draft_logprobs: mx.array | None, sampler: Sampler) -> tuple[int, int]:
+    """logits (m+1, V) of the target at the positions before each draft token and after the last.
+    Returns (how many draft tokens are accepted, the token that follows them)."""
+    m = len(drafted)
+    if sampler.params.greedy:
+        best = mx.argmax(logits, axis=-1).tolist()
+        n = common_prefix_length(drafted, best)
+        return n, best[n]
+    p = sampler.distribution(logits)  # log-probabilities, (m+1, V)
+    n = 0
+    if m:
+        index = mx.array(drafted, dtype=mx.int32)[:, None]
+        p_x = mx.take_along_axis(p[:m], index, axis=-1)[:, 0]
+        q_x = mx.take_along_axis(draft_logprobs, index, axis=-1)[:, 0] if draft_logprobs is not None else mx.zeros((m,))
+        u = mx.random.uniform(shape=(m,), key=sampler.next_key())
+        accepted = (mx.log(u) < p_x - q_x).tolist()  # u < p(x) / q(x)
+        n = accepted.index(False) if False in accepted else m
+    if n == m:
+        dist = p[m]
+    else:
+        q = mx.exp(draft_logprobs[n]) if draft_logprobs is not None else (mx.arange(p.shape[-1]) == drafted[n]).astype(mx.float32)
+        residual = mx.maximum(mx.exp(p[n]) - q, 0.0)
+        # p == q leaves nothing: then rejection had probability 0; guard against rounding anyway
+        dist = mx.where(residual.sum() > 0, mx.log(residual), p[n])
+    return n, int(mx.random.categorical(dist, key=sampler.next_key()).item())
+
+
+def speculative_decode(
+    model: Any,
+    prompt: Sequence[int],
+    sampler: Sampler,
+    draft: DraftSource,
+    num_draft: int,
+    max_tokens: int,
+    counts: SpeculativeCounts,
+    logprobs: bool = False,
+) -> Iterator[tuple[int, float | None]]:
+    """Yield (token, raw target log-probability or None) until max_tokens; the caller may stop earlier."""
+    cache = model.make_cache()
+    draft.reset()
+    start = time.perf_counter()
+    logits = prefill(model, mx.array([list(prompt)], dtype=mx.int32), cache)
+    token = sampler.sample(logits)
+    lp = token_logprobs(logits, token) if logprobs else None
+    sequence = list(prompt) + [int(token.item())]
+    counts.target_time += time.perf_counter() - start
+    yield sequence[-1], (float(lp.item()) if lp is not None else None)
+    emitted = 1
+    while emitted < max_tokens:
+        k = min(num_draft, max_tokens - emitted - 1)  # drafts beyond the budget would be wasted
+        start = time.perf_counter()
+        drafted, draft_logprobs = draft.propose(sequence, k, sampler) if k > 0 else ([], None)
+        drafted = list(drafted)[:k]
+        draft_logprobs = draft_logprobs[: len(drafted)] if draft_logprobs is not None else None
+        checked = time.perf_counter()
+        logits = model(mx.array([[sequence[-1]] + drafted], dtype=mx.int32), cache)[0]
+        n, following = verify(logits, drafted, draft_logprobs, sampler)
+        for layer_cache in cache:
+            layer_cache.trim(len(drafted) - n)
+        out = drafted[:n] + [following]
+        lps = token_logprobs(logits[: n + 1], mx.array(out, dtype=mx.int32)).tolist() if logprobs else [None] * len(out)
+        counts.draft_time += checked - start
+        counts.target_time += time.perf_counter() - checked
+        counts.drafted += len(drafted)
+        counts.accepted += n
+        counts.target_forwards += 1
+        counts.tokens_from_verification += len(out)
+        sequence += out
+        for pair in zip(out, lps):
+            yield pair
+        emitted += len(out)
+
+
+class Speculative(Strategy):
+    """Draft-then-verify decoding; output distribution equals the target's (identical at temperature 0)."""
+
+    name = "speculative"
+    options = ("draft", "num_draft")
+    default_temperature = 0.0
+
+    def __init__(self, target: LoadedModel, draft: str | LoadedModel = "lookup", num_draft: int | str = 4, **options: Any):
+        super().__init__(target, **options)
+        self.num_draft = int_option(self.name, "num_draft", num_draft)
+        self.draft = make_draft(target, draft)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
+        check_prompts(prompts)
+        return [list(self.stream(p, params))[-1] for p in prompts]
+
+    def stream(self, prompt: Sequence[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
+        check_prompts([prompt])
+        if params.sampling.repetition_penalty != 1.0:
+            raise ConfigError("strategy 'speculative' does not support repetition_penalty (it would change the target distribution per draft position); use greedy or sample")
+        t = self.target
+        sampler = Sampler(params.sampling)
+        completion = Completion(t.tokenizer, params, t.eos_token_ids)
+        counts = SpeculativeCounts()
+        timer = Timer()
+        for token, lp in speculative_decode(t.model, prompt, sampler, self.draft, self.num_draft, params.max_tokens, counts, params.logprobs):
+            timer.mark_first_token()
+            piece = completion.add(token, lp)
+            if piece:
+                yield piece
+            if completion.finished:
+                break
+        stats = timer.stats(len(prompt), max(0, completion.generated - 1))
+        yield completion.result(stats, **counts.as_extra())
