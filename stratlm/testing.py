@@ -73,3 +73,22 @@ def tiny_model(family: str = "llama", seed: int = 0, registry: Registry | None =
     mx.random.seed(seed)
     model = build_model(config, registry)
     return LoadedModel(model=model, tokenizer=byte_tokenizer(), family=family_for(config, registry), source=f"tiny-{family}-{seed}")
+
+
+def write_plugin_distribution(root, dist_name: str, modules: dict[str, str], entry_points: dict[str, str]):
+    """Write an installed-looking distribution under `root` (a folder to put on sys.path).
+
+    modules: module name -> source; entry_points: entry name -> "module" (group `stratlm`).
+    This is how a third-party plugin package looks to importlib.metadata once pip-installed.
+    """
+    from pathlib import Path
+
+    root = Path(root)
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(source)
+    info = root / f"{dist_name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0.1\n")
+    lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[stratlm]\n{lines}\n")
+    return root

@@ -1,0 +1,75 @@
+"""The command line: output, JSON, and one-line errors with a non-zero exit for bad input."""
+
+import json
+
+import pytest
+
+from stratlm import save_model
+from stratlm.cli.main import main
+from stratlm.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_model(tiny_model("qwen3", seed=2), tmp_path_factory.mktemp("tiny-qwen3")))
+
+
+def test_generate_prints_input_output_and_benchmark_boxes(model_dir, capsys):
+    assert main(["generate", "hello", "-m", model_dir, "--max-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    for title in ("Inp 00000", "Out 00000", "Benchmark"):
+        assert title in out
+    assert "tokens/sec" in out and "Peak memory" in out
+
+
+def test_generate_json_reports_tokens_logprobs_and_stats(model_dir, capsys):
+    assert main(["generate", "hello", "-m", model_dir, "--max-tokens", "4", "--ignore-eos", "--json", "--logprobs"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert len(payload["token_ids"]) == 4 and len(payload["logprobs"]) == 4
+    assert all(lp <= 0 for lp in payload["logprobs"])
+    assert payload["finish_reason"] == "length"
+    assert payload["stats"]["prompt_tokens"] > 0
+
+
+def test_several_prompts_decode_together(model_dir, capsys):
+    assert main(["generate", "a", "bb", "-m", model_dir, "--max-tokens", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "hi", "-m", "smollm2-135"], "Did you mean 'smollm2-135m'"),
+        (["generate", "hi", "--max-tokens", "0"], "max_tokens must be a positive integer"),
+        (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+        (["generate", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["generate", "hi", "-s", "gredy"], "Did you mean 'greedy'"),
+        (["generate", "hi", "-m", "/nonexistent/model.gguf"], "GGUF file not found"),
+        (["generate"], "no prompt given"),
+        (["generate", "hi", "-o", "n"], "is not KEY=VALUE"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_unsupported_architecture_and_corrupt_files(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt-neo"}))
+    assert main(["generate", "hi", "-m", str(tmp_path)]) == 1
+    assert "unsupported architecture model_type='gpt-neo'" in capsys.readouterr().err
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    assert main(["generate", "hi", "-m", str(bad)]) == 1
+    assert "corrupt GGUF" in capsys.readouterr().err
+
+
+def test_plugins_and_info(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy" in out and "[stratlm]" in out and "qwen3-0.6b" in out
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"mlx", "device", "blas", "memory (GB)"} <= set(info)
