@@ -90,3 +90,18 @@ def test_the_embedded_model_answers_a_chat_prompt(smollm2):
     assert result.text == "The capital of France is Paris."
     assert result.finish_reason == "stop"  # stopped on <|im_end|>, which is not in the text
     assert result.stats.generation_tokens == len(result.token_ids)  # EOS sampled, first token counted as prefill
+
+
+def test_chat_template_kwargs_reach_the_template():
+    # a Qwen3-style switch: the template emits an empty think block when thinking is off
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    )
+    loaded = tiny_model("qwen3", seed=0)
+    loaded.tokenizer.hf.chat_template = template
+    engine = Engine(loaded)
+    thinking = engine.generate("hi", max_tokens=2)
+    quiet = engine.generate("hi", max_tokens=2, chat_template_kwargs={"enable_thinking": False})
+    assert "<think>" not in thinking.prompt
+    assert quiet.prompt.endswith("<think>\n\n</think>\n\n")
