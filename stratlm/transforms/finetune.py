@@ -1,0 +1,93 @@
+"""DoRA fine-tuning: a model, JSONL data -> an adapter folder mlx-lm and stratlm both load.
+
+    from stratlm.transforms.finetune import finetune
+    result = finetune(loaded, "train.jsonl", out="adapters", train=TrainConfig(steps=200))
+    Engine(model=..., adapter="adapters")
+
+`out` holds adapters.safetensors + adapter_config.json (the final adapter) and the last
+checkpoints (checkpoint-NNNNNN/, each itself a loadable adapter folder plus optimizer state).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+
+from stratlm.core.errors import ConfigError
+from stratlm.core.loading import LoadedModel
+
+from .data import Dataset, batch_arrays, load_jsonl, micro_batch
+from .dora import AdapterConfig, add_adapters, copy_loaded, save_adapter
+from .training import Progress, TrainConfig, Trainer, TrainResult, batches_of, masked_cross_entropy, print_progress
+
+
+@attrs.frozen
+class FinetuneResult:
+    loaded: LoadedModel  # the model with its (unfused) adapters
+    training: TrainResult
+    adapter_path: Path | None
+    train_examples: int
+    valid_examples: int
+
+
+def as_dataset(data: Dataset | str | Path, loaded: LoadedModel, train_on_prompt: bool, on_error: str, max_length: int) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    return load_jsonl(data, loaded.tokenizer, train_on_prompt=train_on_prompt, on_error=on_error, max_length=max_length)
+
+
+def finetune(
+    loaded: LoadedModel,
+    data: Dataset | str | Path,
+    *,
+    valid: Dataset | str | Path | None = None,
+    valid_fraction: float = 0.1,
+    adapter: AdapterConfig = AdapterConfig(),
+    train: TrainConfig = TrainConfig(),
+    out: str | Path | None = None,
+    resume: bool = False,
+    train_on_prompt: bool = False,
+    on_error: str = "skip",
+    on_progress: Callable[[Progress], None] | None = print_progress,
+    on_step: Callable[[int], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune DoRA (or LoRA) adapters on `data` (a JSONL path or a Dataset); `loaded` is left as it was.
+
+    Validation: `valid` if given, else a seeded `valid_fraction` of `data` (0: none).
+    """
+    if resume and out is None:
+        raise ConfigError("resume needs the output folder of the interrupted run (out=...)")
+    train_set = as_dataset(data, loaded, train_on_prompt, on_error, train.max_length)
+    valid_set: Dataset | None = None
+    if valid is not None:
+        valid_set = as_dataset(valid, loaded, train_on_prompt, on_error, train.max_length)
+    elif valid_fraction:
+        train_set, valid_set = train_set.split(valid_fraction, seed=train.seed)
+    result = copy_loaded(loaded)
+    model = result.model
+    mx.random.seed(train.seed)  # the adapters' initial A matrices
+    add_adapters(model, adapter)
+    extra = {"base_model": loaded.source}
+
+    def batch(index: int) -> tuple[mx.array, mx.array]:
+        tokens, weights = batch_arrays(micro_batch(train_set, train.batch_size, train.seed, index))
+        return mx.array(tokens), mx.array(weights)
+
+    def valid_batches():
+        for chunk in batches_of(valid_set.examples, train.batch_size):
+            tokens, weights = batch_arrays(chunk)
+            yield mx.array(tokens), mx.array(weights)
+
+    def save(m: nn.Module, folder: Path) -> None:
+        save_adapter(m, folder, adapter, **extra)
+
+    trainer = Trainer(model, masked_cross_entropy, batch, train, out=out, valid=valid_batches if valid_set else None,
+                      save=save, on_progress=on_progress, on_step=on_step)
+    outcome = trainer.run(resume=resume)
+    adapter_path = save_adapter(model, out, adapter, **extra) if out is not None else None
+    return FinetuneResult(loaded=result.replace(source=f"{loaded.source}+dora"), training=outcome, adapter_path=adapter_path,
+                          train_examples=len(train_set), valid_examples=len(valid_set) if valid_set else 0)
