@@ -275,6 +275,9 @@ GGUF_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 GGUF_GROUP_SIZE = 32  # Q4_0, Q4_1, Q8_0 blocks
+# general.file_type values MLX reads correctly: F32, F16, Q4_0, Q4_1, Q8_0. Its reader gets
+# Q4_K wrong (sub-block scales) and fails on others, so those are refused up front.
+GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0"}
 
 
 def scalar(value: Any) -> Any:
@@ -329,6 +332,12 @@ def load_gguf(path: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: b
         raw, meta = mx.load(str(path), return_metadata=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot read {path}: corrupt GGUF or a tensor type MLX cannot load (Q4_0, Q4_1, Q8_0, F16, F32 are supported) ({exc})") from exc
+    file_type = scalar(meta.get("general.file_type"))
+    if file_type is not None and int(file_type) not in GGUF_FILE_TYPES:
+        raise ModelLoadError(
+            f"{path.name} is a GGUF of file type {int(file_type)}, which MLX does not read correctly; "
+            f"use one of {', '.join(GGUF_FILE_TYPES.values())} (e.g. the Q8_0 or Q4_0 file of the same model)"
+        )
     arch = str(meta.get("general.architecture", ""))
     families = [e.obj for e in registry.table("model family").values()]
     family = next((f for f in families if arch in f.gguf_architectures), None)
