@@ -73,3 +73,19 @@ def test_plugins_and_info(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert {"mlx", "device", "blas", "memory (GB)"} <= set(info)
+
+
+def test_chat_keeps_the_history_across_turns(model_dir, monkeypatch, capsys):
+    import io
+
+    from stratlm import Engine
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("first question\n/system be terse\nsecond question\n/exit\n"))
+    assert main(["chat", "-m", model_dir, "--max-tokens", "4", "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    # the second turn's prompt holds the first exchange and the system message
+    engine = Engine(model_dir)
+    first = engine.generate("first question", max_tokens=4, ignore_eos=True).text
+    history = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": first}, {"role": "user", "content": "second question"}]
+    second = engine.generate(history, system="be terse", max_tokens=4, ignore_eos=True).text
+    assert out == f"{first}\n(system message set)\n{second}\n"
