@@ -94,7 +94,7 @@ def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
         raise ConfigError(f"draft model {draft.source!r} has a vocabulary of {d_size} tokens, the target {target.source!r} has {t_size}: "
                           "option draft needs a model with the target's tokenizer (e.g. a smaller model of the same family)")
     if target.tokenizer.hf.get_vocab() != draft.tokenizer.hf.get_vocab():
-        raise ConfigError(f"draft model {draft.source!r} has another tokenizer than the target {target.source!r} (same size, different tokens): "
+        raise ConfigError(f"draft model {draft.source!r} has another tokenizer than the target {target.source!r} (other tokens or ids): "
                           "option draft needs a model with the target's tokenizer")
 
 
