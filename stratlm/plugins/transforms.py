@@ -1,11 +1,46 @@
 """Built-in transforms, registered through the `stratlm` entry-point group."""
 
-from stratlm.core.hookspecs import hookimpl
+import json
+from pathlib import Path
 
-TRANSFORMS: dict = {}
+from stratlm.core.hookspecs import hookimpl
+from stratlm.transforms.collapse import collapse
+from stratlm.transforms.dora import CONFIG_FILE, FINE_TUNE_TYPES, fuse, with_adapter
+from stratlm.transforms.heal import heal
+
+TRANSFORMS = {"collapse": collapse, "heal": heal, "fuse": fuse}
 
 
 @hookimpl
 def register_transforms(register):
     for name, transform in TRANSFORMS.items():
         register(name, transform)
+
+
+@hookimpl
+def load_adapter(loaded, path):
+    """mlx-lm-format DoRA and LoRA adapter folders (adapters.safetensors + adapter_config.json)."""
+    try:
+        kind = json.loads((Path(path) / CONFIG_FILE).read_text()).get("fine_tune_type", "lora")
+    except (OSError, ValueError):
+        kind = None  # unreadable: let with_adapter name the problem
+    if kind is not None and kind not in FINE_TUNE_TYPES:
+        return None
+    return with_adapter(loaded, path)
+
+
+@hookimpl
+def register_draft_sources(register):
+    register("self", self_draft)
+
+
+def self_draft(target, spec):
+    """Draft source "self:T1,T2": the target transformed by the named transforms (default
+    collapse,heal), used as a draft model, so no second pretrained model is needed."""
+    from stratlm.core.engine import apply_transforms
+    from stratlm.core.registry import get_registry
+
+    registry = get_registry()
+    names = [name.strip() for name in (spec or "collapse,heal").split(",") if name.strip()]
+    draft = apply_transforms(target, names, registry)
+    return registry.get("draft source", "model")(target, draft)
