@@ -174,11 +174,11 @@ def tiny_vocabulary_model(seed: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draft_kind, runs", [("model", 500), ("lookup", 400)])
+@pytest.mark.parametrize("draft_kind, runs", [("model", 400), ("lookup", 300)])
 def test_speculative_sampling_has_the_targets_distribution(draft_kind, runs):
     """Sequences of 4 tokens over a 3-token vocabulary: the frequencies must match the target's
-    exact sequence probabilities. Accepting every draft, accepting with p instead of p/q, or
-    resampling from p instead of max(0, p - q) each give p < 1e-40 here (checked by hand)."""
+    exact sequence probabilities. Accepting every draft, accepting with p instead of p/q (model
+    draft), or resampling from p instead of max(0, p - q) each fail it (checked by mutation)."""
     target = tiny_vocabulary_model(0)
     prompt, length = [0, 1, 2, 0, 1], 4
     draft = ModelDraft(target, tiny_vocabulary_model(5)) if draft_kind == "model" else LookupDraft(2)
@@ -190,8 +190,8 @@ def test_speculative_sampling_has_the_targets_distribution(draft_kind, runs):
     for run in range(runs):
         sampler = Sampler(SamplingParams(temperature=1.0, seed=run))
         observed[tuple(token for token, _ in speculative_decode(target.model, prompt, sampler, draft, 2, length, counts))] += 1
-    assert 0.2 < counts.accepted / counts.drafted < 0.9  # both acceptance and rejection are exercised
     assert chi_square_p_value(observed, exact, runs) > 1e-3
+    assert 0.2 < counts.accepted / counts.drafted < 0.9  # both acceptance and rejection were exercised
 
 
 # -- bad input ------------------------------------------------------------------------------------
