@@ -14,6 +14,8 @@ Verification is standard speculative sampling: accept draft token x with probabi
 min(1, p(x)/q(x)); on rejection sample from normalize(max(0, p - q)); a bonus token from the
 target when every draft token is accepted. At temperature 0 that is: keep the draft tokens
 that equal the target's argmax. Rejected positions are trimmed from the caches.
+On CPU a forward of several tokens costs several times one of a single token, so after a draft
+whose first token is rejected, drafting pauses for 1, 2, 4 ... (at most 8) plain steps.
 """
 
 from __future__ import annotations
@@ -109,17 +111,19 @@ def model_draft(target: LoadedModel, spec: str | LoadedModel) -> ModelDraft:
 
 class LookupDraft:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens
-    (n = max_ngram down to 1) and propose the tokens that followed it. No model needed."""
+    (n = max_ngram down to min_ngram) and propose the tokens that followed it. No model needed.
+    A single-token match is mostly a wrong guess in free text, and on CPU a wrong guess costs
+    (a forward of several tokens is slower than one of a single token), so min_ngram is 2."""
 
-    def __init__(self, max_ngram: int = 3):
-        self.max_ngram = max_ngram
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
+        self.max_ngram, self.min_ngram = max_ngram, min(min_ngram, max_ngram)
 
     def reset(self) -> None:
         pass
 
     def propose(self, sequence: Sequence[int], k: int, sampler: Sampler) -> DraftProposal:
         seq = list(sequence)
-        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+        for n in range(min(self.max_ngram, len(seq) - 1), self.min_ngram - 1, -1):
             pattern = seq[-n:]
             for start in range(len(seq) - n - 1, -1, -1):  # latest first; at least one token must follow
                 if seq[start : start + n] == pattern:
@@ -128,7 +132,7 @@ class LookupDraft:
 
 
 def lookup_draft(target: LoadedModel, spec: str) -> LookupDraft:
-    """Factory of the "lookup" source: spec is the longest n-gram to match (default 3)."""
+    """Factory of the "lookup" source: spec is the longest n-gram to match (default 3; the shortest is 2, or 1 for "lookup:1")."""
     return LookupDraft(int_option("speculative", "draft='lookup:N' (N, the longest n-gram)", spec) if spec else 3)
 
 
@@ -196,6 +200,9 @@ def verify(logits: mx.array, drafted: list[int], draft_logprobs: mx.array | None
     return n, int(mx.random.categorical(dist, key=sampler.next_key()).item())
 
 
+MAX_PAUSE = 8  # the longest run of plain steps after repeated useless drafts
+
+
 def speculative_decode(
     model: Any,
     prompt: Sequence[int],
@@ -217,8 +224,10 @@ def speculative_decode(
     counts.target_time += time.perf_counter() - start
     yield sequence[-1], (float(lp.item()) if lp is not None else None)
     emitted = 1
+    pause = backoff = 0  # steps left without drafting; how long the next pause is
     while emitted < max_tokens:
-        k = min(num_draft, max_tokens - emitted - 1)  # drafts beyond the budget would be wasted
+        k = 0 if pause else min(num_draft, max_tokens - emitted - 1)  # drafts beyond the budget would be wasted
+        pause = max(0, pause - 1)
         start = time.perf_counter()
         drafted, draft_logprobs = draft.propose(sequence, k, sampler) if k > 0 else ([], None)
         drafted = list(drafted)[:k]
@@ -236,6 +245,10 @@ def speculative_decode(
         counts.accepted += n
         counts.target_forwards += 1
         counts.tokens_from_verification += len(out)
+        if drafted:
+            # a draft whose first token is wrong made the forward dearer for nothing: back off
+            backoff = 0 if n else min(2 * backoff or 1, MAX_PAUSE)
+            pause = backoff
         sequence += out
         for pair in zip(out, lps):
             yield pair
