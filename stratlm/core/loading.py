@@ -88,6 +88,8 @@ def resolve(source: str | None, registry: Registry) -> tuple[str, Path]:
         return "folder", path
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return "folder", download(source)
+    if source.startswith((".", "/", "~")) or "/" in source:
+        raise ModelLoadError(f"no model folder or .gguf file at {path}; pass an existing path, a hub repo id (org/name) or an alias")
     raise UnknownNameError("model", source, list(aliases))
 
 
@@ -216,15 +218,21 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.exists():
         raise ModelLoadError(f"{folder} has no config.json; a model folder needs config.json and *.safetensors")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object (model_type, hidden_size, ...), not {type(config).__name__}")
+    return config
 
 
 def read_safetensors(folder: Path) -> dict[str, mx.array]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+            raise ModelLoadError(f"{index} is not a valid safetensors index (JSON with a 'weight_map' of name -> file): {exc!r}") from exc
         paths = [folder / f for f in files]
     else:
         paths = sorted(folder.glob("*.safetensors"))
@@ -252,7 +260,10 @@ def load_folder(folder: Path, registry: Registry, dtype: mx.Dtype, keep_quantize
     for name in ("generation_config.json", "config.json"):
         p = folder / name
         if p.exists():
-            value = json.loads(p.read_text()).get("eos_token_id")
+            try:
+                value = json.loads(p.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as exc:
+                raise ModelLoadError(f"{p} is not valid JSON: {exc}") from exc
             eos.update(value if isinstance(value, list) else [value] if value is not None else [])
     return model, Tokenizer.from_folder(folder, eos), family
 
@@ -294,6 +305,11 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], model_type: 
     heads = get("attention.head_count")
     hidden = get("embedding_length")
     vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    scaling_type = str(get("rope.scaling.type") or "none")
+    if scaling_type not in ("none", "linear"):
+        raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported (supported: none, linear); load the Hugging Face folder instead")
+    factor = get("rope.scaling.factor")
+    rope_scaling = {"rope_type": "linear", "factor": float(factor)} if scaling_type == "linear" and factor and factor != 1 else None
     return {
         "model_type": model_type,
         "hidden_size": hidden,
@@ -304,6 +320,7 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], model_type: 
         "head_dim": get("attention.key_length", hidden // heads if hidden and heads else None),
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": get("rope.freq_base", 10000.0),
+        "rope_scaling": rope_scaling,
         "max_position_embeddings": get("context_length"),
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in weights,

@@ -1,0 +1,102 @@
+"""KVCache: block growth, trim, per-row padding (masks, RoPE offsets) and filter."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import mlx.core as mx
+
+from stratlm.core.cache import KVCache
+from stratlm.testing import tiny_model
+
+
+def kv(length: int, start: int = 0, batch: int = 1) -> tuple[mx.array, mx.array]:
+    """Keys/values (B, 2 heads, length, 4) whose entries encode their position."""
+    pos = mx.arange(start, start + length, dtype=mx.float32)[None, None, :, None]
+    keys = mx.broadcast_to(pos, (batch, 2, length, 4))
+    return keys, -keys
+
+
+def test_grows_in_blocks_and_returns_everything_so_far():
+    cache = KVCache()
+    keys, values = cache.update_and_fetch(*kv(5))
+    assert cache.offset == 5 and cache.keys.shape[2] == KVCache.step
+    for i in range(5, KVCache.step):
+        keys, values = cache.update_and_fetch(*kv(1, i))
+    assert cache.keys.shape[2] == KVCache.step  # one token at a time fills the block in place
+    keys, values = cache.update_and_fetch(*kv(3, KVCache.step))
+    assert cache.keys.shape[2] == 2 * KVCache.step and cache.offset == KVCache.step + 3
+    expected = np.arange(KVCache.step + 3, dtype=np.float32)
+    assert (np.array(keys)[0, 1, :, 2] == expected).all() and (np.array(values)[0, 0, :, 0] == -expected).all()
+    assert cache.nbytes == 2 * keys.nbytes
+
+
+def test_a_long_prefill_allocates_enough_blocks():
+    cache = KVCache()
+    keys, _ = cache.update_and_fetch(*kv(600))
+    assert cache.keys.shape[2] == 768 and keys.shape[2] == 600
+
+
+def test_trim_forgets_the_last_positions_and_they_are_overwritten():
+    cache = KVCache()
+    cache.update_and_fetch(*kv(10))
+    assert cache.trim(4) == 4 and cache.offset == 6
+    keys, _ = cache.update_and_fetch(*kv(2, 100))
+    assert np.array(keys)[0, 0, :, 0].tolist() == [0, 1, 2, 3, 4, 5, 100, 101]
+    assert cache.trim(50) == 8 and cache.offset == 0  # never below zero
+    assert cache.trim(-3) == 0
+    assert cache.is_trimmable()
+
+
+def test_masks_and_rope_offsets_follow_each_rows_padding():
+    cache = KVCache(left_padding=[2, 0])
+    assert cache.make_mask(3).shape == (2, 1, 3, 3)
+    mask = np.array(cache.make_mask(3))[:, 0]
+    assert mask[0].tolist() == [[False, False, False], [False, False, False], [False, False, True]]  # row 0's first real token is position 2
+    assert mask[1].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    cache.update_and_fetch(*kv(3, batch=2))
+    assert np.array(cache.rope_offset).tolist() == [1, 3]
+    assert np.array(cache.make_mask(1))[:, 0, 0].tolist() == [[False, False, True, True], [True, True, True, True]]
+    plain = KVCache(left_padding=[0, 0])  # no padding at all: the cheap unpadded path
+    assert plain.left_padding is None and plain.make_mask(1) is None and plain.make_mask(4) == "causal"
+
+
+def test_filter_drops_rows_and_the_padding_no_row_needs():
+    cache = KVCache(left_padding=[3, 1, 0])
+    cache.update_and_fetch(*kv(5, batch=3))
+    cache.filter([0, 1])
+    assert cache.keys.shape[0] == 2
+    assert cache.offset == 4 and np.array(cache.left_padding).tolist() == [2, 0]  # one shared padding column dropped
+    assert np.array(cache.keys)[0, 0, : cache.offset, 0].tolist() == [1, 2, 3, 4]
+    cache.filter([0])
+    assert cache.left_padding is None and cache.offset == 2  # all of row 0's padding dropped
+    assert np.array(cache.keys)[0, 0, : cache.offset, 0].tolist() == [3, 4]
+
+
+def test_filtered_batch_decodes_like_single_rows():
+    """Left-padded batch of three; after a few steps the middle row finishes and is filtered out;
+    the others keep producing the same logits as when decoded alone."""
+    model = tiny_model("llama", seed=1).model
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(0, 256, n).tolist() for n in (3, 7, 5)]
+    steps = rng.randint(0, 256, (3, 6)).tolist()
+    width = max(map(len, prompts))
+    padding = [width - len(p) for p in prompts]
+    cache = model.make_cache(left_padding=padding)
+    model(mx.array([[0] * pad + p for pad, p in zip(padding, prompts)]), cache)
+    rows = [0, 1, 2]
+    batch_logits = {r: [] for r in rows}
+    for i in range(6):
+        if i == 3:
+            rows = [0, 2]
+            for c in cache:
+                c.filter([0, 2])
+        out = np.array(model(mx.array([[steps[r][i]] for r in rows]), cache))[:, 0]
+        for j, r in enumerate(rows):
+            batch_logits[r].append(out[j])
+    assert cache[0].left_padding is None or np.array(cache[0].left_padding).min() == 0
+    for r in (0, 1, 2):
+        single = model.make_cache()
+        model(mx.array([prompts[r]]), single)
+        alone = [np.array(model(mx.array([[s]]), single))[0, 0] for s in steps[r][: len(batch_logits[r])]]
+        assert np.abs(np.stack(batch_logits[r]) - np.stack(alone)).max() < 1e-4
