@@ -61,23 +61,15 @@ def hf_processed(processor, logits: np.ndarray, input_ids=None) -> np.ndarray:
     return processor(ids, torch.tensor(logits)).numpy()
 
 
+@pytest.mark.parametrize("option,warper,low,high", [("top_p", "TopPLogitsWarper", 0.05, 0.99), ("min_p", "MinPLogitsWarper", 0.01, 0.9)])
 @settings(max_examples=40)
-@given(seed=st.integers(0, 10_000), top_p=st.floats(0.05, 0.99), temperature=st.floats(0.2, 2.0))
-def test_top_p_keeps_the_same_nucleus_as_transformers(seed, top_p, temperature):
+@given(seed=st.integers(0, 10_000), fraction=st.floats(0, 1), temperature=st.floats(0.2, 2.0))
+def test_nucleus_and_min_p_keep_the_same_tokens_as_transformers(option, warper, low, high, seed, fraction, temperature):
     transformers = pytest.importorskip("transformers")
+    value = low + fraction * (high - low)
     logits = random_logits(seed)
-    ours = kept(Sampler(SamplingParams(temperature=temperature, top_p=top_p)), logits)
-    theirs = np.isfinite(hf_processed(transformers.TopPLogitsWarper(top_p), logits / temperature))
-    assert (ours == theirs).all()
-
-
-@settings(max_examples=40)
-@given(seed=st.integers(0, 10_000), min_p=st.floats(0.01, 0.9), temperature=st.floats(0.2, 2.0))
-def test_min_p_keeps_the_same_tokens_as_transformers(seed, min_p, temperature):
-    transformers = pytest.importorskip("transformers")
-    logits = random_logits(seed)
-    ours = kept(Sampler(SamplingParams(temperature=temperature, min_p=min_p)), logits)
-    theirs = np.isfinite(hf_processed(transformers.MinPLogitsWarper(min_p), logits / temperature))
+    ours = kept(Sampler(SamplingParams(temperature=temperature, **{option: value})), logits)
+    theirs = np.isfinite(hf_processed(getattr(transformers, warper)(value), logits / temperature))
     assert (ours == theirs).all()
 
 
