@@ -10,6 +10,7 @@ SmolLM2 Q4_1: same chat prompt, same ids, same 64 greedy tokens as transformers.
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -298,3 +299,19 @@ def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smollm2, smollm2_
         assert smollm2.tokenizer.encode(text) == tokenizer.encode(text), text
         assert smollm2.tokenizer.decode(tokenizer.encode(text)) == tokenizer.decode(tokenizer.encode(text))
     assert smollm2.eos_token_ids == {tokenizer.eos_token_id}
+
+
+@pytest.mark.slow
+def test_smollm2_quantized_saves_as_an_mlx_lm_checkpoint(smollm2_quantized, tmp_path):
+    """Q4_1 layers and the Q8_0 embedding keep their widths through save_model, for mlx-lm and us."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    from stratlm.core.loading import save_model
+
+    folder = save_model(smollm2_quantized, tmp_path)
+    quantization = json.loads((folder / "config.json").read_text())["quantization"]
+    assert quantization["bits"] == 4 and quantization["model.embed_tokens"]["bits"] == 8
+    ids = mx.array([smollm2_quantized.tokenizer.encode("The capital of France is")])
+    expected = np.array(smollm2_quantized.model(ids))
+    theirs, _ = mlx_lm.load(str(folder))
+    assert np.abs(np.array(theirs(ids)) - expected).max() < 1e-5
+    assert np.abs(np.array(load_model(str(folder), quantized="keep").model(ids)) - expected).max() < 1e-5

@@ -192,7 +192,11 @@ def assemble(
     model = family.build(config)
     if quantized:
         quantize_like(model, weights, group_size)
-        config = {**config, "quantization": {"group_size": group_size, "bits": bits_of_any(weights, group_size)}}
+        bits = bits_of_any(weights, group_size)
+        layer_bits = {k[: -len(".scales")]: bits_of(weights[k[: -len(".scales")] + ".weight"], v, group_size) for k, v in weights.items() if k.endswith(".scales")}
+        # mlx-lm's per-layer entries for layers of other widths (a GGUF's Q8_0 embedding among Q4 layers)
+        overrides = {path: {"group_size": group_size, "bits": b} for path, b in sorted(layer_bits.items()) if b != bits}
+        config = {**config, "quantization": {"group_size": group_size, "bits": bits, **overrides}}
         model.config = config
     # scales/biases stay fp32 on the CPU: fp16 scales make quantized matmul slow and inexact there
     float_dtype = mx.float32 if quantized and dtype == mx.float32 else dtype
