@@ -35,11 +35,14 @@ class Engine:
         **options: Any,
     ):
         self.registry = registry or get_registry()
+        # names first: a typo should not cost a model load
+        strategy_class = self.registry.get("strategy", strategy)
+        for spec in transforms:
+            self.registry.get("transform", parse_transform(spec)[0])
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, quantized=quantized, registry=self.registry)
         if adapter is not None:
             self.loaded = apply_adapter(self.loaded, Path(adapter), self.registry)
         self.loaded = apply_transforms(self.loaded, transforms, self.registry)
-        strategy_class = self.registry.get("strategy", strategy)
         self.strategy = strategy_class(self.loaded, **options)
         self.last_result: GenerationResult | None = None
         log.debug("engine ready", model=self.loaded.source, strategy=strategy, transforms=list(transforms))
