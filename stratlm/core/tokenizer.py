@@ -93,7 +93,9 @@ class Tokenizer:
             pad_token=token("padding"),
             chat_template=meta.get("tokenizer.chat_template"),
         )
-        return cls(hf)
+        # llama.cpp stops on every end-of-generation token: Llama 3 files name <|eot_id|> apart from EOS
+        ends = [meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eot", "eom")]
+        return cls(hf, [int(e.item() if hasattr(e, "item") else e) for e in ends if e is not None])
 
     # -- use -------------------------------------------------------------------------------------
     @property
