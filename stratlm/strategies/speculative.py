@@ -15,7 +15,7 @@ min(1, p(x)/q(x)); on rejection sample from normalize(max(0, p - q)); a bonus to
 target when every draft token is accepted. At temperature 0 that is: keep the draft tokens
 that equal the target's argmax. Rejected positions are trimmed from the caches.
 On CPU a forward of several tokens costs several times one of a single token, so after a draft
-whose first token is rejected, drafting pauses for 1, 2, 4 ... (at most 8) plain steps.
+less than half accepted, drafting pauses for 1, 2, 4 ... (at most 8) plain steps.
 """
 
 from __future__ import annotations
@@ -246,8 +246,9 @@ def speculative_decode(
         counts.target_forwards += 1
         counts.tokens_from_verification += len(out)
         if drafted:
-            # a draft whose first token is wrong made the forward dearer for nothing: back off
-            backoff = 0 if n else min(2 * backoff or 1, MAX_PAUSE)
+            # a forward over k+1 tokens costs several single-token ones on CPU: a draft less
+            # than half accepted did not pay for itself, so back off
+            backoff = 0 if 2 * n >= len(drafted) else min(2 * backoff or 1, MAX_PAUSE)
             pause = backoff
         sequence += out
         for pair in zip(out, lps):
