@@ -81,6 +81,13 @@ def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool =
     w.add_add_bos_token(add_bos)
     if eot is not None:
         w.add_eot_token_id(tokens.index(eot))
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") == "llama3":  # llama.cpp's converter: one factor per frequency
+        old, factor, low, high = rope["original_max_position_embeddings"], rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        wavelens = 2 * np.pi * rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+        smooth = (old / wavelens - low) / (high - low)
+        factors = np.where(wavelens < old / high, 1.0, np.where(wavelens > old / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+        w.add_tensor("rope_freqs.weight", factors.astype(np.float32))
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -191,6 +198,25 @@ def test_gguf_linear_rope_scaling_is_applied_and_others_refused(tmp_path):
     write_gguf(tmp_path / "yarn.gguf", source, "llama", Q.F32, rope_scaling=("yarn", 4.0))
     with pytest.raises(ModelLoadError, match="GGUF rope scaling 'yarn' is not supported"):
         load_model(str(tmp_path / "yarn.gguf"))
+
+
+def test_gguf_llama3_rope_factors_give_the_llama3_model(tmp_path):
+    """rope_freqs (as llama.cpp writes Llama 3.x) -> llama3 rope scaling; transformers' GGUF reader
+    ignores rope_freqs, so the oracle is the source model. 300 positions reach the scaled band."""
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    source = tiny_hf("llama", rope_theta=500000.0, rope_scaling=dict(llama3), max_position_embeddings=131072)
+    write_gguf(tmp_path / "llama3.gguf", source, "llama", Q.F32)
+    loaded = load_model(str(tmp_path / "llama3.gguf"))
+    assert loaded.model.config["rope_scaling"] == llama3
+    ids = np.random.RandomState(0).randint(0, source.config.vocab_size, (1, 300))
+    ref = hf_logits(source, ids)
+    assert np.abs(np.array(loaded.model(mx.array(ids))) - ref).max() < 1e-4
+    plain = tiny_hf("llama", rope_theta=500000.0, max_position_embeddings=131072)
+    assert np.abs(hf_logits(plain, ids) - ref).max() > 1e-3  # the scaling matters at these positions
+    from stratlm.core.loading import llama3_rope_scaling
+
+    with pytest.raises(ModelLoadError, match="not Llama 3's"):
+        llama3_rope_scaling(mx.full((8,), 2.0), loaded.model.config, "odd.gguf")
 
 
 # -- bad GGUF files ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +334,20 @@ def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], model_type: 
     }
 
 
+def llama3_rope_scaling(factors: mx.array, config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The Hugging Face `rope_scaling` behind a GGUF's `rope_freqs` (llama.cpp stores Llama 3's
+    per-frequency factors, not its parameters). Every Llama 3.x release uses low/high frequency
+    factors 1 and 4 over 8192 original positions; the factors are checked against those."""
+    factor, low, high, old_len = float(factors.max().item()), 1.0, 4.0, 8192
+    dims, base = config["head_dim"], config["rope_theta"]
+    wavelens = 2 * math.pi * base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    smooth = (old_len / wavelens - low) / (high - low)
+    expected = mx.where(wavelens < old_len / high, 1.0, mx.where(wavelens > old_len / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    if factors.shape != expected.shape or not mx.allclose(factors.astype(mx.float32), expected, rtol=1e-4).item():
+        raise ModelLoadError(f"{name} has rope frequency factors that are not Llama 3's (low 1, high 4, 8192 positions); load the Hugging Face folder instead")
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high, "original_max_position_embeddings": old_len}
+
+
 def hf_name(gguf_name: str) -> str:
     parts = gguf_name.split(".")
     if parts[0] == "blk":
@@ -365,9 +380,10 @@ def load_gguf(path: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: b
     if family is None:
         supported = sorted(a for f in families for a in f.gguf_architectures)
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} in {path.name}; supported: {', '.join(supported)}")
-    if "rope_freqs.weight" in raw:
-        raise ModelLoadError(f"{path.name} uses GGUF rope frequency factors (Llama 3 rope scaling), which stratlm does not read yet; load the Hugging Face folder instead")
+    factors = raw.pop("rope_freqs.weight", None)
     config = gguf_config(meta, raw, family.model_types[0])
+    if factors is not None:
+        config["rope_scaling"] = llama3_rope_scaling(factors, config, path.name)
     weights = {hf_name(k): v for k, v in raw.items()}
     if family.gguf_permute_qk:
         for i in range(config["num_hidden_layers"]):
