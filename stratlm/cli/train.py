@@ -8,7 +8,7 @@ from pathlib import Path
 
 from stratlm.core.errors import ConfigError
 
-from .common import add_model_options, box
+from .common import add_model_options, box, jsonable
 
 
 def add_training_options(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -124,14 +124,17 @@ def run_svg(args: argparse.Namespace) -> int:
         return 0
     adapter, train = configs(args)
     loaded = load(args)
-    before = svg_task.evaluate_svg(loaded, heldout_specs)
+    before_file = out / "svg_before.json"
+    if args.resume and before_file.exists():  # measured by the interrupted run
+        before = svg_task.SvgScore(**json.loads(before_file.read_text()))
+    else:
+        before = svg_task.evaluate_svg(loaded, heldout_specs)
+        before_file.write_text(json.dumps(jsonable(before)))
     box("held-out, before", before.line())
     result = finetune(loaded, data, valid_fraction=0.05, adapter=adapter, train=train, out=out, resume=args.resume)
     finish(result, args)
     after = svg_task.evaluate_svg(fuse(result.loaded), heldout_specs)
     box("held-out, after", after.line() + "\n" + "\n".join(f"{d} -> {a}" for d, a in after.examples))
     report = {"before": before, "after": after, "training": result.training}
-    from .common import jsonable
-
     (out / "svg_report.json").write_text(json.dumps(jsonable(report), indent=1))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from stratlm.core.errors import ConfigError
 
@@ -23,8 +24,10 @@ def run(args: argparse.Namespace) -> int:
     from stratlm.core.engine import apply_adapter, apply_transforms
     from stratlm.core.loading import load_model, save_model
     from stratlm.core.registry import get_registry
-    from stratlm.transforms.collapse import collapse_report, format_report, origin_of
-    from stratlm.transforms.heal import format_heal_report, heal_report, self_distillation_data
+    from stratlm.transforms.collapse import collapse_report, format_report
+    from stratlm.transforms.heal import format_heal_report, heal_report, teacher_texts
+    from stratlm.transforms.texts import heldout_prompts
+    from stratlm.transforms.training import print_progress
 
     from .common import parse_transforms
 
@@ -34,27 +37,23 @@ def run(args: argparse.Namespace) -> int:
     model = None if items[0].partition(":")[0] in known else items.pop(0)
     if not items:
         raise ConfigError(f"name at least one transform after the model; known transforms: {', '.join(sorted(known))}")
-    specs = parse_transforms(items)
+    specs = [(name, {"on_progress": print_progress, **options} if name == "heal" else options) for name, options in parse_transforms(items)]
     for name, _ in specs:
         registry.get("transform", name)  # unknown names fail before the model loads
     original = load_model(model, dtype=args.dtype, quantized=args.quantized)
     if args.adapter:
-        from pathlib import Path
-
         original = apply_adapter(original, Path(args.adapter), registry)
+    stages = {"original": original}
     result = original
-    for spec in specs:
-        result = apply_transforms(result, [spec], registry)
-        if spec[0] == "collapse":
+    for name, options in specs:
+        result = apply_transforms(result, [(name, options)], registry)
+        stages[f"+{name}"] = result
+        if name == "collapse":
             print(format_report(collapse_report(original.model, result.model)))
     out = save_model(result, args.out)
     print(f"saved {out} ({len(result.model.layers)} blocks); load it with Engine(model={str(out)!r}) or mlx_lm.load")
     if args.report:
-        _, heldout = self_distillation_data(original, 0, 16, 96, seed=1234)
-        models = {"original": original}
-        origin = origin_of(result.model)
-        if origin is not None and origin.teacher is not original:
-            models["input"] = origin.teacher
-        models["result"] = result
-        print(format_heal_report(heal_report(original, models, heldout)))
+        # held-out: the teacher's answers to built-in prompts heal never trains on
+        heldout = teacher_texts(original, heldout_prompts(16), 96, seed=1)
+        print(format_heal_report(heal_report(original, stages, heldout)))
     return 0

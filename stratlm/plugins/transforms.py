@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
+from stratlm.core.engine import apply_transforms
 from stratlm.core.hookspecs import hookimpl
+from stratlm.core.registry import get_registry
 from stratlm.transforms.collapse import collapse
 from stratlm.transforms.dora import CONFIG_FILE, FINE_TUNE_TYPES, fuse, with_adapter
 from stratlm.transforms.heal import heal
@@ -37,9 +39,6 @@ def register_draft_sources(register):
 def self_draft(target, spec):
     """Draft source "self:T1,T2": the target transformed by the named transforms (default
     collapse,heal), used as a draft model, so no second pretrained model is needed."""
-    from stratlm.core.engine import apply_transforms
-    from stratlm.core.registry import get_registry
-
     registry = get_registry()
     names = [name.strip() for name in (spec or "collapse,heal").split(",") if name.strip()]
     draft = apply_transforms(target, names, registry)

@@ -28,7 +28,7 @@ from stratlm.core.log import get_logger
 from .collapse import Origin, origin_of
 from .data import Dataset, Example, batch_arrays, load_jsonl, micro_batch
 from .dora import AdapterConfig, add_adapters, copy_loaded, fuse_model
-from .texts import varied_prompts
+from .texts import heldout_prompts, varied_prompts
 from .training import Progress, TrainConfig, Trainer, batches_of, print_progress
 
 log = get_logger(__name__)
@@ -37,6 +37,8 @@ log = get_logger(__name__)
 # -- data ------------------------------------------------------------------------------------------
 def teacher_texts(teacher: LoadedModel, prompts: Sequence[str], max_tokens: int = 96, seed: int = 0, temperature: float = 0.8) -> Dataset:
     """The teacher's own answers to `prompts` (sampled, seeded, batched): prompt + answer tokens, all in the loss."""
+    if not prompts:
+        return Dataset([])
     engine = Engine(teacher, strategy="batch", batch_size=16)
     results = engine.generate(list(prompts), max_tokens=max_tokens, temperature=temperature, top_p=0.95, seed=seed)
     examples = []
@@ -47,8 +49,9 @@ def teacher_texts(teacher: LoadedModel, prompts: Sequence[str], max_tokens: int 
 
 
 def self_distillation_data(teacher: LoadedModel, n_train: int, n_heldout: int, max_tokens: int, seed: int) -> tuple[Dataset, Dataset]:
-    prompts = varied_prompts(n_train + n_heldout, seed)
-    return teacher_texts(teacher, prompts[:n_train], max_tokens, seed), teacher_texts(teacher, prompts[n_train:], max_tokens, seed + 1)
+    """(train, held-out) teacher texts from disjoint built-in prompts; heal(prompts=n_train, seed=seed) trains on the same."""
+    train = teacher_texts(teacher, varied_prompts(n_train, seed), max_tokens, seed)
+    return train, teacher_texts(teacher, heldout_prompts(n_heldout, seed), max_tokens, seed + 1)
 
 
 # -- the loss --------------------------------------------------------------------------------------
@@ -143,7 +146,9 @@ def heal_model(
     elif data is not None:
         train_set = load_jsonl(data, loaded.tokenizer, train_on_prompt=True, max_length=512)
     else:
-        train_set, _ = self_distillation_data(teacher_model, prompts, 0, max_tokens, seed) if prompts else (None, None)
+        if prompts < 1:
+            raise ConfigError(f"prompts (how many texts the teacher writes to heal on) must be >= 1, got {prompts}")
+        train_set = teacher_texts(teacher_model, varied_prompts(prompts, seed), max_tokens, seed)
     result = copy_loaded(loaded)
     student = result.model
     window = trainable_window(student, origin, around)

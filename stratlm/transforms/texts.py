@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+from stratlm.core.errors import ConfigError
+
 CALIBRATION_TEXTS = (
     "The river rose quickly after three days of rain. By the morning of the fourth day the lower streets of the town "
     "were under water, and the baker carried his bread to the church on the hill, where most of the families had gathered.",
@@ -47,11 +49,26 @@ TEMPLATES = (
 )
 
 
-def varied_prompts(count: int, seed: int = 0) -> list[str]:
-    """`count` distinct prompts (topic x template), in a seeded order. Different seeds give
-    different orders, so disjoint slices of one seed's list make train and held-out sets."""
+HELDOUT_RESERVE = 32  # the last prompts of every seeded order: never used for training
+
+
+def all_prompts(seed: int = 0) -> list[str]:
+    """Every topic x template prompt, in a seeded order."""
     pairs = [(t, p) for t in TOPICS for p in TEMPLATES]
     random.Random(seed).shuffle(pairs)
-    if count > len(pairs):
-        raise ValueError(f"at most {len(pairs)} distinct prompts, asked for {count}")
-    return [template.format(topic=topic) for topic, template in pairs[:count]]
+    return [template.format(topic=topic) for topic, template in pairs]
+
+
+def varied_prompts(count: int, seed: int = 0) -> list[str]:
+    """`count` distinct training prompts: the head of the seeded order (the held-out tail excluded)."""
+    limit = len(TOPICS) * len(TEMPLATES) - HELDOUT_RESERVE
+    if not 0 <= count <= limit:
+        raise ConfigError(f"the built-in prompts give at most {limit} training texts, asked for {count}")
+    return all_prompts(seed)[:count]
+
+
+def heldout_prompts(count: int, seed: int = 0) -> list[str]:
+    """`count` prompts from the held-out tail of the same seeded order: disjoint from varied_prompts."""
+    if not 0 < count <= HELDOUT_RESERVE:
+        raise ConfigError(f"held-out prompts: between 1 and {HELDOUT_RESERVE}, asked for {count}")
+    return all_prompts(seed)[-count:]
