@@ -75,3 +75,24 @@ def test_a_third_party_model_alias_is_found_with_its_package(tmp_path, monkeypat
     entry = registry.table("model alias")["my-tiny"]
     assert entry.obj == "/models/my-tiny" and entry.origin == "stratlm-mytiny"
     sys.modules.pop("stratlm_mytiny", None)
+
+
+class _ScorerPlugin:
+    @hookimpl
+    def register_scorers(self, register):
+        register("shortest", lambda result: -len(result.token_ids))
+
+
+def test_strategies_look_up_named_options_in_the_engines_registry():
+    from stratlm import Engine
+    from stratlm.testing import tiny_model
+
+    registry = Registry()  # the built-ins, plus a scorer the process-wide registry does not have
+    registry.add_plugin(_ScorerPlugin(), origin="test-scorers")
+    engine = Engine(tiny_model("llama", seed=4), strategy="best-of-n", registry=registry, n=3, scorer="shortest")
+    result = engine.generate("hi", max_tokens=6, temperature=1.0, seed=0)
+    scores = [c["score"] for c in result.extra["candidates"]]
+    assert scores == [-c["tokens"] for c in result.extra["candidates"]]  # our scorer ranked them
+    assert len(result.token_ids) == min(c["tokens"] for c in result.extra["candidates"])
+    with pytest.raises(UnknownNameError, match="unknown scorer 'shortest'"):
+        Engine(engine.loaded, strategy="best-of-n", scorer="shortest")  # not in the default registry

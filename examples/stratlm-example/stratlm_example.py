@@ -25,8 +25,8 @@ class ShortestOfN(Strategy):
     options = ("n",)
     default_temperature = 0.8
 
-    def __init__(self, target, n: int = 3):
-        super().__init__(target)
+    def __init__(self, target, n: int = 3, **options):
+        super().__init__(target, **options)  # checks unknown options; takes the Engine's registry
         if not isinstance(n, int) or n < 1:
             raise ConfigError(f"n must be an integer >= 1, got {n!r}")
         self.n = n

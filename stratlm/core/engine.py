@@ -43,7 +43,7 @@ class Engine:
         if adapter is not None:
             self.loaded = apply_adapter(self.loaded, Path(adapter), self.registry)
         self.loaded = apply_transforms(self.loaded, transforms, self.registry)
-        self.strategy = strategy_class(self.loaded, **options)
+        self.strategy = strategy_class(self.loaded, registry=self.registry, **options)
         self.last_result: GenerationResult | None = None
         log.debug("engine ready", model=self.loaded.source, strategy=strategy, transforms=list(transforms))
 

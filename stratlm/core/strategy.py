@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .errors import ConfigError
+from .registry import Registry, get_registry
 from .types import GenerationParams, GenerationResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,12 +25,14 @@ class Strategy:
     #: Temperature used when the caller does not give one (sampling strategies: > 0).
     default_temperature: float = 0.0
 
-    def __init__(self, target: "LoadedModel", **options: Any):
+    def __init__(self, target: "LoadedModel", registry: "Registry | None" = None, **options: Any):
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             accepted = ", ".join(self.options) or "none"
             raise ConfigError(f"strategy {self.name!r} does not take option(s) {', '.join(unknown)}; it accepts: {accepted}")
         self.target = target
+        #: where named options (scorers, extractors, draft sources) are looked up: the Engine's registry
+        self.registry = registry or get_registry()
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         raise NotImplementedError

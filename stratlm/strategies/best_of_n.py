@@ -58,7 +58,7 @@ class BestOfN(Strategy):
         super().__init__(target, **options)
         self.n = int_option(self.name, "n", n)
         self.scorer_name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", type(scorer).__name__)
-        self.scorer = plugin_option(self.name, "scorer", scorer, "scorer")
+        self.scorer = plugin_option(self.name, "scorer", scorer, "scorer", self.registry)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         return [self.choose(candidates, params) for candidates in sample_candidates(self, prompts, params, self.n)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from stratlm.core.errors import ConfigError
-from stratlm.core.registry import get_registry
+from stratlm.core.registry import Registry
 
 
 def int_option(strategy: str, name: str, value: Any, minimum: int = 1) -> int:
@@ -19,11 +19,11 @@ def int_option(strategy: str, name: str, value: Any, minimum: int = 1) -> int:
     return number
 
 
-def plugin_option(strategy: str, name: str, value: Any, kind: str) -> Callable[..., Any]:
+def plugin_option(strategy: str, name: str, value: Any, kind: str, registry: Registry) -> Callable[..., Any]:
     """A callable given directly, or the name of one registered as `kind` (e.g. "scorer")."""
     if callable(value):
         return value
     if isinstance(value, str):
-        return get_registry().get(kind, value)
-    known = ", ".join(get_registry().names(kind))
+        return registry.get(kind, value)
+    known = ", ".join(registry.names(kind))
     raise ConfigError(f"strategy {strategy!r}: option {name} must be a callable or the name of a registered {kind} ({known}), got {type(value).__name__}")

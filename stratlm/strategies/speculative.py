@@ -29,7 +29,7 @@ import mlx.core as mx
 from stratlm.core.errors import ConfigError
 from stratlm.core.generation import Completion, Timer, prefill, token_logprobs
 from stratlm.core.loading import LoadedModel, load_model
-from stratlm.core.registry import get_registry
+from stratlm.core.registry import Registry
 from stratlm.core.sampler import Sampler
 from stratlm.core.strategy import Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
@@ -139,16 +139,16 @@ def lookup_draft(target: LoadedModel, spec: str) -> LookupDraft:
 DRAFT_SOURCES = {"model": model_draft, "lookup": lookup_draft}
 
 
-def make_draft(target: LoadedModel, draft: Any) -> DraftSource:
+def make_draft(target: LoadedModel, draft: Any, registry: Registry) -> DraftSource:
     if isinstance(draft, LoadedModel):
-        return get_registry().get("draft source", "model")(target, draft)
+        return registry.get("draft source", "model")(target, draft)
     if not isinstance(draft, str) or not draft:
         raise ConfigError(f"strategy 'speculative': option draft must be 'lookup', 'NAME:SPEC' of a registered draft source or a model source, got {draft!r}")
-    sources = get_registry().table("draft source")
+    sources = registry.table("draft source")
     name, _, spec = draft.partition(":")
     if name in sources:
         return sources[name].obj(target, spec)
-    return get_registry().get("draft source", "model")(target, draft)
+    return registry.get("draft source", "model")(target, draft)
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ class Speculative(Strategy):
     def __init__(self, target: LoadedModel, draft: str | LoadedModel = "lookup", num_draft: int | str = 4, **options: Any):
         super().__init__(target, **options)
         self.num_draft = int_option(self.name, "num_draft", num_draft)
-        self.draft = make_draft(target, draft)
+        self.draft = make_draft(target, draft, self.registry)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         check_prompts(prompts)
