@@ -5,13 +5,21 @@ A library with the standard cblas symbols loaded globally *before* mlx.core is i
 takes its place (~150-200 GFLOP/s). This module must not import mlx.
 
 STRATLM_BLAS=off disables it; STRATLM_BLAS=/path/to/lib.so picks the library.
+
+MLX also calls sgemm for matrix-vector products (every decode step), where a GEMV is 2-3x
+faster; a small shim (gemv_shim.c, built once with the system C compiler and cached) sits in
+front of the library and routes those calls to its sgemv. STRATLM_BLAS_GEMV=off skips it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 CANDIDATES = (
@@ -21,8 +29,8 @@ CANDIDATES = (
     "/usr/lib64/libopenblas.so.0",
 )
 
-#: What happened: {"library": path or None, "reason": text}
-status: dict[str, str | None] = {"library": None, "reason": "not attempted"}
+#: What happened: {"library": path or None, "reason": text, "gemv_routing": shim path or None}
+status: dict[str, str | None] = {"library": None, "reason": "not attempted", "gemv_routing": None}
 
 
 def _pip_candidates() -> list[str]:
@@ -50,12 +58,51 @@ def use_optimized_blas() -> dict[str, str | None]:
         if not os.path.exists(path):
             continue
         try:
+            shim = load_gemv_shim(path)  # before the library: its cblas_sgemm must come first
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             getattr(lib, "cblas_sgemm")
         except (OSError, AttributeError) as exc:
             status["reason"] = f"{path} unusable: {exc}"
             continue
-        status.update(library=path, reason="loaded before mlx.core")
+        status.update(library=path, reason="loaded before mlx.core", gemv_routing=shim)
         return status
     status["reason"] = "no optimized BLAS found (install Debian's libopenblas0-pthread); MLX's reference BLAS is slow"
     return status
+
+
+SHIM_SOURCE = Path(__file__).with_name("gemv_shim.c")
+
+
+def load_gemv_shim(library: str) -> str | None:
+    """Build (once, cached) and load the sgemm->sgemv shim in front of `library`; None if unavailable."""
+    if os.environ.get("STRATLM_BLAS_GEMV", "").lower() in ("off", "0", "none"):
+        return None
+    try:
+        built = build_gemv_shim()
+        if built is None:
+            return None
+        shim = ctypes.CDLL(built, mode=ctypes.RTLD_GLOBAL)
+        if shim.stratlm_gemv_shim_init(library.encode()) != 0:
+            return None
+        return built
+    except OSError:
+        return None
+
+
+def build_gemv_shim() -> str | None:
+    source = SHIM_SOURCE.read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stratlm"
+    target = cache / f"gemv_shim-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if target.exists():
+        return str(target)
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        out = Path(tmp) / target.name
+        done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(out), str(SHIM_SOURCE), "-ldl"], capture_output=True)
+        if done.returncode != 0:
+            return None
+        os.replace(out, target)  # atomic: concurrent first imports race safely
+    return str(target)
