@@ -96,3 +96,56 @@ class KVCache:
         else:
             self.keys = mx.concatenate([self.keys, new_k], axis=2)
             self.values = mx.concatenate([self.values, new_v], axis=2)
+
+
+class StaticKVCache(KVCache):
+    """A cache whose shapes stay fixed while decoding, so one traced step (mx.compile) serves
+    every token: storage is preallocated for `capacity` positions, the write position is an
+    array (`position`), and attention runs over the whole buffer with the unwritten tail masked.
+    `offset` still counts positions on the host; `trim` works as for KVCache. No left padding.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = ((max(1, capacity) + self.step - 1) // self.step) * self.step
+        self.position = mx.array(0, dtype=mx.int32)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        if self.keys is None:
+            self._grow(keys, values, self._size_for(n))
+        self.reserve(n)
+        at = self.position.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, at, axes=(2,))
+        self.values = mx.slice_update(self.values, values, at, axes=(2,))
+        self.position = self.position + n
+        self.offset += n
+        return self.keys, self.values
+
+    def reserve(self, n_new: int) -> None:
+        """Make room for n_new more positions now: a compiled step cannot grow its buffers."""
+        size = self._size_for(n_new)
+        if self.keys is not None and size > self.keys.shape[2]:
+            self.capacity = size
+            self._grow(self.keys, self.values, size)
+
+    def trim(self, n: int) -> int:
+        n = super().trim(n)
+        self.position = mx.array(self.offset, dtype=mx.int32)
+        return n
+
+    @property
+    def rope_offset(self) -> mx.array:
+        return self.position
+
+    def make_mask(self, n_new: int) -> mx.array:
+        query_pos = self.position + mx.arange(n_new)
+        return mx.arange(self._size_for(n_new))[None, :] <= query_pos[:, None]
+
+    def _size_for(self, n_new: int) -> int:
+        """Buffer length once n_new more positions are written (grows in whole blocks)."""
+        have = 0 if self.keys is None else self.keys.shape[2]
+        needed = self.offset + n_new
+        if needed <= have:
+            return have
+        return max(self.capacity, ((needed + self.step - 1) // self.step) * self.step)

@@ -5,33 +5,91 @@ builds the result."""
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import KVCache
+from .cache import KVCache, StaticKVCache
 from .model import Model
 from .sampler import Sampler
 from .tokenizer import Tokenizer
 from .types import GenerationParams, GenerationResult, GenerationStats
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
+DECODE_RESERVE = 256  # positions a decode cache holds beyond the prompt before it grows
 
 
 def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk: int = PREFILL_CHUNK) -> mx.array:
-    """Run the prompt (B, L) through the model; return the last position's logits (B, vocab)."""
-    while tokens.shape[1] > chunk:
-        model(tokens[:, :chunk], cache)
-        mx.eval([c.keys for c in cache])
-        tokens = tokens[:, chunk:]
-    return model(tokens, cache)[:, -1, :]
+    """Run the prompt (B, L) through the model; return the last position's logits (B, vocab).
+
+    All but the last position only fill the cache: only the cache is evaluated, so (MLX being
+    lazy) their logits, (B, L, vocab), are never computed; the last position's forward gives them.
+    """
+    rest, last = tokens[:, :-1], tokens[:, -1:]
+    while rest.shape[1] > 0:
+        model(rest[:, :chunk], cache)
+        mx.eval([c.keys for c in cache] + [c.values for c in cache])
+        rest = rest[:, chunk:]
+    return model(last, cache)[:, -1, :]
 
 
 def token_logprobs(logits: mx.array, tokens: mx.array) -> mx.array:
     """log p(token) under the raw model distribution. logits (B, V), tokens (B,) -> (B,)."""
     picked = mx.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     return picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
+
+
+def compiled_decoding() -> bool:
+    """Whether `decode` uses the compiled step (STRATLM_COMPILE=on). Off by default: measured no
+    faster than the plain forward on the CPU (memory-bound) and slower on an H100 (attention over
+    the whole preallocated buffer), and on the CPU its first use JIT-compiles kernels for minutes."""
+    return os.environ.get("STRATLM_COMPILE", "").lower() in ("on", "1", "yes", "true")
+
+
+class CompiledStep:
+    """The model's forward for decoding, traced by mx.compile over StaticKVCaches.
+
+    The trace is replayed for every token: the host builds no graph per step, elementwise
+    ops are fused, and nothing waits on the device. The cache state goes in and out as
+    arrays; the trace is redone only when the cache grows (a new shape).
+    """
+
+    def __init__(self, model: Model, cache: list[StaticKVCache]):
+        self.model, self.cache = model, cache
+        self._step = mx.compile(self._forward)
+
+    def _forward(self, tokens: mx.array, position: mx.array, state: list[tuple[mx.array, mx.array]]):
+        for layer_cache, (keys, values) in zip(self.cache, state):
+            layer_cache.keys, layer_cache.values, layer_cache.position = keys, values, position
+        logits = self.model(tokens, self.cache)[:, -1, :]
+        return logits, position + tokens.shape[1], [(c.keys, c.values) for c in self.cache]
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        """tokens (B, L) -> the last position's logits (B, vocab); the cache advances by L."""
+        n, offset = tokens.shape[1], self.cache[0].offset
+        for layer_cache in self.cache:
+            layer_cache.reserve(n)
+        state = [(c.keys, c.values) for c in self.cache]
+        logits, position, state = self._step(tokens, self.cache[0].position, state)
+        for layer_cache, (keys, values) in zip(self.cache, state):
+            layer_cache.keys, layer_cache.values, layer_cache.position = keys, values, position
+            layer_cache.offset = offset + n  # the trace's own bookkeeping ran once, at trace time
+        return logits
+
+
+def decode_forward(model: Model, prompt_length: int, cache: list[KVCache] | None = None) -> tuple[list[KVCache], Callable[[mx.array], mx.array]]:
+    """A cache for decoding one prompt and the step function over it: tokens (B, L) -> logits (B, vocab).
+
+    With STRATLM_COMPILE=on, no given cache, and a model that makes the standard cache, the cache
+    is preallocated and the step compiled; otherwise the step is the plain forward.
+    """
+    if cache is None and compiled_decoding() and type(model).make_cache is Model.make_cache:
+        static = [StaticKVCache(prompt_length + DECODE_RESERVE) for _ in model.layers]
+        return static, CompiledStep(model, static)
+    cache = cache if cache is not None else model.make_cache()
+    return cache, lambda tokens: model(tokens, cache)[:, -1, :]
 
 
 def decode(
@@ -46,7 +104,7 @@ def decode(
 
     The next step is queued (async_eval) before the current token is handed over.
     """
-    cache = cache if cache is not None else model.make_cache()
+    cache, step = decode_forward(model, len(prompt), cache)
     needs_history = sampler.params.repetition_penalty != 1.0
     history = mx.array([list(prompt)], dtype=mx.int32) if needs_history else None
 
@@ -59,7 +117,7 @@ def decode(
     while True:
         if needs_history:
             history = mx.concatenate([history, token[:, None]], axis=1)
-        next_token, next_lp = pick(model(token[:, None], cache)[:, -1, :])
+        next_token, next_lp = pick(step(token[:, None]))
         mx.async_eval(next_token, next_lp) if next_lp is not None else mx.async_eval(next_token)
         yield int(token.item()), (float(lp.item()) if lp is not None else None)
         token, lp = next_token, next_lp

@@ -37,6 +37,9 @@ class Model(nn.Module):
         """Final norm and output projection: hidden (B, L, D) -> logits (B, L, vocab)."""
         raise NotImplementedError
 
+    def optimize_for_inference(self) -> None:
+        """Rearrange weights for faster inference, keeping parameter names and values (default: nothing)."""
+
     @property
     def vocab_size(self) -> int:
         return int(self.config["vocab_size"])

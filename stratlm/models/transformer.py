@@ -110,11 +110,15 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(a.head_dim, eps=a.rms_norm_eps)
         self.rope = RoPE(a.head_dim, a.rope_theta, a.rope_scaling)
 
+    def fuse_projections(self) -> None:
+        fuse_linears(self, ("q_proj", "k_proj", "v_proj"))
+
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = project(self, x, ("q_proj", "k_proj", "v_proj"))
+        q = q.reshape(B, L, self.n_heads, self.head_dim)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
@@ -133,8 +137,46 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
 
+    def fuse_projections(self) -> None:
+        fuse_linears(self, ("gate_proj", "up_proj"))
+
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(self, x, ("gate_proj", "up_proj"))
+        return self.down_proj(nn.silu(gate) * up)
+
+
+# -- fused projections: an inference-time layout that keeps the Hugging Face names -------------
+def fuse_linears(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Stack these bias-free Linear layers' weights into one matrix and make each layer's weight
+    a row slice (a view) of it: one matmul then computes all of them, no memory is duplicated,
+    and parameter names, adapters and what save_model writes stay as they were. Layers that were
+    replaced (wrapped, quantized, biased) are left alone."""
+    layers = [getattr(module, n) for n in names]
+    if not all(type(layer) is nn.Linear and "bias" not in layer for layer in layers):
+        return
+    fused = mx.concatenate([layer.weight for layer in layers], axis=0)
+    mx.eval(fused)
+    views, start = [], 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        views.append(fused[start : start + rows])
+        start += rows
+    mx.eval(views)
+    for layer, view in zip(layers, views):
+        layer.weight = view
+    module._fused = (fused, tuple(views), tuple(v.shape[0] for v in views))  # "_": not a parameter
+
+
+def project(module: nn.Module, x: mx.array, names: tuple[str, ...]) -> list[mx.array]:
+    """The named projections of x: one matmul while the fused layout is intact, else one each."""
+    fused = module.get("_fused")
+    if fused is not None:
+        weight, views, rows = fused
+        if all(getattr(module, n).weight is v for n, v in zip(names, views)):
+            splits = [sum(rows[: i + 1]) for i in range(len(rows) - 1)]
+            return mx.split(x @ weight.T, splits, axis=-1)
+        module.pop("_fused")  # a weight was replaced (training, set_dtype, a transform): drop the stale copy
+    return [getattr(module, n)(x) for n in names]
 
 
 class Block(nn.Module):
@@ -180,6 +222,14 @@ class DecoderLM(Model):
 
     def embed(self, tokens: mx.array) -> mx.array:
         return self.model.embed_tokens(tokens)
+
+    def optimize_for_inference(self) -> None:
+        """Fuse the q/k/v and gate/up projections (see fuse_linears); names stay the same.
+        Opt-in: the logits move by float rounding (~1e-6), and no gain was measurable yet."""
+        for block in self.layers:
+            for part in (getattr(block, "self_attn", None), getattr(block, "mlp", None)):
+                if hasattr(part, "fuse_projections"):
+                    part.fuse_projections()
 
     def head(self, hidden: mx.array) -> mx.array:
         hidden = self.model.norm(hidden)
