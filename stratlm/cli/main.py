@@ -11,7 +11,7 @@ from stratlm.core.errors import StratlmError
 from stratlm.core.log import configure
 
 #: subcommand modules under stratlm.cli
-COMMANDS = ("generate", "chat", "plugins", "info", "train", "transform")
+COMMANDS = ("generate", "chat", "plugins", "info", "train", "transform", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,182 @@
+"""The GPU benchmark, run by scripts/gpu_bench.sh on the device machine in one call.
+
+1. correctness on a random model of the real Qwen3-0.6B shape: stratlm's greedy tokens equal
+   mlx-lm's (fp32), the compiled decode step's logits equal the plain forward's;
+2. timings, bf16, prompt 64, 256 new tokens: stratlm vs mlx-lm batch 1 and batch 64 (the
+   `batch` strategy vs mlx-lm's batch_generate), stratlm's compiled step (opt-in), and
+   Hugging Face transformers with a static cache and torch.compile;
+3. a short table, printed last. Full reports go to $OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import stratlm  # noqa: F401
+
+import mlx.core as mx
+
+from stratlm.bench.engines import MlxLmEngine, StratlmEngine
+from stratlm.bench.models import bench_model, model_folder, prompt_tokens
+from stratlm.bench.runner import BenchConfig, first_difference, format_report, run_bench
+from stratlm.core.generation import decode_forward, prefill
+
+# overridable for a dry run on the CPU with a small model folder
+MODEL = os.environ.get("GPU_BENCH_MODEL", "qwen3-0.6b-random")
+OUT = os.environ.get("OUT", "/tmp/gpu_bench_out")
+PROMPT, NEW, BATCH = (int(os.environ.get(k, d)) for k, d in (("GPU_BENCH_PROMPT", 64), ("GPU_BENCH_NEW", 256), ("GPU_BENCH_BATCH", 64)))
+REPS = int(os.environ.get("GPU_BENCH_REPS", 5))
+table: list[tuple[str, str]] = []
+
+
+def section(name):
+    def wrap(fn):
+        def run(*args):
+            print(f"\n=== {name} ===", flush=True)
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            except Exception:
+                traceback.print_exc()
+                table.append((name, "FAILED (see log)"))
+            finally:
+                print(f"({name}: {time.perf_counter() - start:.0f}s)", flush=True)
+        return run
+    return wrap
+
+
+@section("correctness fp32")
+def correctness():
+    loaded = bench_model(MODEL, "float32")
+    prompt = prompt_tokens(loaded, 32)
+    folder = model_folder(loaded)
+    ours = StratlmEngine(loaded).run(prompt, 64).token_ids
+    theirs = MlxLmEngine(str(folder)).run(prompt, 64).token_ids
+    diff = first_difference(ours, theirs)
+    print("stratlm ", ours[:16], "\nmlx-lm  ", theirs[:16], "\nfirst difference:", diff)
+    table.append(("fp32 greedy tokens == mlx-lm (64)", "yes" if diff is None else f"NO, differs at {diff}"))
+    # compiled step vs plain forward, teacher-forced on the same tokens
+    model = loaded.model
+    tokens = mx.array([prompt], dtype=mx.int32)
+    os.environ["STRATLM_COMPILE"] = "on"
+    cache_c, step_c = decode_forward(model, len(prompt))
+    os.environ.pop("STRATLM_COMPILE")
+    cache_p, step_p = decode_forward(model, len(prompt))
+    worst = float(mx.abs(prefill(model, tokens, cache_c) - prefill(model, tokens, cache_p)).max())
+    for t in ours[:32]:
+        x = mx.array([[t]], dtype=mx.int32)
+        worst = max(worst, float(mx.abs(step_c(x) - step_p(x)).max()))
+    print("max |compiled - plain| logits:", worst)
+    table.append(("compiled step vs plain, max logit diff", f"{worst:.2e}"))
+
+
+@section("bf16 token agreement")
+def bf16_agreement(folder, loaded):
+    prompt = prompt_tokens(loaded, PROMPT)
+    ours = StratlmEngine(loaded).run(prompt, NEW).token_ids
+    theirs = MlxLmEngine(str(folder)).run(prompt, NEW).token_ids
+    diff = first_difference(ours, theirs)
+    table.append((f"bf16 greedy tokens == mlx-lm ({NEW})", "all" if diff is None else f"first {diff}"))
+
+
+@section("batch 1")
+def batch1():
+    report = run_bench(BenchConfig(model=MODEL, dtype="bfloat16", prompt_tokens=PROMPT, max_tokens=NEW, reps=REPS, baselines="same-process"), print)
+    text = format_report(report)
+    print(text)
+    open(f"{OUT}/batch1.json", "w").write(report.to_json())
+    e = {x.name: x for x in report.engines}
+    table.append(("b1 stratlm decode tok/s", str(e["stratlm"].decode_tps)))
+    table.append(("b1 mlx-lm decode tok/s", str(e["mlx-lm, same process"].decode_tps)))
+    table.append(("b1 ratio stratlm/mlx-lm", f"{report.decode_ratios['mlx-lm, same process']}x"))
+    table.append(("b1 prefill stratlm / mlx-lm", f"{e['stratlm'].prefill_tps.median:.0f} / {e['mlx-lm, same process'].prefill_tps.median:.0f}"))
+    table.append(("b1 peak GB stratlm / mlx-lm", f"{e['stratlm'].peak_gb:.2f} / {e['mlx-lm, same process'].peak_gb:.2f}"))
+    table.append(("b1 bandwidth limit (steps/s)", f"{report.limit_tps:.0f}"))
+
+
+@section("batch 1 variants, interleaved")
+def batch1_variants(folder, loaded):
+    """stratlm's opt-in paths (compiled step, fused projections) against the default and mlx-lm."""
+    fused = bench_model(MODEL, "bfloat16")  # same seed: the same weights
+    fused.model.optimize_for_inference()
+    plain_engine, fused_engine, theirs = StratlmEngine(loaded), StratlmEngine(fused), MlxLmEngine(str(folder))
+    variants = {
+        "default": (plain_engine, "off"),
+        "compiled": (plain_engine, "on"),
+        "fused": (fused_engine, "off"),
+        "fused+compiled": (fused_engine, "on"),
+        "mlx-lm": (theirs, None),
+    }
+    prompt = prompt_tokens(loaded, PROMPT)
+    speeds: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for rep in range(-1, REPS):  # round -1: warm-up
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            engine, compiled = variants[name]
+            os.environ["STRATLM_COMPILE"] = compiled or "off"
+            result = engine.run(prompt, NEW if rep >= 0 else 32)
+            if rep >= 0:
+                speeds[name].append(result.decode_tps)
+    os.environ.pop("STRATLM_COMPILE")
+    for name in names:
+        ratios = [a / b for a, b in zip(speeds[name], speeds["mlx-lm"])]
+        print(f"{name:<16} {statistics.median(speeds[name]):8.1f} tok/s ({min(speeds[name]):.0f}-{max(speeds[name]):.0f})  /mlx-lm {statistics.median(ratios):.2f}x")
+        if name != "mlx-lm":
+            table.append((f"b1 stratlm {name} (interleaved)", f"{statistics.median(speeds[name]):.0f} tok/s, {statistics.median(ratios):.2f}x mlx-lm ({min(ratios):.2f}-{max(ratios):.2f})"))
+    table.append(("b1 mlx-lm (interleaved)", f"{statistics.median(speeds['mlx-lm']):.0f} tok/s"))
+
+
+@section("batch N")
+def batch64():
+    report = run_bench(BenchConfig(model=MODEL, dtype="bfloat16", batch=BATCH, prompt_tokens=PROMPT, max_tokens=NEW, reps=max(1, REPS - 2), baselines="same-process"), print)
+    print(format_report(report))
+    open(f"{OUT}/batch64.json", "w").write(report.to_json())
+    e = {x.name: x for x in report.engines}
+    table.append((f"b{BATCH} stratlm decode tok/s", str(e["stratlm"].decode_tps)))
+    table.append((f"b{BATCH} mlx-lm decode tok/s", str(e["mlx-lm, same process"].decode_tps)))
+    table.append((f"b{BATCH} ratio stratlm/mlx-lm", f"{report.decode_ratios['mlx-lm, same process']}x"))
+
+
+@section("transformers + torch.compile, static cache")
+def transformers_compiled(folder, loaded):
+    prompt = prompt_tokens(loaded, PROMPT)
+    script = os.path.join(os.path.dirname(__file__), "gpu_bench_hf.py")
+    done = subprocess.run([sys.executable, script, str(folder), json.dumps(prompt), str(NEW)], capture_output=True, text=True, timeout=420)
+    print(done.stdout[-3000:], done.stderr[-3000:])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    table.append(("b1 transformers+compile decode tok/s", f"{result['decode_tps']:.0f}"))
+
+
+def main() -> int:
+    os.makedirs(OUT, exist_ok=True)
+    print("mlx", mx.__version__, mx.default_device(), flush=True)
+    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "correctness,batch1,variants,batchN,transformers").split(","))
+    if "correctness" in wanted:
+        correctness()
+    loaded = bench_model(MODEL, "bfloat16")
+    folder = model_folder(loaded)
+    if "correctness" in wanted:
+        bf16_agreement(folder, loaded)
+    if "batch1" in wanted:
+        batch1()
+    if "variants" in wanted:
+        batch1_variants(folder, loaded)
+    if "batchN" in wanted:
+        batch64()
+    mx.clear_cache()
+    if "transformers" in wanted:
+        transformers_compiled(folder, loaded)
+    print(f"\n=== summary ({MODEL}, bf16, prompt {PROMPT}, {NEW} new tokens) ===")
+    for what, value in table:
+        print(f"{what:<40} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

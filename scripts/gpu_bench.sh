@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one device call: install, check correctness, time, print a table last.
+#
+# The machine has no package registry, so everything comes as carried files (ignored paths):
+#   .gpu/  from ../shared/gpu/pack-mlx-cuda.sh .gpu (MLX CUDA wheels in two xz parts, mlx-lm's wheel, unpack script)
+#   .whl/  structlog's wheel (the only stratlm dependency the image lacks)
+# The two parts together exceed one call's 64 MiB, so part .aa travels in a first call that
+# copies it to /tmp (`cp .gpu/mlxcuda.part.aa /tmp/`), and this script runs in the next call,
+# while the machine is still warm, carrying the rest. Results: $OUT/gpu_bench.log and *.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_bench_out}; export OUT; mkdir -p "$OUT"
+
+part_aa=/tmp/mlxcuda.part.aa; [ -f .gpu/mlxcuda.part.aa ] && part_aa=.gpu/mlxcuda.part.aa
+if [ ! -d /tmp/mlxsite/mlx ]; then
+  bash .gpu/unpack-mlx-cuda.sh "$part_aa" .gpu/mlxcuda.part.ab || { echo "unpacking MLX CUDA failed"; exit 1; }
+fi
+site=/tmp/stratlm-site; mkdir -p "$site"
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
+# stratlm's built-in plugins are found through its entry points: give the source tree a dist-info
+python3 - "$site" <<'PY' || exit 1
+import pathlib, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+info = pathlib.Path(sys.argv[1]) / f"stratlm-{project['version']}.dist-info"
+info.mkdir(exist_ok=True)
+(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: stratlm\nVersion: {project['version']}\n")
+groups = project["entry-points"]
+(info / "entry_points.txt").write_text("".join(f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) for g, eps in groups.items()))
+PY
+export PYTHONPATH="$PWD:$site:/tmp/mlxsite${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 scripts/gpu_bench.py 2>&1 | tee "$OUT/gpu_bench.log"

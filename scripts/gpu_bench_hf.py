@@ -1,0 +1,42 @@
+"""Hugging Face transformers on a model folder: greedy, static cache, which makes generate()
+torch.compile the decode step (mode reduce-overhead: CUDA graphs).
+
+Usage: gpu_bench_hf.py FOLDER PROMPT_IDS_JSON NEW_TOKENS -> one JSON line: decode tok/s
+(tokens after the first over the time after the first, from runs of 1 and NEW tokens).
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+folder, prompt, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of this script, uncompiled
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+model.generation_config.cache_implementation = "static"  # generate() then compiles the decode step itself (CUDA graphs)
+ids = torch.tensor([prompt], device=device)
+
+
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate(n):
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    sync()
+    return time.perf_counter() - start, out[0, ids.shape[1]:].tolist()
+
+
+for _ in range(3):  # compilation and CUDA graph capture
+    generate(new)
+first = statistics.median(generate(1)[0] for _ in range(3))
+runs = [generate(new) for _ in range(3)]
+total = statistics.median(t for t, _ in runs)
+print(json.dumps({"compiled": getattr(model, "_compiled_call", None) is not None, "decode_tps": (new - 1) / (total - first), "end_to_end_tps": new / total, "first_token_s": first, "tokens": runs[0][1][:16]}))
