@@ -26,8 +26,9 @@ class Model(nn.Module):
     def layers(self) -> list[nn.Module]:
         raise NotImplementedError
 
-    @layers.setter
-    def layers(self, blocks: list[nn.Module]) -> None:
+    def set_layers(self, blocks: list[nn.Module]) -> None:
+        """Replace the blocks (and the config's layer count). A method, not a property setter:
+        mlx's Module.__setattr__ takes list values itself and would bypass a setter."""
         raise NotImplementedError
 
     def embed(self, tokens: mx.array) -> mx.array:

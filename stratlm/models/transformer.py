@@ -215,8 +215,7 @@ class DecoderLM(Model):
     def layers(self) -> list[nn.Module]:
         return self.model.layers
 
-    @layers.setter
-    def layers(self, blocks: list[nn.Module]) -> None:
+    def set_layers(self, blocks: list[nn.Module]) -> None:
         self.model.layers = list(blocks)
         self.config["num_hidden_layers"] = len(blocks)
 

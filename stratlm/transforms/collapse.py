@@ -98,12 +98,6 @@ def choose_run(loaded: LoadedModel, n: int, texts: Sequence[str] | None = None) 
     return start, distances[start]
 
 
-def set_blocks(model: Model, blocks: list[nn.Module]) -> None:
-    """Model.layers = blocks. Called through the property: mlx's Module.__setattr__ takes list
-    values itself and would bypass the Model's setter (which also updates the config)."""
-    type(model).layers.fset(model, blocks)
-
-
 # -- rebuilding --------------------------------------------------------------------------------------
 def averaged_block(blocks: Sequence[nn.Module]) -> nn.Module:
     """A copy of the first block whose parameters are the blocks' mean (dense weights only)."""
@@ -168,7 +162,7 @@ def collapse(
         middle, middle_map = [averaged_block(run)], [start + n - 1]
     else:  # tie: one module, listed n times; each listing gets its own KV cache
         middle, middle_map = [averaged_block(run)] * n, list(range(start, start + n))
-    set_blocks(model, kept[:start] + middle + kept[start + n :])
+    model.set_layers(kept[:start] + middle + kept[start + n :])
     block_map = list(range(start)) + middle_map + list(range(start + n, depth))
     model.collapse_origin = Origin(teacher=loaded, start=start, n=n, mode=mode, distance=distance, block_map=block_map)
     mx.eval(model.parameters())
