@@ -105,3 +105,13 @@ def test_chat_template_kwargs_reach_the_template():
     quiet = engine.generate("hi", max_tokens=2, chat_template_kwargs={"enable_thinking": False})
     assert "<think>" not in thinking.prompt
     assert quiet.prompt.endswith("<think>\n\n</think>\n\n")
+
+
+def test_a_sliding_window_model_is_limited_to_its_window():
+    # attention is always full: beyond the window the model would no longer be exact
+    windowed = Engine(tiny_model("llama", seed=0, sliding_window=8, max_position_embeddings=64))
+    assert windowed.loaded.context_length == 8
+    with pytest.raises(ConfigError, match="this model's context is 8 tokens"):
+        windowed.generate("twelve bytes", chat_template=False)
+    unused = Engine(tiny_model("qwen3", seed=0, sliding_window=8, use_sliding_window=False, max_position_embeddings=64))
+    assert unused.loaded.context_length == 64

@@ -46,7 +46,15 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int | None:
-        return self.model.config.get("max_position_embeddings")
+        """Longest prompt the model handles exactly. Attention here is always full, so a model
+        trained with a sliding window (Mistral v0.1, Qwen with use_sliding_window) is exact
+        only up to its window: prompts are limited to it."""
+        config = self.model.config
+        limit = config.get("max_position_embeddings")
+        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+        if window and (limit is None or window < limit):
+            return int(window)
+        return limit
 
     def replace(self, **changes: Any) -> "LoadedModel":
         return attrs.evolve(self, **changes)
