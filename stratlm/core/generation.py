@@ -238,9 +238,24 @@ def run_single(
 ) -> Iterator[str | GenerationResult]:
     """Decode one prompt, yielding text pieces and finally the GenerationResult."""
     sampler = sampler or Sampler(params.sampling)
+    tokens = decode(model, prompt, sampler, logprobs=params.logprobs)
+    yield from complete(tokens, tokenizer, eos_token_ids, len(prompt), params)
+
+
+def complete(
+    tokens: Iterator[tuple[int, float | None]],
+    tokenizer: Tokenizer,
+    eos_token_ids: frozenset[int],
+    prompt_length: int,
+    params: GenerationParams,
+    extra: Callable[[], dict] = dict,
+) -> Iterator[str | GenerationResult]:
+    """Feed a lazy (token, logprob) stream into a Completion: yield text pieces, then the result.
+
+    The stream's first token is taken to include the prefill; `extra()` is read at the end."""
     completion = Completion(tokenizer, params, eos_token_ids)
     timer = Timer()
-    for token, lp in decode(model, prompt, sampler, logprobs=params.logprobs):
+    for token, lp in tokens:
         timer.mark_first_token()
         piece = completion.add(token, lp)
         if piece:
@@ -248,5 +263,5 @@ def run_single(
         if completion.finished:
             break
     # the first token costs the prefill; generation speed counts the tokens after it
-    stats = timer.stats(len(prompt), max(0, completion.generated - 1))
-    yield completion.result(stats)
+    stats = timer.stats(prompt_length, max(0, completion.generated - 1))
+    yield completion.result(stats, **extra())

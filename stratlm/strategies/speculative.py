@@ -27,7 +27,7 @@ import attrs
 import mlx.core as mx
 
 from stratlm.core.errors import ConfigError
-from stratlm.core.generation import Completion, Timer, prefill, token_logprobs
+from stratlm.core.generation import complete, prefill, token_logprobs
 from stratlm.core.loading import LoadedModel, load_model
 from stratlm.core.registry import Registry
 from stratlm.core.sampler import Sampler
@@ -278,15 +278,6 @@ class Speculative(Strategy):
             raise ConfigError("strategy 'speculative' does not support repetition_penalty (it would change the target distribution per draft position); use greedy or sample")
         t = self.target
         sampler = Sampler(params.sampling)
-        completion = Completion(t.tokenizer, params, t.eos_token_ids)
         counts = SpeculativeCounts()
-        timer = Timer()
-        for token, lp in speculative_decode(t.model, prompt, sampler, self.draft, self.num_draft, params.max_tokens, counts, params.logprobs):
-            timer.mark_first_token()
-            piece = completion.add(token, lp)
-            if piece:
-                yield piece
-            if completion.finished:
-                break
-        stats = timer.stats(len(prompt), max(0, completion.generated - 1))
-        yield completion.result(stats, **counts.as_extra())
+        tokens = speculative_decode(t.model, prompt, sampler, self.draft, self.num_draft, params.max_tokens, counts, params.logprobs)
+        yield from complete(tokens, t.tokenizer, t.eos_token_ids, len(prompt), params, extra=counts.as_extra)
