@@ -115,6 +115,9 @@ class LookupDraft:
     A single-token match is mostly a wrong guess in free text, and on CPU a wrong guess costs
     (a forward of several tokens is slower than one of a single token), so min_ngram is 2."""
 
+    #: a lookup draft costs nothing to make, and a copied span is usually long: draft further
+    preferred_num_draft = 8
+
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min(min_ngram, max_ngram)
 
@@ -263,10 +266,13 @@ class Speculative(Strategy):
     options = ("draft", "num_draft")
     default_temperature = 0.0
 
-    def __init__(self, target: LoadedModel, draft: str | LoadedModel = "lookup", num_draft: int | str = 4, **options: Any):
+    def __init__(self, target: LoadedModel, draft: str | LoadedModel = "lookup", num_draft: int | str | None = None, **options: Any):
         super().__init__(target, **options)
-        self.num_draft = int_option(self.name, "num_draft", num_draft)
+        if num_draft is not None:
+            num_draft = int_option(self.name, "num_draft", num_draft)
         self.draft = make_draft(target, draft, self.registry)
+        # default: what the draft source prefers (prompt lookup 8), else 4
+        self.num_draft = num_draft or getattr(self.draft, "preferred_num_draft", 4)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         check_prompts(prompts)
