@@ -123,7 +123,7 @@ def test_cli_train_dora(tmp_path, capsys):
     write_jsonl(RECORDS, tmp_path / "train.jsonl")
     (tmp_path / "train.jsonl").open("a").write("not json\n")
     code = main(["train", "dora", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "ad"),
-                 "--steps", "3", "--batch-size", "2", "--rank", "2", "--targets", "q_proj,v_proj", "--fuse-to", str(tmp_path / "fused")])
+                 "--steps", "3", "--batch-size", "2", "--rank", "4", "--targets", "q_proj,v_proj", "--fuse-to", str(tmp_path / "fused")])
     assert code == 0
     out = capsys.readouterr().out
     assert "trained steps 0..3" in out and "fused model" in out
