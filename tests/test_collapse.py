@@ -43,6 +43,10 @@ def test_modes_and_the_saved_folder_reloads_identically(six, tmp_path, mode, blo
     reloaded = load_model(str(tmp_path / mode))
     assert len(reloaded.model.layers) == blocks
     assert mx.array_equal(reloaded.model(TOKENS), logits)
+    if mode == "drop":  # mlx-lm reads the folder too
+        mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+        theirs, _ = mlx_lm_utils.load_model(tmp_path / mode)
+        assert mx.allclose(theirs(TOKENS), logits, atol=1e-5)
 
 
 def test_merge_averages_and_drop_skips(six):
