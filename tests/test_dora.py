@@ -164,3 +164,14 @@ def test_lora_layer_class_is_mlx_lm_shaped():
     assert layer.lora_a.shape == (64, 3) and layer.lora_b.shape == (3, 32)
     dora = DoRALinear(nn.Linear(64, 32), rank=3)
     assert dora.m.shape == (32,)
+
+
+def test_adapters_on_a_model_optimized_for_inference():
+    base = tiny_model("llama", seed=0)
+    expected = base.model(TOKENS)
+    base.model.optimize_for_inference()  # fused q/k/v and gate/up matmuls
+    adapted = copy_loaded(base)
+    add_adapters(adapted.model, AdapterConfig(rank=4))
+    assert mx.allclose(adapted.model(TOKENS), expected, atol=1e-5)
+    changed = trained_like(base)
+    assert mx.allclose(fuse(changed).model(TOKENS), changed.model(TOKENS), atol=1e-4)

@@ -172,7 +172,7 @@ def project(module: nn.Module, x: mx.array, names: tuple[str, ...]) -> list[mx.a
     fused = module.get("_fused")
     if fused is not None:
         weight, views, rows = fused
-        if all(getattr(module, n).weight is v for n, v in zip(names, views)):
+        if all(getattr(getattr(module, n), "weight", None) is v for n, v in zip(names, views)):  # an adapter wrapper has no weight
             splits = [sum(rows[: i + 1]) for i in range(len(rows) - 1)]
             return mx.split(x @ weight.T, splits, axis=-1)
         module.pop("_fused")  # a weight was replaced (training, set_dtype, a transform): drop the stale copy
