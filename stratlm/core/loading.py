@@ -230,13 +230,18 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.exists():
         raise ModelLoadError(f"{folder} has no config.json; a model folder needs config.json and *.safetensors")
+    return read_json_object(path, "model_type, hidden_size, ...")
+
+
+def read_json_object(path: Path, holds: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; errors name the file and what it should hold."""
     try:
-        config = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object (model_type, hidden_size, ...), not {type(config).__name__}")
-    return config
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object ({holds}), not {type(value).__name__}")
+    return value
 
 
 def read_safetensors(folder: Path) -> dict[str, mx.array]:
@@ -273,10 +278,7 @@ def load_folder(folder: Path, registry: Registry, dtype: mx.Dtype, keep_quantize
     for name in ("generation_config.json", "config.json"):
         p = folder / name
         if p.exists():
-            try:
-                value = json.loads(p.read_text()).get("eos_token_id")
-            except json.JSONDecodeError as exc:
-                raise ModelLoadError(f"{p} is not valid JSON: {exc}") from exc
+            value = read_json_object(p, "generation settings such as eos_token_id").get("eos_token_id")
             eos.update(value if isinstance(value, list) else [value] if value is not None else [])
     return model, Tokenizer.from_folder(folder, eos), family
 

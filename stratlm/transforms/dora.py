@@ -21,7 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from stratlm.core.errors import ConfigError, ModelLoadError
-from stratlm.core.loading import LoadedModel
+from stratlm.core.loading import LoadedModel, read_json_object
 from stratlm.core.log import get_logger
 
 log = get_logger(__name__)
@@ -241,10 +241,7 @@ def read_adapter_config(path: Path) -> tuple[AdapterConfig, dict[str, Any]]:
     cfg_path = Path(path) / CONFIG_FILE
     if not cfg_path.exists():
         raise ModelLoadError(f"{path} is not an adapter folder: it needs {CONFIG_FILE} and {ADAPTER_FILE}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    raw = read_json_object(cfg_path, "fine_tune_type, num_layers, lora_parameters")
     kind = raw.get("fine_tune_type", "lora")
     if kind not in FINE_TUNE_TYPES:
         raise ModelLoadError(f"{cfg_path}: fine_tune_type {kind!r} is not an adapter stratlm reads; supported: {', '.join(FINE_TUNE_TYPES)}")
