@@ -57,8 +57,7 @@ class BestOfN(Strategy):
     def __init__(self, target: Any, n: int | str = 4, scorer: str | Scorer = "logprob", **options: Any):
         super().__init__(target, **options)
         self.n = int_option(self.name, "n", n)
-        self.scorer_name = scorer if isinstance(scorer, str) else getattr(scorer, "__name__", type(scorer).__name__)
-        self.scorer = plugin_option(self.name, "scorer", scorer, "scorer", self.registry)
+        self.scorer_name, self.scorer = plugin_option(self.name, "scorer", scorer, "scorer", self.registry)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         return [self.choose(candidates, params) for candidates in sample_candidates(self, prompts, params, self.n)]

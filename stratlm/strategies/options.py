@@ -19,11 +19,11 @@ def int_option(strategy: str, name: str, value: Any, minimum: int = 1) -> int:
     return number
 
 
-def plugin_option(strategy: str, name: str, value: Any, kind: str, registry: Registry) -> Callable[..., Any]:
-    """A callable given directly, or the name of one registered as `kind` (e.g. "scorer")."""
+def plugin_option(strategy: str, name: str, value: Any, kind: str, registry: Registry) -> tuple[str, Callable[..., Any]]:
+    """(display name, callable) for a callable given directly, or the name of one registered as `kind` (e.g. "scorer")."""
     if callable(value):
-        return value
+        return getattr(value, "__name__", type(value).__name__), value
     if isinstance(value, str):
-        return registry.get(kind, value)
+        return value, registry.get(kind, value)
     known = ", ".join(registry.names(kind))
     raise ConfigError(f"strategy {strategy!r}: option {name} must be a callable or the name of a registered {kind} ({known}), got {type(value).__name__}")

@@ -71,8 +71,7 @@ class Vote(Strategy):
     def __init__(self, target: Any, n: int | str = 5, extractor: str | Extractor = "last_number", **options: Any):
         super().__init__(target, **options)
         self.n = int_option(self.name, "n", n)
-        self.extractor_name = extractor if isinstance(extractor, str) else getattr(extractor, "__name__", type(extractor).__name__)
-        self.extractor = plugin_option(self.name, "extractor", extractor, "answer extractor", self.registry)
+        self.extractor_name, self.extractor = plugin_option(self.name, "extractor", extractor, "answer extractor", self.registry)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         return [self.count(samples, params) for samples in sample_candidates(self, prompts, params, self.n)]
