@@ -75,17 +75,14 @@ DEFAULT_ALIAS = "smollm2-135m"
 
 def resolve(source: str | None, registry: Registry) -> tuple[str, Path]:
     """Source -> ("gguf" | "folder", local path). Downloads hub repos."""
-    if source is None:
+    source = source or DEFAULT_ALIAS
+    if source == DEFAULT_ALIAS:  # the embedded GGUF, when installed, stands in for the hub repo
         embedded = embedded_model_path()
         if embedded is not None:
             return "gguf", embedded
-        source = DEFAULT_ALIAS
     aliases = registry.table("model alias")
     if source in aliases:
-        target = aliases[source].obj
-        if source == DEFAULT_ALIAS and embedded_model_path() is not None:
-            return "gguf", embedded_model_path()  # type: ignore[return-value]
-        source = target
+        source = aliases[source].obj
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
