@@ -1,0 +1,190 @@
+"""CPU kernels for MLX, built at first use: `quantized_matmul` on affine-quantized weights.
+
+`quantized_matmul(x, w, scales, biases, group_size=, bits=)` computes what
+`x @ mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).T` computes, lazily, as an
+MLX Primitive on the CPU stream, reading the 4- or 8-bit weights directly (decode) or through
+dequantized fp32 tiles and cblas_sgemm (prefill). Gradients flow to x.
+
+The extension (quantized.cpp + nanobind) is compiled once with the system C++ compiler and
+cached under ${XDG_CACHE_HOME:-~/.cache}/stratlm/, keyed by the sources, MLX, nanobind, Python
+and the flags. `available()` says whether it loaded and passed its self-test; `status` says why
+not. STRATLM_KERNELS=off disables it. Import stratlm before mlx.core (the optimized BLAS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from stratlm.core.log import get_logger
+
+log = get_logger(__name__)
+
+SOURCE_DIR = Path(__file__).parent
+SOURCES = ("quantized.cpp", "quantized_kernel.h")
+MODULE = "_stratlm_quantized"
+# NB_DOMAIN=mlx: MLX's Python module registers mx.array in nanobind's "mlx" domain
+CXXFLAGS = ("-std=c++20", "-O3", "-fPIC", "-fvisibility=hidden", "-DNDEBUG", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx")
+
+#: why the extension is or is not in use
+status = "not attempted"
+_module = None
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """True when the extension is built, loaded and passed its self-test."""
+    return _load() is not None
+
+
+def quantized_matmul(x, w, scales, biases, *, group_size: int, bits: int):
+    """x @ mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).T as one lazy MLX op."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"stratlm kernels unavailable: {status}")
+    return mod.quantized_matmul(x, w, scales, biases, group_size=group_size, bits=bits)
+
+
+def extension():
+    """The loaded extension module (isa/set_isa, threads/set_threads, ...), or None."""
+    return _load()
+
+
+def _load():
+    global _module, status
+    if _module is not None or status != "not attempted":
+        return _module
+    with _lock:
+        if _module is not None or status != "not attempted":
+            return _module
+        try:
+            _module, status = _try_load()
+        except Exception as exc:  # a broken build must never break inference
+            _module, status = None, f"failed: {type(exc).__name__}: {exc}"
+        log.debug("kernels", status=status)
+        return _module
+
+
+def _try_load():
+    if os.environ.get("STRATLM_KERNELS", "").lower() in ("off", "0", "none", "false"):
+        return None, "disabled by STRATLM_KERNELS"
+    import mlx.core as mx
+
+    if not sys.platform.startswith(("linux", "darwin")):
+        return None, f"unsupported platform {sys.platform}"
+    try:
+        built = build()
+    except BuildError as exc:
+        return None, str(exc)
+    spec = importlib.util.spec_from_file_location(MODULE, built, loader=importlib.machinery.ExtensionFileLoader(MODULE, str(built)))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    problem = _self_test(mod, mx)
+    if problem:
+        return None, f"self-test failed ({problem}); disabled"
+    return mod, f"loaded {built.name} (isa {mod.isa()}, {mod.threads()} threads)"
+
+
+def _self_test(mod, mx) -> str | None:
+    """Compare with mx.dequantize + matmul on the CPU; a description of the disagreement, or None."""
+    try:
+        with mx.stream(mx.cpu):
+            key = mx.random.key(0)
+            for bits in (4, 8):
+                for m in (1, 5, 40):
+                    k1, k2, key = mx.random.split(key, 3)
+                    w = mx.random.normal((37, 128), key=k1)
+                    x = mx.random.normal((m, 128), key=k2)
+                    q, s, b = mx.quantize(w, group_size=32, bits=bits)
+                    got = mod.quantized_matmul(x, q, s, b, group_size=32, bits=bits)
+                    want = x @ mx.dequantize(q, s, b, group_size=32, bits=bits).T
+                    err = mx.max(mx.abs(got - want)).item()
+                    scale = mx.max(mx.abs(want)).item()
+                    if not err <= 1e-4 * max(scale, 1.0):
+                        return f"bits={bits} M={m}: max error {err:g}"
+    except Exception as exc:  # e.g. a nanobind ABI mismatch: mx.array not accepted
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class BuildError(Exception):
+    pass
+
+
+def _versions() -> dict[str, str]:
+    import mlx.core as mx
+    import nanobind
+
+    return {"mlx": mx.__version__, "nanobind": nanobind.__version__, "python": sys.version, "platform": sysconfig.get_platform()}
+
+
+def build() -> Path:
+    """Compile the extension once (cached); its path. Raises BuildError with the reason."""
+    try:
+        import nanobind
+    except ImportError:
+        raise BuildError("nanobind is not installed (pip install nanobind==3.1.0)") from None
+    import mlx.core as mx
+
+    mlx_dir = Path(mx.__file__).parent
+    include, lib = mlx_dir / "include", mlx_dir / "lib"
+    libmlx = lib / ("libmlx.dylib" if sys.platform == "darwin" else "libmlx.so")
+    if not (include / "mlx" / "mlx.h").exists() or not libmlx.exists():
+        raise BuildError(f"MLX headers or library not found under {mlx_dir}")
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise BuildError("no C++ compiler found (set CXX)")
+    nb_dir = Path(nanobind.source_dir()).parent
+    key = hashlib.sha256()
+    for name in SOURCES:
+        key.update((SOURCE_DIR / name).read_bytes())
+    key.update(repr((_versions(), CXXFLAGS, compiler)).encode())
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stratlm"
+    target = cache / f"{MODULE}-{key.hexdigest()[:16]}{suffix}"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    includes = ["-I", nanobind.include_dir(), "-I", str(nb_dir / "ext" / "robin_map" / "include"),
+                "-I", sysconfig.get_paths()["include"], "-I", str(include), "-I", str(SOURCE_DIR)]
+    link = ["-shared", str(libmlx), f"-Wl,-rpath,{lib}"]
+    if sys.platform == "darwin":
+        link += ["-undefined", "dynamic_lookup"]
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        # nanobind's library (cached on its own: it does not change with our sources) and the
+        # kernels compile in parallel
+        nb_src = Path(nanobind.source_dir()) / "nb_combined.cpp"
+        nb_key = hashlib.sha256(repr((nanobind.__version__, sys.version, CXXFLAGS, compiler)).encode()).hexdigest()[:16]
+        nb_obj = cache / f"nb_combined-{nb_key}.o"
+        jobs = []
+        if not nb_obj.exists():
+            jobs.append((nb_src, Path(tmp) / "nb_combined.o", nb_obj))
+        jobs.append((SOURCE_DIR / "quantized.cpp", Path(tmp) / "quantized.o", None))
+        procs = []
+        for src, obj, _ in jobs:
+            cmd = [compiler, *CXXFLAGS, *includes, "-c", str(src), "-o", str(obj)]
+            procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+        for (cmd, proc), (_, obj, keep) in zip(procs, jobs):
+            out, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise BuildError(f"build failed: {cmd[-3]}: {out.decode(errors='replace')[-2000:]}")
+            if keep is not None:
+                os.replace(obj, keep)
+        out_path = Path(tmp) / target.name
+        done = subprocess.run([compiler, str(Path(tmp) / "quantized.o"), str(nb_obj), "-o", str(out_path), *link], capture_output=True)
+        if done.returncode != 0:
+            raise BuildError(f"link failed: {done.stderr.decode(errors='replace')[-2000:]}")
+        os.replace(out_path, target)  # atomic: concurrent first uses race safely
+    log.debug("kernels built", path=str(target), seconds=round(time.monotonic() - start, 1))
+    return target

@@ -1,0 +1,583 @@
+// x @ dequantize(w, scales, biases).T for MLX's affine-quantized weights, on the CPU, as an MLX
+// Primitive (lazy, in the graph, run by the CPU stream's command encoder).
+//
+// Few activation rows (decode): the packed weights are read once and converted in registers;
+// with s, b the group scale and bias, out[n] = sum_g s*dot(q, x_g) + b*sum(x_g). AVX-512 and
+// AVX2+FMA versions are chosen at run time, with a portable fallback. Output rows are split
+// over a small persistent thread pool.
+// Many rows (prefill): tiles of the weights are dequantized into an fp32 scratch and handed to
+// cblas_sgemm, found at run time (OpenBLAS, or stratlm's shim, when stratlm loaded them).
+//
+// Built and cached at first use by stratlm/core/kernels/__init__.py.
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SQ_X86 1
+#else
+#define SQ_X86 0
+#endif
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+struct Problem {
+  const float* x;     // M x K activations, row-major
+  const uint32_t* w;  // N x K*bits/32 packed weights
+  const float* s;     // N x G scales
+  const float* b;     // N x G biases
+  float* out;         // M x N
+  int M, N, K, G, gs, bits;
+};
+
+// ---------------------------------------------------------------- portable fallback
+namespace generic {
+constexpr int L = 8;
+struct vf {
+  float v[L];
+};
+static inline vf vzero() { return vf{}; }
+static inline vf vload(const float* p) {
+  vf r;
+  for (int i = 0; i < L; ++i) r.v[i] = p[i];
+  return r;
+}
+static inline vf vset1(float a) {
+  vf r;
+  for (int i = 0; i < L; ++i) r.v[i] = a;
+  return r;
+}
+static inline vf vmul(vf a, vf b) {
+  for (int i = 0; i < L; ++i) a.v[i] *= b.v[i];
+  return a;
+}
+static inline vf vfma(vf a, vf b, vf c) {
+  for (int i = 0; i < L; ++i) c.v[i] += a.v[i] * b.v[i];
+  return c;
+}
+static inline float vreduce(vf a) {
+  float t = 0;
+  for (int i = 0; i < L; ++i) t += a.v[i];
+  return t;
+}
+static inline vf vbias(vf acc, const float* b, const float* xs, int G) {
+  for (int g = 0; g < G; ++g) acc.v[g % L] += b[g] * xs[g];
+  return acc;
+}
+template <int BITS>
+static inline vf unpack(const uint32_t* w) {
+  vf r;
+  constexpr int per = 32 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  for (int i = 0; i < L; ++i) r.v[i] = (float)((w[i / per] >> (BITS * (i % per))) & mask);
+  return r;
+}
+#include "quantized_kernel.h"
+}  // namespace generic
+
+// ---------------------------------------------------------------- AVX2 + FMA
+#if SQ_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#endif
+namespace avx2 {
+constexpr int L = 8;
+using vf = __m256;
+static inline vf vzero() { return _mm256_setzero_ps(); }
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vreduce(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline vf vbias(vf acc, const float* b, const float* xs, int G) {
+  int g = 0;
+  for (; g + L <= G; g += L) acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + g), _mm256_loadu_ps(xs + g), acc);
+  if (g < G) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(G - g), idx);
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(b + g, m), _mm256_maskload_ps(xs + g, m), acc);
+  }
+  return acc;
+}
+template <int BITS>
+static inline vf unpack(const uint32_t* w);
+template <>
+inline vf unpack<4>(const uint32_t* w) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w[0]), shifts), _mm256_set1_epi32(15));
+  return _mm256_cvtepi32_ps(q);
+}
+template <>
+inline vf unpack<8>(const uint32_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)w)));
+}
+#include "quantized_kernel.h"
+
+// natural-order dequantization of rows [n0, n1) into dst (n1-n0) x K, for the GEMM path
+static void dequant_rows(const Problem& p, int n0, int n1, float* dst) {
+  const int KW = p.K * p.bits / 32;
+  const int gs = p.gs;
+  for (int n = n0; n < n1; ++n) {
+    const uint32_t* w = p.w + (size_t)n * KW;
+    float* d = dst + (size_t)(n - n0) * p.K;
+    for (int g = 0; g < p.G; ++g) {
+      vf s = vset1(p.s[(size_t)n * p.G + g]), b = vset1(p.b[(size_t)n * p.G + g]);
+      for (int k = g * gs; k < (g + 1) * gs; k += 8) {
+        vf q = p.bits == 4 ? unpack<4>(w + k / 8) : unpack<8>(w + k / 4);
+        _mm256_storeu_ps(d + k, _mm256_fmadd_ps(s, q, b));
+      }
+    }
+  }
+}
+}  // namespace avx2
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------- AVX-512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c"))), \
+                             apply_to = function)
+#endif
+namespace avx512 {
+constexpr int L = 16;
+using vf = __m512;
+static inline vf vzero() { return _mm512_setzero_ps(); }
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vreduce(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vf vbias(vf acc, const float* b, const float* xs, int G) {
+  int g = 0;
+  for (; g + L <= G; g += L) acc = _mm512_fmadd_ps(_mm512_loadu_ps(b + g), _mm512_loadu_ps(xs + g), acc);
+  if (g < G) {
+    __mmask16 m = (__mmask16)((1u << (G - g)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + g), _mm512_maskz_loadu_ps(m, xs + g), acc);
+  }
+  return acc;
+}
+template <int BITS>
+static inline vf unpack(const uint32_t* w);
+// 4 bits: two packed words broadcast to every 64-bit lane (w0 w1 w0 w1 ...); lane l keeps
+// nibble l/2 of word l%2 in place (no shift): q * 16^(l/2). The x lane it meets is
+// x[8*(l%2) + l/2] * 16^-(l/2) (prepare_x4), and the product is exactly q * x.
+template <>
+inline vf unpack<4>(const uint32_t* w) {
+  const __m512i mask = _mm512_setr_epi32(0xF, 0xF, 0xF0, 0xF0, 0xF00, 0xF00, 0xF000, 0xF000, 0xF0000, 0xF0000,
+                                         0xF00000, 0xF00000, 0xF000000, 0xF000000, (int)0xF0000000u,
+                                         (int)0xF0000000u);
+  long long pair;
+  std::memcpy(&pair, w, sizeof pair);
+  return _mm512_cvtepu32_ps(_mm512_and_si512(_mm512_set1_epi64(pair), mask));
+}
+template <>
+inline vf unpack<8>(const uint32_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)w)));
+}
+#include "quantized_kernel.h"
+}  // namespace avx512
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+#endif  // SQ_X86
+
+static void dequant_rows_generic(const Problem& p, int n0, int n1, float* dst) {
+  const int KW = p.K * p.bits / 32, per = 32 / p.bits;
+  const uint32_t mask = (1u << p.bits) - 1;
+  for (int n = n0; n < n1; ++n)
+    for (int k = 0; k < p.K; ++k) {
+      uint32_t q = (p.w[(size_t)n * KW + k / per] >> (p.bits * (k % per))) & mask;
+      size_t g = (size_t)n * p.G + k / p.gs;
+      dst[(size_t)(n - n0) * p.K + k] = p.s[g] * (float)q + p.b[g];
+    }
+}
+
+// ---------------------------------------------------------------- ISA choice
+enum Isa { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
+
+static int detect_isa() {
+#if SQ_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+#endif
+  return GENERIC;
+}
+static const int g_best_isa = detect_isa();
+static std::atomic<int> g_isa{g_best_isa};
+static const char* isa_name(int isa) { return isa == AVX512 ? "avx512" : isa == AVX2 ? "avx2" : "generic"; }
+
+// ---------------------------------------------------------------- thread pool
+// Workers spin briefly after a job (the next matmul of a decode step follows within
+// microseconds), then sleep on a condition variable. One job at a time; a caller that finds the
+// pool busy (another stream) runs its parts itself.
+class Pool {
+ public:
+  explicit Pool(int workers) : n_(workers) {
+    for (int i = 0; i < n_; ++i) threads_.emplace_back([this, i] { loop(i + 1); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_.store(true);
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  int size() const { return n_ + 1; }
+  // Runs fn(0..parts-1), parts <= size().
+  void run(int parts, const std::function<void(int)>& fn) {
+    if (parts <= 1 || !busy_.try_lock()) {
+      for (int i = 0; i < parts; ++i) fn(i);
+      return;
+    }
+    parts = std::min(parts, size());
+    job_ = &fn;
+    parts_ = parts;
+    pending_.store(n_, std::memory_order_relaxed);  // every worker acknowledges every job
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    fn(0);
+    while (pending_.load(std::memory_order_acquire) > 0) pause();
+    busy_.unlock();
+  }
+
+ private:
+  static inline void pause() {
+#if SQ_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      auto t0 = std::chrono::steady_clock::now();
+      int spins = 0;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        pause();
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > spin_) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleepers_.fetch_add(1);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+          sleepers_.fetch_sub(1);
+          break;
+        }
+      }
+      if (stop_.load()) return;
+      seen = gen_.load(std::memory_order_acquire);
+      if (id < parts_) (*job_)(id);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+  int n_;
+  std::vector<std::thread> threads_;
+  std::mutex mu_, busy_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0}, sleepers_{0};
+  const std::function<void(int)>* job_ = nullptr;
+  int parts_ = 0;
+  std::atomic<bool> stop_{false};
+  std::chrono::microseconds spin_{200};
+};
+
+static int default_threads() {
+  if (const char* e = std::getenv("STRATLM_KERNEL_THREADS")) {
+    int v = std::atoi(e);
+    if (v > 0) return v;
+  }
+  unsigned hc = std::thread::hardware_concurrency();
+  return hc == 0 ? 1 : (int)std::min(hc, 16u);
+}
+static std::atomic<int> g_threads{default_threads()};
+static std::mutex g_pool_mu;
+static Pool* g_pool = nullptr;  // leaked at exit on purpose: joining threads in atexit can hang
+
+static Pool* pool() {
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  int want = g_threads.load();
+  if (want <= 1) return nullptr;
+  if (g_pool == nullptr || g_pool->size() != want) {
+    delete g_pool;
+    g_pool = new Pool(want - 1);
+  }
+  return g_pool;
+}
+
+// ---------------------------------------------------------------- GEMM path
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
+                         int);
+static sgemm_fn find_sgemm() { return (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm"); }
+static std::atomic<int> g_gemm_min_rows{32};  // M at or above which the GEMM path is used
+
+// ---------------------------------------------------------------- driver
+static void run_direct(const Problem& p) {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  // per-group sums of x, and x rearranged for the kernel's lane order
+  std::vector<float> xs((size_t)p.M * p.G);
+  for (int m = 0; m < p.M; ++m)
+    for (int g = 0; g < p.G; ++g) {
+      const float* xg = p.x + (size_t)m * p.K + (size_t)g * p.gs;
+      float t = 0;
+      for (int i = 0; i < p.gs; ++i) t += xg[i];
+      xs[(size_t)m * p.G + g] = t;
+    }
+  std::vector<float> xp;
+  const float* xk = p.x;
+  if (isa == AVX512 && p.bits == 4) {
+    xp.resize((size_t)p.M * p.K);
+    for (size_t base = 0; base < xp.size(); base += 16)
+      for (int l = 0; l < 16; ++l)
+        xp[base + l] = std::ldexp(p.x[base + 8 * (l & 1) + (l >> 1)], -4 * (l >> 1));
+    xk = xp.data();
+  }
+  auto rows = [&](int n0, int n1) {
+#if SQ_X86
+    if (isa == AVX512) return avx512::rows(p, xk, xs.data(), n0, n1);
+    if (isa == AVX2) return avx2::rows(p, xk, xs.data(), n0, n1);
+#endif
+    generic::rows(p, xk, xs.data(), n0, n1);
+  };
+  // split output rows (multiples of 16) over the pool when there is enough work
+  double work = (double)p.M * p.N * p.K;
+  Pool* pl = work >= 64.0 * 1024 ? pool() : nullptr;
+  int parts = pl ? std::min(pl->size(), std::max(1, p.N / 16)) : 1;
+  if (parts <= 1) return rows(0, p.N);
+  int chunk = ((p.N + parts - 1) / parts + 15) / 16 * 16;
+  pl->run(parts, [&](int i) {
+    int n0 = std::min(p.N, i * chunk), n1 = std::min(p.N, (i + 1) * chunk);
+    if (n0 < n1) rows(n0, n1);
+  });
+}
+
+static void run_gemm(const Problem& p, sgemm_fn sgemm) {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  // tiles of ~1 MB of fp32 weights, a multiple of 16 rows
+  int tile = std::max(16, (int)((1 << 18) / std::max(1, p.K)) / 16 * 16);
+  tile = std::min(tile, (p.N + 15) / 16 * 16);
+  std::vector<float> scratch((size_t)tile * p.K);
+  Pool* pl = pool();
+  for (int n0 = 0; n0 < p.N; n0 += tile) {
+    int n1 = std::min(p.N, n0 + tile);
+    auto deq = [&](int a, int b) {
+#if SQ_X86
+      if (isa != GENERIC) return avx2::dequant_rows(p, a, b, scratch.data() + (size_t)(a - n0) * p.K);
+#endif
+      dequant_rows_generic(p, a, b, scratch.data() + (size_t)(a - n0) * p.K);
+    };
+    int parts = pl ? pl->size() : 1;
+    if (parts <= 1) {
+      deq(n0, n1);
+    } else {
+      int chunk = (n1 - n0 + parts - 1) / parts;
+      pl->run(parts, [&](int i) {
+        int a = std::min(n1, n0 + i * chunk), b = std::min(n1, n0 + (i + 1) * chunk);
+        if (a < b) deq(a, b);
+      });
+    }
+    // out[:, n0:n1] = x (M x K) @ scratch (rows x K)^T
+    sgemm(101, 111, 112, p.M, n1 - n0, p.K, 1.0f, p.x, p.K, scratch.data(), p.K, 0.0f, p.out + n0, p.N);
+  }
+}
+
+static void compute(const Problem& p) {
+  if (p.M <= 0 || p.N <= 0) return;
+  if (p.M >= g_gemm_min_rows.load(std::memory_order_relaxed)) {
+    static sgemm_fn sgemm = find_sgemm();
+    if (sgemm) return run_gemm(p, sgemm);
+  }
+  run_direct(p);
+}
+
+// A view of a 4-byte array's data; non-contiguous or broadcast inputs are gathered row-major.
+struct View {
+  const void* ptr;
+  mx::Shape shape;
+  mx::Strides strides;
+  bool contiguous;
+  size_t size;
+  static View of(const mx::array& a) {
+    return View{a.data<void>(), a.shape(), a.strides(), a.flags().row_contiguous, a.size()};
+  }
+  const void* data(std::vector<uint32_t>& tmp) const {
+    if (contiguous) return ptr;
+    tmp.resize(size);
+    const uint32_t* src = static_cast<const uint32_t*>(ptr);
+    int nd = (int)shape.size();
+    std::vector<int64_t> idx(nd, 0);
+    for (size_t i = 0; i < size; ++i) {
+      int64_t off = 0;
+      for (int d = 0; d < nd; ++d) off += idx[d] * strides[d];
+      tmp[i] = src[off];
+      for (int d = nd - 1; d >= 0; --d) {
+        if (++idx[d] < shape[d]) break;
+        idx[d] = 0;
+      }
+    }
+    return tmp.data();
+  }
+};
+
+// ---------------------------------------------------------------- the Primitive
+mx::array qmm(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+              int group_size, int bits);
+
+class StratlmQuantizedMatmul : public mx::UnaryPrimitive {
+ public:
+  StratlmQuantizedMatmul(mx::Stream stream, int group_size, int bits)
+      : mx::UnaryPrimitive(stream), gs_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto &x = inputs[0], &w = inputs[1], &s = inputs[2], &b = inputs[3];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    int K = x.shape(-1), N = w.shape(0);
+    int M = K == 0 ? 0 : (int)(x.size() / K);
+    enc.dispatch([xv = View::of(x), wv = View::of(w), sv = View::of(s), bv = View::of(b),
+                  outp = out.data<float>(), M, N, K, gs = gs_, bits = bits_]() {
+      std::vector<uint32_t> tx, tw, ts, tb;
+      Problem p{static_cast<const float*>(xv.data(tx)),
+                static_cast<const uint32_t*>(wv.data(tw)),
+                static_cast<const float*>(sv.data(ts)),
+                static_cast<const float*>(bv.data(tb)),
+                outp,
+                M,
+                N,
+                K,
+                K / gs,
+                gs,
+                bits};
+      compute(p);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("stratlm quantized_matmul runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    std::vector<mx::array> grads;
+    for (int a : argnums) {
+      if (a != 0) throw std::invalid_argument("stratlm quantized_matmul: no gradient for the quantized weights");
+      grads.push_back(mx::quantized_matmul(cotangents[0], primals[1], primals[2], primals[3], /*transpose=*/false,
+                                           gs_, bits_, "affine", stream()));
+    }
+    return grads;
+  }
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override {
+    for (int a : argnums)
+      if (a != 0) throw std::invalid_argument("stratlm quantized_matmul: no gradient for the quantized weights");
+    return {qmm(tangents[0], primals[1], primals[2], primals[3], gs_, bits_)};
+  }
+  const char* name() const override { return "StratlmQuantizedMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const StratlmQuantizedMatmul&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+
+ private:
+  int gs_, bits_;
+};
+
+mx::array qmm(const mx::array& x_in, const mx::array& w, const mx::array& scales_in, const mx::array& biases_in,
+              int group_size, int bits) {
+  if (bits != 4 && bits != 8) throw std::invalid_argument("quantized_matmul: bits must be 4 or 8");
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    throw std::invalid_argument("quantized_matmul: group_size must be 32, 64 or 128");
+  if (w.dtype() != mx::uint32 || w.ndim() != 2) throw std::invalid_argument("quantized_matmul: w must be 2-D uint32");
+  if (x_in.ndim() < 1) throw std::invalid_argument("quantized_matmul: x must have at least one dimension");
+  int N = w.shape(0);
+  int K = w.shape(1) * 32 / bits;
+  if (x_in.shape(-1) != K)
+    throw std::invalid_argument("quantized_matmul: x's last dimension " + std::to_string(x_in.shape(-1)) +
+                                " does not match the weights' " + std::to_string(K));
+  mx::Shape sshape{N, K / group_size};
+  if (scales_in.shape() != sshape || biases_in.shape() != sshape)
+    throw std::invalid_argument("quantized_matmul: scales and biases must have shape (N, K/group_size)");
+  auto cpu = mx::default_stream(mx::Device::cpu);
+  mx::Dtype dt = x_in.dtype();
+  auto f32 = [&](const mx::array& a) { return a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, cpu); };
+  mx::array x = f32(x_in), scales = f32(scales_in), biases = f32(biases_in);
+  auto shape = x.shape();
+  shape.back() = N;
+  mx::array out(std::move(shape), mx::float32,
+                std::make_shared<StratlmQuantizedMatmul>(cpu, group_size, bits), {x, w, scales, biases});
+  if (dt != mx::float32 && mx::issubdtype(dt, mx::floating)) out = mx::astype(out, dt, cpu);
+  return out;
+}
+
+}  // namespace
+
+NB_MODULE(_stratlm_quantized, m) {
+  m.doc() = "stratlm's CPU quantized matmul for MLX";
+  m.def("quantized_matmul", &qmm, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::kw_only(),
+        nb::arg("group_size"), nb::arg("bits"),
+        "x @ dequantize(w, scales, biases, group_size, bits).T, lazily, on the CPU");
+  m.def("isa", [] { return std::string(isa_name(g_isa.load())); }, "instruction set in use");
+  m.def("best_isa", [] { return std::string(isa_name(g_best_isa)); }, "best instruction set this CPU supports");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        int want = name == "avx512" ? AVX512 : name == "avx2" ? AVX2 : name == "generic" ? GENERIC : -1;
+        if (want < 0) throw std::invalid_argument("isa must be avx512, avx2 or generic");
+        if (want > g_best_isa) throw std::invalid_argument("this CPU does not support " + name);
+        g_isa.store(want);
+      },
+      nb::arg("name"));
+  m.def("threads", [] { return g_threads.load(); });
+  m.def("set_threads", [](int n) { g_threads.store(std::max(1, n)); }, nb::arg("n"));
+  m.def("gemm_min_rows", [] { return g_gemm_min_rows.load(); });
+  m.def("set_gemm_min_rows", [](int n) { g_gemm_min_rows.store(n); }, nb::arg("n"));
+  m.def("has_sgemm", [] { return find_sgemm() != nullptr; });
+}
