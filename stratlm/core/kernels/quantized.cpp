@@ -30,7 +30,9 @@
 #include <nanobind/stl/string.h>
 
 #include "mlx/backend/cpu/encoder.h"
-#include "mlx/mlx.h"
+#include "mlx/allocator.h"
+#include "mlx/ops.h"
+#include "mlx/stream.h"
 #include "mlx/primitives.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -56,47 +58,27 @@ struct Problem {
 
 // ---------------------------------------------------------------- portable fallback
 namespace generic {
-constexpr int L = 8;
-struct vf {
-  float v[L];
-};
-static inline vf vzero() { return vf{}; }
-static inline vf vload(const float* p) {
-  vf r;
-  for (int i = 0; i < L; ++i) r.v[i] = p[i];
-  return r;
+static void rows(const Problem& p, const float*, const float*, int n0, int n1) {
+  const int KW = p.K * p.bits / 32, per = 32 / p.bits;
+  const uint32_t mask = (1u << p.bits) - 1;
+  std::vector<float> wrow(p.K);
+  for (int n = n0; n < n1; ++n) {
+    for (int k = 0; k < p.K; ++k) {
+      uint32_t q = (p.w[(size_t)n * KW + k / per] >> (p.bits * (k % per))) & mask;
+      size_t g = (size_t)n * p.G + k / p.gs;
+      wrow[k] = p.s[g] * (float)q + p.b[g];
+    }
+    for (int m = 0; m < p.M; ++m) {
+      const float* x = p.x + (size_t)m * p.K;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int k = 0; k < p.K; k += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += wrow[k + j] * x[k + j];
+      float t = 0;
+      for (int j = 0; j < 8; ++j) t += acc[j];
+      p.out[(size_t)m * p.N + n] = t;
+    }
+  }
 }
-static inline vf vset1(float a) {
-  vf r;
-  for (int i = 0; i < L; ++i) r.v[i] = a;
-  return r;
-}
-static inline vf vmul(vf a, vf b) {
-  for (int i = 0; i < L; ++i) a.v[i] *= b.v[i];
-  return a;
-}
-static inline vf vfma(vf a, vf b, vf c) {
-  for (int i = 0; i < L; ++i) c.v[i] += a.v[i] * b.v[i];
-  return c;
-}
-static inline float vreduce(vf a) {
-  float t = 0;
-  for (int i = 0; i < L; ++i) t += a.v[i];
-  return t;
-}
-static inline vf vbias(vf acc, const float* b, const float* xs, int G) {
-  for (int g = 0; g < G; ++g) acc.v[g % L] += b[g] * xs[g];
-  return acc;
-}
-template <int BITS>
-static inline vf unpack(const uint32_t* w) {
-  vf r;
-  constexpr int per = 32 / BITS;
-  constexpr uint32_t mask = (1u << BITS) - 1;
-  for (int i = 0; i < L; ++i) r.v[i] = (float)((w[i / per] >> (BITS * (i % per))) & mask);
-  return r;
-}
-#include "quantized_kernel.h"
 }  // namespace generic
 
 // ---------------------------------------------------------------- AVX2 + FMA
@@ -246,45 +228,52 @@ static std::atomic<int> g_isa{g_best_isa};
 static const char* isa_name(int isa) { return isa == AVX512 ? "avx512" : isa == AVX2 ? "avx2" : "generic"; }
 
 // ---------------------------------------------------------------- thread pool
-// Workers spin briefly after a job (the next matmul of a decode step follows within
-// microseconds), then sleep on a condition variable. One job at a time; a caller that finds the
-// pool busy (another stream) runs its parts itself.
+// A job is a number of chunks that the caller and the workers claim one at a time from one
+// atomic word holding (generation, next chunk, chunk count), so a worker that is late or not
+// scheduled at all (an oversubscribed machine) costs nothing: the caller takes the chunks it
+// leaves, and waits only for chunks a worker has claimed. Workers spin briefly after a job
+// (the next matmul of a decode step follows within microseconds), then sleep. One job at a
+// time; a caller that finds the pool busy (another stream) runs its chunks itself.
 class Pool {
  public:
   explicit Pool(int workers) : n_(workers) {
-    for (int i = 0; i < n_; ++i) threads_.emplace_back([this, i] { loop(i + 1); });
+    for (int i = 0; i < n_; ++i) threads_.emplace_back([this] { loop(); });
   }
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_.store(true);
-      gen_.fetch_add(1);
     }
     cv_.notify_all();
     for (auto& t : threads_) t.join();
   }
   int size() const { return n_ + 1; }
-  // Runs fn(0..parts-1), parts <= size().
-  void run(int parts, const std::function<void(int)>& fn) {
-    if (parts <= 1 || !busy_.try_lock()) {
-      for (int i = 0; i < parts; ++i) fn(i);
+  // Runs fn(0..chunks-1) in any order over the pool.
+  void run(int chunks, const std::function<void(int)>& fn) {
+    if (chunks <= 1 || chunks >= (1 << 20) || !busy_.try_lock()) {
+      for (int i = 0; i < chunks; ++i) fn(i);
       return;
     }
-    parts = std::min(parts, size());
     job_ = &fn;
-    parts_ = parts;
-    pending_.store(n_, std::memory_order_relaxed);  // every worker acknowledges every job
+    done_.store(0, std::memory_order_relaxed);
+    gen_ = (gen_ + 1) & 0xFFFFFF;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      gen_.fetch_add(1, std::memory_order_release);
+      word_.store(pack(gen_, 0, chunks), std::memory_order_release);
     }
     if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
-    fn(0);
-    while (pending_.load(std::memory_order_acquire) > 0) pause();
+    int mine = 0;
+    for (int i; (i = claim(gen_)) >= 0; ++mine) fn(i);
+    done_.fetch_add(mine, std::memory_order_acq_rel);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < chunks; ++spins) {
+      if (spins < 4096) pause();
+      else std::this_thread::yield();
+    }
     busy_.unlock();
   }
 
  private:
+  static uint64_t pack(uint64_t gen, uint64_t next, uint64_t count) { return gen << 40 | count << 20 | next; }
   static inline void pause() {
 #if SQ_X86
     _mm_pause();
@@ -292,37 +281,47 @@ class Pool {
     std::this_thread::yield();
 #endif
   }
-  void loop(int id) {
-    uint64_t seen = 0;
+  // the next chunk of generation gen, or -1 when none is left
+  int claim(uint64_t gen) {
+    uint64_t v = word_.load(std::memory_order_acquire);
+    for (;;) {
+      uint64_t next = v & 0xFFFFF, count = (v >> 20) & 0xFFFFF;
+      if ((v >> 40) != gen || next >= count) return -1;
+      if (word_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+        return (int)next;
+    }
+  }
+  void loop() {
+    uint64_t seen = word_.load() >> 40;
     for (;;) {
       auto t0 = std::chrono::steady_clock::now();
-      int spins = 0;
-      while (gen_.load(std::memory_order_acquire) == seen) {
+      uint64_t gen;
+      for (int spins = 0; (gen = word_.load(std::memory_order_acquire) >> 40) == seen && !stop_.load(); ) {
         pause();
         if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > spin_) {
           std::unique_lock<std::mutex> lk(mu_);
           sleepers_.fetch_add(1);
-          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+          cv_.wait(lk, [&] { return (word_.load(std::memory_order_acquire) >> 40) != seen || stop_.load(); });
           sleepers_.fetch_sub(1);
-          break;
         }
       }
       if (stop_.load()) return;
-      seen = gen_.load(std::memory_order_acquire);
-      if (id < parts_) (*job_)(id);
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
+      seen = gen;
+      int mine = 0;
+      for (int i; (i = claim(gen)) >= 0; ++mine) (*job_)(i);
+      if (mine) done_.fetch_add(mine, std::memory_order_acq_rel);
     }
   }
   int n_;
   std::vector<std::thread> threads_;
   std::mutex mu_, busy_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int> pending_{0}, sleepers_{0};
-  const std::function<void(int)>* job_ = nullptr;
-  int parts_ = 0;
+  std::atomic<uint64_t> word_{0};
+  std::atomic<int> done_{0}, sleepers_{0};
   std::atomic<bool> stop_{false};
-  std::chrono::microseconds spin_{200};
+  const std::function<void(int)>* job_ = nullptr;
+  uint64_t gen_ = 0;
+  std::chrono::microseconds spin_{100};
 };
 
 static int default_threads() {
@@ -385,13 +384,11 @@ static void run_direct(const Problem& p) {
   // split output rows (multiples of 16) over the pool when there is enough work
   double work = (double)p.M * p.N * p.K;
   Pool* pl = work >= 64.0 * 1024 ? pool() : nullptr;
-  int parts = pl ? std::min(pl->size(), std::max(1, p.N / 16)) : 1;
-  if (parts <= 1) return rows(0, p.N);
-  int chunk = ((p.N + parts - 1) / parts + 15) / 16 * 16;
-  pl->run(parts, [&](int i) {
-    int n0 = std::min(p.N, i * chunk), n1 = std::min(p.N, (i + 1) * chunk);
-    if (n0 < n1) rows(n0, n1);
-  });
+  // chunks of whole 4-row blocks, ~8 per thread, at least 32 rows
+  int chunk = pl ? std::max(32, (p.N / (8 * pl->size()) + 3) / 4 * 4) : p.N;
+  int chunks = (p.N + chunk - 1) / chunk;
+  if (chunks <= 1) return rows(0, p.N);
+  pl->run(chunks, [&](int i) { rows(i * chunk, std::min(p.N, (i + 1) * chunk)); });
 }
 
 static void run_gemm(const Problem& p, sgemm_fn sgemm) {
@@ -409,15 +406,11 @@ static void run_gemm(const Problem& p, sgemm_fn sgemm) {
 #endif
       dequant_rows_generic(p, a, b, scratch.data() + (size_t)(a - n0) * p.K);
     };
-    int parts = pl ? pl->size() : 1;
-    if (parts <= 1) {
+    if (pl == nullptr) {
       deq(n0, n1);
     } else {
-      int chunk = (n1 - n0 + parts - 1) / parts;
-      pl->run(parts, [&](int i) {
-        int a = std::min(n1, n0 + i * chunk), b = std::min(n1, n0 + (i + 1) * chunk);
-        if (a < b) deq(a, b);
-      });
+      int chunk = 32;
+      pl->run((n1 - n0 + chunk - 1) / chunk, [&](int i) { deq(n0 + i * chunk, std::min(n1, n0 + (i + 1) * chunk)); });
     }
     // out[:, n0:n1] = x (M x K) @ scratch (rows x K)^T
     sgemm(101, 111, 112, p.M, n1 - n0, p.K, 1.0f, p.x, p.K, scratch.data(), p.K, 0.0f, p.out + n0, p.N);

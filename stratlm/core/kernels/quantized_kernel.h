@@ -76,6 +76,10 @@ static void block(const Problem& p, const float* xp, const float* xs, int n0, in
 template <int BITS, int R, int GS>
 static void rows_r(const Problem& p, const float* xp, const float* xs, int n0) {
   int m0 = 0;
+  if constexpr (R == 1) {  // the last N % 4 rows
+    for (; m0 < p.M; ++m0) block<BITS, 1, 1, GS>(p, xp, xs, n0, m0);
+    return;
+  }
   for (; p.M - m0 >= 4; m0 += 4) block<BITS, R, 4, GS>(p, xp, xs, n0, m0);
   switch (p.M - m0) {
     case 3: block<BITS, R, 3, GS>(p, xp, xs, n0, m0); break;

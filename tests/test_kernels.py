@@ -1,0 +1,228 @@
+"""stratlm.core.kernels.quantized_matmul against mx.dequantize + matmul (the definition)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import stratlm  # noqa: F401  (the optimized BLAS before mlx.core)
+import mlx.core as mx
+
+from stratlm.core import kernels
+
+HAS_COMPILER = any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++"))
+AVAILABLE = kernels.available()
+needs_ext = pytest.mark.skipif(not AVAILABLE, reason=f"stratlm kernels unavailable: {kernels.status}")
+ISA_ORDER = ("generic", "avx2", "avx512")
+
+
+def _isas():
+    if not AVAILABLE:
+        return ["generic"]
+    best = kernels.extension().best_isa()
+    return list(ISA_ORDER[: ISA_ORDER.index(best) + 1])
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    ext = kernels.extension()
+    before = ext.isa()
+    ext.set_isa(request.param)
+    yield request.param
+    ext.set_isa(before)
+
+
+def _weights(n, k, bits, gs, seed):
+    key = mx.random.key(seed)
+    w = mx.random.normal((n, k), key=key) * 0.05
+    return mx.quantize(w, group_size=gs, bits=bits)
+
+
+def _reference(x, q, s, b, gs, bits):
+    return x @ mx.dequantize(q, s, b, group_size=gs, bits=bits).T
+
+
+def _assert_matches(got, x, q, s, b, gs, bits):
+    want = _reference(x, q, s, b, gs, bits)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # fp32 summation order differs: bound the error by the size of the terms summed
+    w = mx.dequantize(q, s, b, group_size=gs, bits=bits)
+    bound = 2e-6 * (mx.abs(x) @ mx.abs(w).T) + 1e-30
+    excess = mx.max(mx.abs(got - want) - bound).item()
+    assert excess <= 0, f"error exceeds the bound by {excess:g}"
+
+
+def test_available_on_a_machine_with_a_compiler():
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler")
+    assert kernels.available(), kernels.status
+    assert "loaded" in kernels.status
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 17, 64])
+def test_matches_dequantize_matmul(isa, bits, m):
+    n, k = 37, 32 * 9  # N not a multiple of any tile, K = 32 * odd
+    q, s, b = _weights(n, k, bits, 32, seed=m)
+    x = mx.random.normal((m, k), key=mx.random.key(100 + m))
+    _assert_matches(kernels.quantized_matmul(x, q, s, b, group_size=32, bits=bits), x, q, s, b, 32, bits)
+
+
+@needs_ext
+@pytest.mark.parametrize("gs", [64, 128])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_larger_groups(isa, gs, bits):
+    q, s, b = _weights(21, 384, bits, gs, seed=gs)
+    x = mx.random.normal((3, 384), key=mx.random.key(1))
+    _assert_matches(kernels.quantized_matmul(x, q, s, b, group_size=gs, bits=bits), x, q, s, b, gs, bits)
+
+
+@needs_ext
+def test_leading_batch_dims_and_lazy_graph():
+    q, s, b = _weights(50, 96, 4, 32, seed=3)
+    x = mx.random.normal((2, 7, 96), key=mx.random.key(4))
+    got = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4)
+    assert isinstance(got, mx.array) and got.shape == (2, 7, 50)
+    # composes with other ops and inside mx.compile
+    f = mx.compile(lambda x: mx.tanh(kernels.quantized_matmul(x * 2, q, s, b, group_size=32, bits=4)))
+    want = mx.tanh(_reference(x * 2, q, s, b, 32, 4))
+    assert mx.allclose(f(x), want, rtol=1e-4, atol=1e-5).item()
+    _assert_matches(got, x, q, s, b, 32, 4)
+
+
+@needs_ext
+def test_non_contiguous_and_broadcast_inputs():
+    q, s, b = _weights(19, 64, 8, 32, seed=5)
+    x = mx.random.normal((64, 4), key=mx.random.key(6)).T  # transposed view
+    _assert_matches(kernels.quantized_matmul(x, q, s, b, group_size=32, bits=8), x, q, s, b, 32, 8)
+    xb = mx.broadcast_to(mx.random.normal((1, 64), key=mx.random.key(7)), (3, 64))
+    _assert_matches(kernels.quantized_matmul(xb, q, s, b, group_size=32, bits=8), xb, q, s, b, 32, 8)
+
+
+@needs_ext
+def test_half_precision_activations_keep_their_dtype():
+    q, s, b = _weights(16, 64, 4, 32, seed=8)
+    x = mx.random.normal((2, 64), key=mx.random.key(9)).astype(mx.bfloat16)
+    got = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4)
+    assert got.dtype == mx.bfloat16
+    want = _reference(x.astype(mx.float32), q, s, b, 32, 4)
+    assert mx.allclose(got.astype(mx.float32), want, rtol=2e-2, atol=2e-2).item()
+
+
+@needs_ext
+@pytest.mark.parametrize("m", [40, 64])
+def test_gemm_path_and_direct_path_agree(m):
+    ext = kernels.extension()
+    q, s, b = _weights(130, 160, 4, 32, seed=10)
+    x = mx.random.normal((m, 160), key=mx.random.key(11))
+    before = ext.gemm_min_rows()
+    try:
+        ext.set_gemm_min_rows(32)
+        gemm = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4)
+        mx.eval(gemm)
+        ext.set_gemm_min_rows(1 << 30)
+        direct = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4)
+        mx.eval(direct)
+    finally:
+        ext.set_gemm_min_rows(before)
+    _assert_matches(gemm, x, q, s, b, 32, 4)
+    _assert_matches(direct, x, q, s, b, 32, 4)
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(threads):
+    ext = kernels.extension()
+    q, s, b = _weights(1000, 576, 4, 32, seed=12)
+    x = mx.random.normal((2, 576), key=mx.random.key(13))
+    before = ext.threads()
+    try:
+        ext.set_threads(threads)
+        got = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4)
+        mx.eval(got)
+    finally:
+        ext.set_threads(before)
+    _assert_matches(got, x, q, s, b, 32, 4)
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([4, 8]),
+    gs=st.sampled_from([32, 64, 128]),
+    m=st.integers(1, 20),
+    n=st.integers(1, 70),
+    k_groups=st.integers(1, 7),
+    batch=st.lists(st.integers(1, 3), max_size=2),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_definition(bits, gs, m, n, k_groups, batch, seed):
+    k = gs * (2 * k_groups - 1)
+    q, s, b = _weights(n, k, bits, gs, seed)
+    x = mx.random.normal((*batch, m, k), key=mx.random.key(seed + 1)) * 3
+    _assert_matches(kernels.quantized_matmul(x, q, s, b, group_size=gs, bits=bits), x, q, s, b, gs, bits)
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [4, 8])
+def test_vjp_matches_gradient_through_dequantize(bits):
+    q, s, b = _weights(24, 96, bits, 32, seed=14)
+    x = mx.random.normal((2, 3, 96), key=mx.random.key(15))
+    c = mx.random.normal((2, 3, 24), key=mx.random.key(16))
+
+    def ours(x):
+        return mx.sum(kernels.quantized_matmul(x, q, s, b, group_size=32, bits=bits) * c)
+
+    def reference(x):
+        return mx.sum(_reference(x, q, s, b, 32, bits) * c)
+
+    assert mx.allclose(mx.grad(ours)(x), mx.grad(reference)(x), rtol=1e-5, atol=1e-5).item()
+    # forward-mode too
+    t = mx.random.normal(x.shape, key=mx.random.key(17))
+    _, jo = mx.jvp(ours, [x], [t])
+    _, jr = mx.jvp(reference, [x], [t])
+    assert mx.allclose(jo[0], jr[0], rtol=1e-4, atol=1e-4).item()
+
+
+@needs_ext
+def test_no_gradient_for_the_weights():
+    q, s, b = _weights(8, 32, 4, 32, seed=18)
+    x = mx.random.normal((1, 32), key=mx.random.key(19))
+    with pytest.raises(ValueError, match="no gradient"):
+        mx.grad(lambda s: mx.sum(kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4)))(s)
+
+
+@needs_ext
+def test_rejects_mismatched_shapes():
+    q, s, b = _weights(8, 64, 4, 32, seed=20)
+    with pytest.raises(ValueError, match="last dimension"):
+        kernels.quantized_matmul(mx.zeros((1, 32)), q, s, b, group_size=32, bits=4)
+    with pytest.raises(ValueError, match="scales and biases"):
+        kernels.quantized_matmul(mx.zeros((1, 64)), q, s[:, :1], b, group_size=32, bits=4)
+    with pytest.raises(ValueError, match="bits"):
+        kernels.quantized_matmul(mx.zeros((1, 64)), q, s, b, group_size=32, bits=3)
+
+
+def test_disabled_by_environment():
+    code = (
+        "import stratlm; from stratlm.core import kernels; "
+        "assert not kernels.available(); print(kernels.status)"
+    )
+    env = dict(os.environ, STRATLM_KERNELS="off")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "STRATLM_KERNELS" in done.stdout
+    call = (
+        "import stratlm; from stratlm.core import kernels; import mlx.core as mx; "
+        "kernels.quantized_matmul(mx.zeros((1, 32)), mx.zeros((1, 4), mx.uint32), mx.zeros((1, 1)), mx.zeros((1, 1)), "
+        "group_size=32, bits=4)"
+    )
+    done = subprocess.run([sys.executable, "-c", call], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "RuntimeError: stratlm kernels unavailable" in done.stderr
