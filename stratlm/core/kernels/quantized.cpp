@@ -10,6 +10,7 @@
 //
 // Built and cached at first use by stratlm/core/kernels/__init__.py.
 #include <dlfcn.h>
+#include <time.h>
 
 #include <algorithm>
 #include <atomic>
@@ -33,6 +34,7 @@
 #include "mlx/allocator.h"
 #include "mlx/ops.h"
 #include "mlx/stream.h"
+#include "mlx/transforms.h"
 #include "mlx/primitives.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -329,8 +331,11 @@ static int default_threads() {
     int v = std::atoi(e);
     if (v > 0) return v;
   }
+  // Half the hardware threads, at most 8: SMT siblings share the FMA units these loops keep
+  // busy. On the 2-vCPU development VM a second thread gained nothing (1536x576, warm: 67 us
+  // either way; cold, DRAM-bound: the same GB/s) and lost 30-50% whenever another process ran.
   unsigned hc = std::thread::hardware_concurrency();
-  return hc == 0 ? 1 : (int)std::min(hc, 16u);
+  return (int)std::clamp(hc / 2, 1u, 8u);
 }
 static std::atomic<int> g_threads{default_threads()};
 static std::mutex g_pool_mu;
@@ -573,4 +578,30 @@ NB_MODULE(_stratlm_quantized, m) {
   m.def("gemm_min_rows", [] { return g_gemm_min_rows.load(); });
   m.def("set_gemm_min_rows", [](int n) { g_gemm_min_rows.store(n); }, nb::arg("n"));
   m.def("has_sgemm", [] { return find_sgemm() != nullptr; });
+  m.def(
+      "time_kernel",
+      [](const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
+         int bits, int reps, bool cpu_time) {
+        // seconds per call of the computation alone (no graph), for tuning; inputs contiguous float32
+        mx::eval({x, w, scales, biases});
+        int K = x.shape(-1), N = w.shape(0), M = (int)(x.size() / K);
+        std::vector<float> out((size_t)M * N);
+        Problem p{x.data<float>(), w.data<uint32_t>(), scales.data<float>(), biases.data<float>(), out.data(),
+                  M, N, K, K / group_size, group_size, bits};
+        compute(p);
+        double best = 1e30;
+        auto now = [cpu_time] {
+          timespec ts;
+          clock_gettime(cpu_time ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
+          return ts.tv_sec + 1e-9 * ts.tv_nsec;
+        };
+        for (int r = 0; r < reps; ++r) {
+          double t0 = now();
+          compute(p);
+          best = std::min(best, now() - t0);
+        }
+        return best;
+      },
+      nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::arg("group_size"), nb::arg("bits"),
+      nb::arg("reps"), nb::arg("cpu_time") = false);
 }
