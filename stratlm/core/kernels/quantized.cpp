@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -194,6 +195,32 @@ inline vf unpack<8>(const uint32_t* w) {
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)w)));
 }
 #include "quantized_kernel.h"
+
+// natural-order dequantization of rows [n0, n1) into dst (n1-n0) x K, for the GEMM path
+static void dequant_rows(const Problem& p, int n0, int n1, float* dst) {
+  const int KW = p.K * p.bits / 32;
+  const int gs = p.gs;
+  const __m512i shifts4 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  const __m512i pick4 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int n = n0; n < n1; ++n) {
+    const uint32_t* w = p.w + (size_t)n * KW;
+    float* d = dst + (size_t)(n - n0) * p.K;
+    for (int g = 0; g < p.G; ++g) {
+      vf s = vset1(p.s[(size_t)n * p.G + g]), b = vset1(p.b[(size_t)n * p.G + g]);
+      for (int k = g * gs; k < (g + 1) * gs; k += 16) {
+        __m512i qi;
+        if (p.bits == 4) {
+          __m512i pair = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i*)(w + k / 8)));
+          qi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pick4, pair), shifts4), low4);
+        } else {
+          qi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + k / 4)));
+        }
+        _mm512_storeu_ps(d + k, _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(qi), b));
+      }
+    }
+  }
+}
 }  // namespace avx512
 #ifdef __clang__
 #pragma clang attribute pop
@@ -356,7 +383,7 @@ static Pool* pool() {
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
                          int);
 static sgemm_fn find_sgemm() { return (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm"); }
-static std::atomic<int> g_gemm_min_rows{32};  // M at or above which the GEMM path is used
+static std::atomic<int> g_gemm_min_rows{48};  // M at or above which the GEMM path is used
 
 // ---------------------------------------------------------------- driver
 static void run_direct(const Problem& p) {
@@ -398,18 +425,26 @@ static void run_direct(const Problem& p) {
 
 static void run_gemm(const Problem& p, sgemm_fn sgemm) {
   int isa = g_isa.load(std::memory_order_relaxed);
-  // tiles of ~1 MB of fp32 weights, a multiple of 16 rows
-  int tile = std::max(16, (int)((1 << 18) / std::max(1, p.K)) / 16 * 16);
+  // tiles of up to 4 MB of fp32 weights (one tile for a whole layer matrix of a small model),
+  // a multiple of 16 rows; the scratch is kept per thread between calls
+  int tile = std::max(16, (int)((1 << 20) / std::max(1, p.K)) / 16 * 16);
   tile = std::min(tile, (p.N + 15) / 16 * 16);
-  std::vector<float> scratch((size_t)tile * p.K);
+  thread_local std::unique_ptr<float[]> scratch_buf;
+  thread_local size_t scratch_size = 0;
+  if (scratch_size < (size_t)tile * p.K) {
+    scratch_buf.reset(new float[(size_t)tile * p.K]);
+    scratch_size = (size_t)tile * p.K;
+  }
+  float* scratch = scratch_buf.get();
   Pool* pl = pool();
   for (int n0 = 0; n0 < p.N; n0 += tile) {
     int n1 = std::min(p.N, n0 + tile);
     auto deq = [&](int a, int b) {
 #if SQ_X86
-      if (isa != GENERIC) return avx2::dequant_rows(p, a, b, scratch.data() + (size_t)(a - n0) * p.K);
+      if (isa == AVX512) return avx512::dequant_rows(p, a, b, scratch + (size_t)(a - n0) * p.K);
+      if (isa == AVX2) return avx2::dequant_rows(p, a, b, scratch + (size_t)(a - n0) * p.K);
 #endif
-      dequant_rows_generic(p, a, b, scratch.data() + (size_t)(a - n0) * p.K);
+      dequant_rows_generic(p, a, b, scratch + (size_t)(a - n0) * p.K);
     };
     if (pl == nullptr) {
       deq(n0, n1);
@@ -418,7 +453,7 @@ static void run_gemm(const Problem& p, sgemm_fn sgemm) {
       pl->run((n1 - n0 + chunk - 1) / chunk, [&](int i) { deq(n0 + i * chunk, std::min(n1, n0 + (i + 1) * chunk)); });
     }
     // out[:, n0:n1] = x (M x K) @ scratch (rows x K)^T
-    sgemm(101, 111, 112, p.M, n1 - n0, p.K, 1.0f, p.x, p.K, scratch.data(), p.K, 0.0f, p.out + n0, p.N);
+    sgemm(101, 111, 112, p.M, n1 - n0, p.K, 1.0f, p.x, p.K, scratch, p.K, 0.0f, p.out + n0, p.N);
   }
 }
 
