@@ -401,9 +401,10 @@ static void run_direct(const Problem& p) {
   const float* xk = p.x;
   if (isa == AVX512 && p.bits == 4) {
     xp.resize((size_t)p.M * p.K);
+    float scale[16];  // 16^-(l/2): exact powers of two
+    for (int l = 0; l < 16; ++l) scale[l] = std::ldexp(1.0f, -4 * (l >> 1));
     for (size_t base = 0; base < xp.size(); base += 16)
-      for (int l = 0; l < 16; ++l)
-        xp[base + l] = std::ldexp(p.x[base + 8 * (l & 1) + (l >> 1)], -4 * (l >> 1));
+      for (int l = 0; l < 16; ++l) xp[base + l] = p.x[base + 8 * (l & 1) + (l >> 1)] * scale[l];
     xk = xp.data();
   }
   auto rows = [&](int n0, int n1) {
