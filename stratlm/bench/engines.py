@@ -78,7 +78,9 @@ class MlxLmEngine:
             gen_time = n / response.generation_tps if response.generation_tps > 0 else 0.0
             prompt_tps, decode_tps = response.prompt_tps, (n - 1) / gen_time if gen_time > 0 else 0.0
         else:
-            response = batch_generate(self.model, self.tokenizer, [list(prompt)] * batch, max_tokens=max_tokens, return_token_ids=True)
+            # mlx-lm's defaults decode at most 32 rows (and prefill 8) at a time: give it the whole batch
+            response = batch_generate(self.model, self.tokenizer, [list(prompt)] * batch, max_tokens=max_tokens, return_token_ids=True,
+                                      completion_batch_size=batch, prefill_batch_size=batch)
             wall = time.perf_counter() - start
             tokens = list(response.token_ids[0])
             s = response.stats
