@@ -348,5 +348,22 @@ def test_smollm2_quantized_saves_as_an_mlx_lm_checkpoint(smollm2_quantized, tmp_
     ids = mx.array([smollm2_quantized.tokenizer.encode("The capital of France is")])
     expected = np.array(smollm2_quantized.model(ids))
     theirs, _ = mlx_lm.load(str(folder))
-    assert np.abs(np.array(theirs(ids)) - expected).max() < 1e-5
-    assert np.abs(np.array(load_model(str(folder), quantized="keep").model(ids)) - expected).max() < 1e-5
+    # mlx-lm's quantized matmul and stratlm's CPU kernel sum in different orders: fp32 rounding
+    tolerance = 1e-5 * np.abs(expected).max()
+    assert np.abs(np.array(theirs(ids)) - expected).max() < tolerance
+    assert np.abs(np.array(load_model(str(folder), quantized="keep").model(ids)) - expected).max() < tolerance
+
+
+@pytest.mark.slow
+def test_smollm2_on_the_cpu_runs_its_quantized_weights_on_stratlm_kernels(smollm2, smollm2_quantized, chat_ids):
+    """The default CPU load keeps the GGUF's 4/8-bit weights and multiplies by them with the CPU
+    kernels; greedy decoding matches the dense fp32 expansion of the same values."""
+    from stratlm.core import kernels
+    from stratlm.core.quantized import KernelQuantizedEmbedding, KernelQuantizedLinear
+
+    if not kernels.available():
+        pytest.skip(f"stratlm CPU kernels unavailable: {kernels.status}")
+    block = smollm2_quantized.model.layers[0]
+    assert isinstance(block.self_attn.q_proj, KernelQuantizedLinear) and block.mlp.down_proj.bits == 4
+    assert isinstance(smollm2_quantized.model.model.embed_tokens, KernelQuantizedEmbedding)
+    assert greedy(smollm2_quantized, chat_ids, 48) == greedy(smollm2, chat_ids, 48)

@@ -51,14 +51,23 @@ def bench_model(name: str | None, dtype: str | None, seed: int = 0) -> LoadedMod
         model.config["torch_dtype"] = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}[model.model.norm.weight.dtype]
         return LoadedModel(model=model, tokenizer=byte_tokenizer(), family=family_for(config), source=name)
     if name in (None, EMBEDDED):
-        return load_model(None, dtype=dtype, quantized="dequantize")
+        name = None  # on the CPU: the GGUF's 4/8-bit weights on stratlm's kernels
     return load_model(name, dtype=dtype)
 
 
-def model_folder(loaded: LoadedModel, root: str | Path | None = None) -> Path:
-    """Write the model as an ordinary folder (what mlx-lm and transformers load)."""
+def model_folder(loaded: LoadedModel, root: str | Path | None = None, dtype: str | None = None) -> Path:
+    """Write the model as an ordinary folder (what mlx-lm and transformers load).
+
+    On the CPU a quantized model is written dense (the same values, expanded to fp32): that is
+    mlx-lm's fastest form there, its quantized matmul being slower than dense BLAS on the CPU."""
     out = Path(tempfile.mkdtemp(prefix="stratlm-bench-", dir=root))
+    if mx.default_device() == mx.cpu and is_quantized(loaded) and loaded.path is not None:
+        loaded = load_model(str(loaded.path), dtype=dtype, quantized="dequantize")
     return save_model(loaded, out)
+
+
+def is_quantized(loaded: LoadedModel) -> bool:
+    return "quantization" in loaded.model.config
 
 
 def weight_bytes_per_token(loaded: LoadedModel) -> int:

@@ -109,7 +109,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
     engines["stratlm"] = StratlmEngine(loaded, strategy, **config.options).run
     if strategy not in ("greedy", "batch"):
         engines["stratlm greedy"] = StratlmEngine(loaded, "greedy" if config.batch == 1 else "batch").run
-    folder = model_folder(loaded) if config.baselines != "none" else None
+    folder = model_folder(loaded, dtype=config.dtype) if config.baselines != "none" else None
     workers: list[Worker] = []
     try:
         if folder is not None:

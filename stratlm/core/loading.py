@@ -20,7 +20,9 @@ import mlx.nn as nn
 
 from .errors import ConfigError, ModelLoadError, UnknownNameError
 from .log import get_logger
+from . import kernels
 from .model import Model, ModelFamily
+from .quantized import use_cpu_kernels
 from .registry import Registry, get_registry
 from .tokenizer import Tokenizer
 
@@ -414,17 +416,21 @@ def load_model(
     """Load a model by alias, hub repo id, folder or .gguf path (None: the embedded default).
 
     quantized: "keep" runs quantized layers as such, "dequantize" expands them to `dtype`;
-    default: keep on a GPU, dequantize on the CPU (where dense fp32 is faster).
+    default: keep on a GPU, and on the CPU when stratlm's CPU kernels are available (MLX's own
+    quantized matmul is slower there than dense fp32, so without them: dequantize).
     """
     registry = registry or get_registry()
     mx_dtype = parse_dtype(dtype)
     if quantized not in (None, "keep", "dequantize"):
         raise ConfigError(f"quantized must be 'keep' or 'dequantize', got {quantized!r}")
-    keep = (quantized == "keep") if quantized else mx.default_device() == mx.gpu
+    on_cpu = mx.default_device() == mx.cpu
+    keep = (quantized == "keep") if quantized else (not on_cpu or kernels.available())
     kind, path = resolve(source, registry)
     log.debug("loading model", source=source, kind=kind, path=str(path), dtype=str(mx_dtype), keep_quantized=keep)
     loader = load_gguf if kind == "gguf" else load_folder
     model, tokenizer, family = loader(path, registry, mx_dtype, keep)
+    if keep and on_cpu:
+        use_cpu_kernels(model)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source or str(path), path=path)
 
 

@@ -1,0 +1,69 @@
+"""Quantized layers whose products run stratlm's CPU kernels (`stratlm.core.kernels`).
+
+MLX's own quantized matmul is slow on the CPU, so a quantized checkpoint (the embedded
+GGUF) used to be expanded to dense fp32 there. The kernels read the packed 4/8-bit weights
+directly (5-6x fewer bytes a token than fp32). The layers keep nn.QuantizedLinear's and
+nn.QuantizedEmbedding's parameters, names and values, so saving, adapters and mlx-lm see
+no difference; off the CPU, or for inputs the kernels do not take, they are MLX's layers.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from . import kernels
+
+
+def kernel_takes(layer: nn.Module, x: mx.array) -> bool:
+    return x.dtype == mx.float32 and mx.default_device() == mx.cpu
+
+
+class KernelQuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        if not kernel_takes(self, x):
+            return super().__call__(x)
+        y = kernels.quantized_matmul(x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits)
+        return y + self["bias"] if "bias" in self else y
+
+
+class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        if not kernel_takes(self, x):
+            return super().as_linear(x)
+        return kernels.quantized_matmul(x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits)
+
+
+BITS, GROUP_SIZES = (4, 8), (32, 64, 128)  # what kernels.quantized_matmul takes
+KERNEL_LAYERS = {nn.QuantizedLinear: KernelQuantizedLinear, nn.QuantizedEmbedding: KernelQuantizedEmbedding}
+
+
+def supported(layer: nn.Module) -> bool:
+    """Affine 4/8-bit weights with fp32 scales and biases, in groups the kernels handle."""
+    return (
+        getattr(layer, "mode", "affine") == "affine"
+        and layer.bits in BITS
+        and layer.group_size in GROUP_SIZES
+        and layer.get("biases") is not None
+        and layer["scales"].dtype == mx.float32
+        and layer["biases"].dtype == mx.float32
+    )
+
+
+def adopt(cls: type, layer: nn.Module) -> nn.Module:
+    """The same layer as an instance of cls: same parameters and settings, nothing copied."""
+    new = cls.__new__(cls)
+    new.__dict__.update(layer.__dict__)
+    dict.update(new, layer)
+    return new
+
+
+def use_cpu_kernels(model: nn.Module) -> int:
+    """Make the model's quantized layers that the kernels support run on them; returns how many."""
+    if not kernels.available():
+        return 0
+    swaps = [(path, adopt(KERNEL_LAYERS[type(layer)], layer)) for path, layer in model.named_modules() if type(layer) in KERNEL_LAYERS and supported(layer)]
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
