@@ -132,6 +132,98 @@ def batch1_variants(folder, loaded):
     table.append(("b1 mlx-lm (interleaved)", f"{statistics.median(speeds['mlx-lm']):.0f} tok/s"))
 
 
+@section("batch 1 profile: host graph building vs device")
+def profile(folder, loaded):
+    """Per decode step: the time to build the graph in Python (no evaluation), to evaluate a
+    built graph, and a pipelined step (next step built while this one runs), for stratlm, mlx-lm
+    and an experiment: each block's pre- and post-attention parts mx.compile'd."""
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    prompt = mx.array([prompt_tokens(loaded, PROMPT)], dtype=mx.int32)
+    theirs, _ = mlx_lm_load(str(folder))
+    ours = loaded.model
+
+    def stratlm_step(cache):
+        return lambda t: ours(t, cache)
+    def mlx_lm_step(cache):
+        return lambda t: theirs(t, cache=cache)
+    compiled_step = compiled_blocks(ours)
+
+    first = {}
+    for name, make_cache, make_step in (
+        ("stratlm", ours.make_cache, stratlm_step),
+        ("mlx-lm", lambda: make_prompt_cache(theirs), mlx_lm_step),
+        ("stratlm compiled blocks", ours.make_cache, compiled_step),
+    ):
+        cache = make_cache()
+        step = make_step(cache)
+        mx.eval(step(prompt))
+        tok = mx.array([[5]], dtype=mx.int32)
+        first[name] = step(tok)[0, -1].astype(mx.float32)
+        if name != "mlx-lm":  # the timed steps start from the prompt alone again
+            for c in cache:
+                c.trim(1)
+        for _ in range(8):
+            mx.eval(step(tok))
+        n = 64
+        build = run = 0.0
+        for _ in range(n):
+            t0 = time.perf_counter(); out = step(tok); t1 = time.perf_counter(); mx.eval(out); t2 = time.perf_counter()
+            build += t1 - t0; run += t2 - t1
+        t0 = time.perf_counter()
+        nxt = mx.argmax(step(tok)[:, -1, :], axis=-1)
+        mx.async_eval(nxt)
+        for _ in range(n):
+            cur = nxt
+            nxt = mx.argmax(step(cur[:, None])[:, -1, :], axis=-1)
+            mx.async_eval(nxt)
+            cur.item()
+        piped = (time.perf_counter() - t0) / n
+        line = f"build {build / n * 1e3:.2f} ms, eval {run / n * 1e3:.2f} ms, pipelined step {piped * 1e3:.2f} ms ({1 / piped:.0f} tok/s)"
+        print(f"{name:<24} {line}")
+        table.append((f"b1 profile {name}", line))
+    diff = float(mx.abs(first["stratlm compiled blocks"] - first["stratlm"]).max())
+    table.append(("b1 compiled blocks vs plain, max logit diff", f"{diff:.2e}"))
+
+
+def compiled_blocks(model):
+    """Experiment: every block's parts before and after attention compiled (weights captured)."""
+    def make(cache):
+        parts = []
+        for block in model.layers:
+            attn = block.self_attn
+            def pre(x, offset, block=block, attn=attn):
+                B, L, _ = x.shape
+                h = block.input_layernorm(x)
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                q = q.reshape(B, L, attn.n_heads, attn.head_dim)
+                k = k.reshape(B, L, attn.n_kv_heads, attn.head_dim)
+                v = v.reshape(B, L, attn.n_kv_heads, attn.head_dim).transpose(0, 2, 1, 3)
+                if "q_norm" in attn:
+                    q, k = attn.q_norm(q), attn.k_norm(k)
+                q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+                return attn.rope._rope(q, offset), attn.rope._rope(k, offset), v
+            def post(x, o, block=block, attn=attn):
+                B, _, L, _ = o.shape
+                h = x + attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+                return h + block.mlp(block.post_attention_layernorm(h))
+            parts.append((mx.compile(pre), mx.compile(post), attn))
+        def step(tokens):
+            if tokens.shape[1] > 1:
+                return model(tokens, cache)
+            x = model.embed(tokens)
+            offset = mx.array(cache[0].offset, dtype=mx.int32)
+            for (pre, post, attn), c in zip(parts, cache):
+                q, k, v = pre(x, offset)
+                k, v = c.update_and_fetch(k, v)
+                o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=None)
+                x = post(x, o)
+            return model.head(x)
+        return step
+    return make
+
+
 @section("batch N")
 def batch64():
     report = run_bench(BenchConfig(model=MODEL, dtype="bfloat16", batch=BATCH, prompt_tokens=PROMPT, max_tokens=NEW, reps=max(1, REPS - 2), baselines="same-process"), print)
@@ -156,7 +248,7 @@ def transformers_compiled(folder, loaded):
 def main() -> int:
     os.makedirs(OUT, exist_ok=True)
     print("mlx", mx.__version__, mx.default_device(), flush=True)
-    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "correctness,batch1,variants,batchN,transformers").split(","))
+    wanted = set(os.environ.get("GPU_BENCH_SECTIONS", "correctness,batch1,profile,variants,batchN,transformers").split(","))
     if "correctness" in wanted:
         correctness()
     loaded = bench_model(MODEL, "bfloat16")
@@ -165,6 +257,8 @@ def main() -> int:
         bf16_agreement(folder, loaded)
     if "batch1" in wanted:
         batch1()
+    if "profile" in wanted:
+        profile(folder, loaded)
     if "variants" in wanted:
         batch1_variants(folder, loaded)
     if "batchN" in wanted:

@@ -107,7 +107,7 @@ class RoPE(nn.Module):
         the identity, so it holds mx.fast.rope's own angles. On the CPU fast.rope runs ~20 small
         ops (~150 us) per call; decoding needs one position, so the layers sharing this module
         reuse one M per step and each rope is a single matmul."""
-        key = (offset, dtype)
+        key = (offset, str(dtype))  # a str, not the Dtype: models get deep-copied (collapse) and Dtype does not pickle
         if self._rotation_key != key:
             dim = self._head_dim
             self._rotation = self._rope(mx.eye(dim, dtype=dtype).reshape(1, dim, 1, dim), offset).reshape(dim, dim)
