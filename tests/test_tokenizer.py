@@ -122,3 +122,18 @@ def test_stop_strings_cut_exactly_and_pieces_join(text, stops):
     for piece in pieces:  # nothing past the cut is ever shown, even transiently
         shown += piece
         assert expected.startswith(shown)
+
+
+@settings(max_examples=50)
+@given(ids=st.lists(st.integers(0, 258), max_size=30), max_tokens=st.integers(1, 40), stop=st.sampled_from([(), ("ab",)]))
+def test_a_completion_that_is_not_streamed_ends_with_the_same_result(ids, max_tokens, stop):
+    """stream=False decodes once at the end (unless stop strings need the text as it grows)."""
+    outcomes = []
+    for stream in (True, False):
+        completion = Completion(BYTES, GenerationParams(max_tokens=max_tokens, stop=stop), EOS, stream=stream)
+        for token in ids + [258]:  # rows always end: EOS at the latest
+            completion.add(token)
+            if completion.finished:
+                break
+        outcomes.append((completion.text, completion.tokens, completion.finish_reason, completion.generated))
+    assert outcomes[0] == outcomes[1]

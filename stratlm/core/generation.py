@@ -126,11 +126,14 @@ def decode(
 class Completion:
     """One row's output as it grows: text pieces safe to show, and when it is finished.
 
-    Text that could be the start of a stop string is held back until it is decided.
+    Text that could be the start of a stop string is held back until it is decided. With
+    `stream=False` and no stop strings nobody reads the text before the end, so it is decoded
+    once then, not token by token (host time a batch row would otherwise spend every step).
     """
 
-    def __init__(self, tokenizer: Tokenizer, params: GenerationParams, eos_token_ids: frozenset[int]):
+    def __init__(self, tokenizer: Tokenizer, params: GenerationParams, eos_token_ids: frozenset[int], *, stream: bool = True):
         self.tokenizer, self.params = tokenizer, params
+        self.incremental = stream or bool(params.stop)
         self.eos = frozenset() if params.ignore_eos else eos_token_ids
         self.detok = tokenizer.detokenizer()
         self.tokens: list[int] = []
@@ -155,6 +158,10 @@ class Completion:
         self.tokens.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
+        if not self.incremental:
+            if len(self.tokens) >= self.params.max_tokens:
+                self.finish_reason = "length"
+            return ""
         self.detok.add(token)
         text = self.detok.text
         for stop in self.params.stop:
@@ -182,6 +189,8 @@ class Completion:
         return best
 
     def _flush(self) -> str:
+        if not self.incremental:
+            return ""
         self.detok.finish()
         end = self._text_end if self._text_end is not None else len(self.detok.text)
         piece, self.shown = self.detok.text[self.shown : end], end
@@ -189,6 +198,8 @@ class Completion:
 
     @property
     def text(self) -> str:
+        if not self.incremental:
+            return self.tokenizer.decode(self.tokens)
         end = self._text_end if self._text_end is not None else len(self.detok.text)
         return self.detok.text[:end]
 

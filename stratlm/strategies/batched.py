@@ -38,10 +38,11 @@ def run_batch(
     sampler: Sampler | None = None,
     *,
     copies: int = 1,
+    stream: bool = True,
 ) -> Iterator[RowEvent]:
-    """Decode the prompts together; yield (row, text piece) as text is ready and
-    (row, GenerationResult) when a row finishes. With `copies` > 1 each prompt is
-    prefilled once and its cache rows replicated: row r decodes prompt r // copies.
+    """Decode the prompts together; yield (row, text piece) as text is ready (only with
+    `stream`) and (row, GenerationResult) when a row finishes. With `copies` > 1 each prompt
+    is prefilled once and its cache rows replicated: row r decodes prompt r // copies.
 
     `target` is a LoadedModel.
     """
@@ -72,7 +73,7 @@ def run_batch(
         mx.async_eval(token, lp) if lp is not None else mx.async_eval(token)
         return token, lp
 
-    completions = [Completion(tokenizer, params, eos) for _ in rows]
+    completions = [Completion(tokenizer, params, eos, stream=stream) for _ in rows]
     active = list(range(len(rows)))  # batch position -> output row
     token, lp = pick(logits, history)
     while active:
@@ -135,7 +136,7 @@ class Batch(Strategy):
         results: list[GenerationResult] = []
         for start in range(0, len(prompts), size):
             group = prompts[start : start + size]
-            results += batch_results(run_batch(self.target, group, params, sampler), len(group))
+            results += batch_results(run_batch(self.target, group, params, sampler, stream=False), len(group))
         return results
 
     def stream(self, prompt: Sequence[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
