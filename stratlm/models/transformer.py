@@ -93,26 +93,52 @@ class RoPE(nn.Module):
         smooth = (old_len / wavelens - low) / (high - low)
         return mx.where(medium, periods / ((1 - smooth) / factor + smooth), periods)
 
-    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
-        if x.shape[-2] == 1 and isinstance(offset, int) and on_cpu():
-            return x @ self.rotation(offset, x.dtype)
+    def __call__(self, x: mx.array, offset: int | mx.array | None = None) -> mx.array:
+        """offset: the cache's position (None: no cache, position 0). Only cached inference takes
+        the CPU tables: a forward without cache may run under mx.compile (training), where
+        Python-side reuse would bake one call's tables into the trace."""
+        if offset is None:
+            return self._rope(x, 0)
+        if isinstance(offset, int) and on_cpu() and self.dims == self._head_dim:
+            tables = self.tables(offset, x.shape[-2], x.dtype)
+            if x.shape[-2] == 1:
+                return x @ tables
+            cos, sin = tables
+            return x * cos + (x @ self.swap_halves(x.dtype)) * sin
         return self._rope(x, offset)
 
     def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
         freqs = getattr(self, "_freqs", None)
         return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=self.scale, offset=offset, freqs=freqs)
 
-    def rotation(self, offset: int, dtype: mx.Dtype) -> mx.array:
-        """The rotation at one position as a (dim, dim) matrix M, rope(x) == x @ M: rope applied to
-        the identity, so it holds mx.fast.rope's own angles. On the CPU fast.rope runs ~20 small
-        ops (~150 us) per call; decoding needs one position, so the layers sharing this module
-        reuse one M per step and each rope is a single matmul."""
-        key = (offset, str(dtype))  # a str, not the Dtype: models get deep-copied (collapse) and Dtype does not pickle
+    def tables(self, offset: int, length: int, dtype: mx.Dtype) -> mx.array | tuple[mx.array, mx.array]:
+        """What the CPU path needs for `length` positions from `offset`, made once per forward and
+        reused by every layer sharing this module. On the CPU fast.rope runs ~20 small ops
+        (~150 us) per call. For one position: the rotation as a (dim, dim) matrix M, rope(x) ==
+        x @ M (one matmul). For more: the per-position cos and sin, rope(x) == x * cos +
+        swap_halves(x) * sin (four ops). Both come from fast.rope applied to the identity, so they
+        hold its own angles."""
+        key = (offset, length, str(dtype))  # str, not the Dtype: collapse deep-copies models and Dtype does not pickle
         if self._rotation_key != key:
-            dim = self._head_dim
-            self._rotation = self._rope(mx.eye(dim, dtype=dtype).reshape(1, dim, 1, dim), offset).reshape(dim, dim)
+            dim, half = self._head_dim, self._head_dim // 2
+            basis = mx.broadcast_to(mx.eye(dim, dtype=dtype)[None, :, None, :], (1, dim, length, dim))
+            rotations = self._rope(basis, offset)[0].transpose(1, 0, 2)  # (length, dim, dim): x @ rotations[l] at position l
+            if length == 1:
+                self._rotation = rotations[0]
+            else:
+                sin = mx.diagonal(rotations[:, :half, half:], axis1=1, axis2=2)
+                self._rotation = (mx.diagonal(rotations, axis1=1, axis2=2), mx.concatenate([sin, sin], axis=1))
             self._rotation_key = key
         return self._rotation
+
+    def swap_halves(self, dtype: mx.Dtype) -> mx.array:
+        """P with x @ P == concatenate([-x2, x1]) for x = [x1, x2] (exact: one signed 1 a column)."""
+        if "_swap" not in self or self._swap.dtype != dtype:
+            dim, half = self._head_dim, self._head_dim // 2
+            eye = mx.eye(half, dtype=dtype)
+            zeros = mx.zeros((half, half), dtype=dtype)
+            self._swap = mx.concatenate([mx.concatenate([zeros, eye], axis=1), mx.concatenate([-eye, zeros], axis=1)], axis=0)
+        return self._swap
 
 
 class Attention(nn.Module):
@@ -141,7 +167,7 @@ class Attention(nn.Module):
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-        offset = cache.rope_offset if cache is not None else 0
+        offset = cache.rope_offset if cache is not None else None
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
