@@ -72,7 +72,7 @@ def test_plugins_and_info(capsys):
     assert "greedy" in out and "[stratlm]" in out and "qwen3-0.6b" in out
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert {"mlx", "device", "blas", "memory (GB)"} <= set(info)
+    assert {"mlx", "device", "blas", "cpu kernels", "memory (GB)"} <= set(info)
 
 
 def test_chat_keeps_the_history_across_turns(model_dir, monkeypatch, capsys):

