@@ -76,6 +76,27 @@ def test_matches_dequantize_matmul(isa, bits, m):
 
 
 @needs_ext
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_row_count_and_pass_split(isa, bits):
+    # M = 1..17 covers every register block of the direct kernel (one pass up to the ISA's
+    # limit, then passes of balanced sizes), N = 53 the rows left over by every block height
+    ext = kernels.extension()
+    n, k = 53, 32 * 3
+    q, s, b = _weights(n, k, bits, 32, seed=21)
+    before = ext.pass_rows()
+    try:
+        for pass_rows in (before, 2, 5):
+            ext.set_pass_rows(pass_rows)
+            for m in range(1, 18):
+                x = mx.random.normal((m, k), key=mx.random.key(200 + m))
+                got = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=bits)
+                mx.eval(got)
+                _assert_matches(got, x, q, s, b, 32, bits)
+    finally:
+        ext.set_pass_rows(before)
+
+
+@needs_ext
 @pytest.mark.parametrize("gs", [64, 128])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_larger_groups(isa, gs, bits):

@@ -45,6 +45,8 @@
 #define SQ_X86 0
 #endif
 
+#define SQ_INLINE inline __attribute__((always_inline))
+
 namespace nb = nanobind;
 namespace mx = mlx::core;
 
@@ -58,6 +60,11 @@ struct Problem {
   float* out;         // M x N
   int M, N, K, G, gs, bits;
 };
+
+// most activation rows the direct kernel takes per pass over the weights (clamped to the
+// ISA's MB_MAX; more rows are done in passes of balanced sizes); a tuning knob
+static std::atomic<int> g_pass_rows{16};
+static int pass_rows() { return g_pass_rows.load(std::memory_order_relaxed); }
 
 // ---------------------------------------------------------------- portable fallback
 namespace generic {
@@ -93,8 +100,11 @@ static void rows(const Problem& p, const float*, const float*, int n0, int n1) {
 #endif
 namespace avx2 {
 constexpr int L = 8;
+constexpr int NREG = 16;
+constexpr int MB_MAX = 4;
 using vf = __m256;
 static inline vf vzero() { return _mm256_setzero_ps(); }
+static SQ_INLINE void in_register(vf& v) { asm volatile("" : "+x"(v)); }
 static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline vf vset1(float a) { return _mm256_set1_ps(a); }
 static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
@@ -104,6 +114,26 @@ static inline float vreduce(vf a) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+// out[i] = the sum of v[i]'s lanes, i < n: a transposing tree, 7 adds for 8 sums
+template <int n>
+static SQ_INLINE void vreduce_n(const vf* v, float* out) {
+  if constexpr (n <= 2) {
+    for (int i = 0; i < n; ++i) out[i] = vreduce(v[i]);
+  } else {
+    vf t[8];
+    for (int i = 0; i < 8; ++i) t[i] = i < n ? v[i] : _mm256_setzero_ps();
+    vf u[4];
+    for (int i = 0; i < 4; ++i)  // u[i]: v[2i] (low half) and v[2i+1] (high), 4 lanes each
+      u[i] = _mm256_add_ps(_mm256_permute2f128_ps(t[2 * i], t[2 * i + 1], 0x20),
+                           _mm256_permute2f128_ps(t[2 * i], t[2 * i + 1], 0x31));
+    vf w0 = _mm256_add_ps(_mm256_shuffle_ps(u[0], u[1], 0x44), _mm256_shuffle_ps(u[0], u[1], 0xEE));
+    vf w1 = _mm256_add_ps(_mm256_shuffle_ps(u[2], u[3], 0x44), _mm256_shuffle_ps(u[2], u[3], 0xEE));
+    vf r = _mm256_add_ps(_mm256_shuffle_ps(w0, w1, 0x88), _mm256_shuffle_ps(w0, w1, 0xDD));
+    alignas(32) float buf[8];  // lane 4h + j holds the sum of v[2j + h]
+    _mm256_store_ps(buf, r);
+    for (int i = 0; i < n; ++i) out[i] = buf[(i & 1) * 4 + (i >> 1)];
+  }
 }
 static inline vf vbias(vf acc, const float* b, const float* xs, int G) {
   int g = 0;
@@ -160,13 +190,40 @@ static void dequant_rows(const Problem& p, int n0, int n1, float* dst) {
 #endif
 namespace avx512 {
 constexpr int L = 16;
+constexpr int NREG = 32;
+constexpr int MB_MAX = 9;
 using vf = __m512;
 static inline vf vzero() { return _mm512_setzero_ps(); }
+static SQ_INLINE void in_register(vf& v) { asm volatile("" : "+v"(v)); }
 static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline vf vset1(float a) { return _mm512_set1_ps(a); }
 static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vreduce(vf a) { return _mm512_reduce_add_ps(a); }
+// out[i] = the sum of v[i]'s lanes, i < n: a transposing tree, 15 adds for 16 sums
+template <int n>
+static SQ_INLINE void vreduce_n(const vf* v, float* out) {
+  if constexpr (n <= 2) {
+    for (int i = 0; i < n; ++i) out[i] = vreduce(v[i]);
+  } else {
+    vf t[16];
+    for (int i = 0; i < 16; ++i) t[i] = i < n ? v[i] : _mm512_setzero_ps();
+    vf u[8], w[4], y[2];
+    for (int i = 0; i < 8; ++i)  // u[i]: v[2i] (256-bit half 0), v[2i+1] (half 1), 8 lanes each
+      u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x44),
+                           _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)  // w[i]: 128-bit block c holds v[4i + c], 4 lanes
+      w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)  // y[i], block c: v[8i + c] x2, v[8i + 4 + c] x2
+      y[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
+                           _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+    vf r = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+    alignas(64) float buf[16];  // lane 4c + j holds the sum of v[4j + c]
+    _mm512_store_ps(buf, r);
+    for (int i = 0; i < n; ++i) out[i] = buf[(i & 3) * 4 + (i >> 2)];
+  }
+}
 static inline vf vbias(vf acc, const float* b, const float* xs, int G) {
   int g = 0;
   for (; g + L <= G; g += L) acc = _mm512_fmadd_ps(_mm512_loadu_ps(b + g), _mm512_loadu_ps(xs + g), acc);
@@ -397,15 +454,25 @@ static void run_direct(const Problem& p) {
       for (int i = 0; i < p.gs; ++i) t += xg[i];
       xs[(size_t)m * p.G + g] = t;
     }
-  std::vector<float> xp;
+  // x for the kernel, 64-byte aligned (a vector load that straddles two cache lines costs two;
+  // K is a multiple of 16, so every row is aligned too)
+  std::vector<float> xbuf;
+  auto aligned = [&]() {
+    xbuf.resize((size_t)p.M * p.K + 16);
+    return (float*)(((uintptr_t)xbuf.data() + 63) & ~(uintptr_t)63);
+  };
   const float* xk = p.x;
   if (isa == AVX512 && p.bits == 4) {
-    xp.resize((size_t)p.M * p.K);
+    float* xp = aligned();
     float scale[16];  // 16^-(l/2): exact powers of two
     for (int l = 0; l < 16; ++l) scale[l] = std::ldexp(1.0f, -4 * (l >> 1));
-    for (size_t base = 0; base < xp.size(); base += 16)
+    for (size_t base = 0; base < (size_t)p.M * p.K; base += 16)
       for (int l = 0; l < 16; ++l) xp[base + l] = p.x[base + 8 * (l & 1) + (l >> 1)] * scale[l];
-    xk = xp.data();
+    xk = xp;
+  } else if (isa != GENERIC && p.M > 1 && ((uintptr_t)p.x & 63) != 0) {
+    float* xp = aligned();
+    std::memcpy(xp, p.x, (size_t)p.M * p.K * sizeof(float));
+    xk = xp;
   }
   auto rows = [&](int n0, int n1) {
 #if SQ_X86
@@ -417,8 +484,8 @@ static void run_direct(const Problem& p) {
   // split output rows (multiples of 16) over the pool when there is enough work
   double work = (double)p.M * p.N * p.K;
   Pool* pl = work >= 64.0 * 1024 ? pool() : nullptr;
-  // chunks of whole 4-row blocks, ~8 per thread, at least 32 rows
-  int chunk = pl ? std::max(32, (p.N / (8 * pl->size()) + 3) / 4 * 4) : p.N;
+  // chunks of whole 24-row blocks (every block height divides 24), ~8 per thread
+  int chunk = pl ? std::max(48, (p.N / (8 * pl->size()) + 23) / 24 * 24) : p.N;
   int chunks = (p.N + chunk - 1) / chunk;
   if (chunks <= 1) return rows(0, p.N);
   pl->run(chunks, [&](int i) { rows(i * chunk, std::min(p.N, (i + 1) * chunk)); });
@@ -611,6 +678,8 @@ NB_MODULE(_stratlm_quantized, m) {
       nb::arg("name"));
   m.def("threads", [] { return g_threads.load(); });
   m.def("set_threads", [](int n) { g_threads.store(std::max(1, n)); }, nb::arg("n"));
+  m.def("pass_rows", [] { return g_pass_rows.load(); }, "most activation rows per pass of the direct kernel");
+  m.def("set_pass_rows", [](int n) { g_pass_rows.store(std::max(2, n)); }, nb::arg("n"));
   m.def("gemm_min_rows", [] { return g_gemm_min_rows.load(); });
   m.def("set_gemm_min_rows", [](int n) { g_gemm_min_rows.store(n); }, nb::arg("n"));
   m.def("has_sgemm", [] { return find_sgemm() != nullptr; });

@@ -2,7 +2,10 @@
 // once per instruction set, inside a namespace and a target pragma, after defining:
 //   L               lanes of a float vector
 //   vf              the float vector type
+//   in_register(v)  keeps v in a register (the compiler would fold its load into every use)
 //   vzero, vload, vset1, vmul, vfma, vreduce(v) -> float
+//   NREG, MB_MAX    vector registers; most activation rows per pass over the weights
+//   vreduce_n<n>(v, out)  out[i] = sum of the lanes of v[i], i < n <= L
 //   vbias(acc, b, xs, G)   acc + sum_g b[g] * xs[g] spread over lanes (masked tail)
 //   unpack<BITS>(w) the L quantized values starting at packed word w, as floats, in the lane
 //                   order of prepare_x (x is permuted/scaled once per call to match it)
@@ -73,28 +76,118 @@ static void block(const Problem& p, const float* xp, const float* xs, int n0, in
           vreduce(vbias(tot[r][m], b + (size_t)r * G, xs + (size_t)(m0 + m) * G, G));
 }
 
-template <int BITS, int R, int GS>
-static void rows_r(const Problem& p, const float* xp, const float* xs, int n0) {
-  int m0 = 0;
-  if constexpr (R == 1) {  // the last N % 4 rows
-    for (; m0 < p.M; ++m0) block<BITS, 1, 1, GS>(p, xp, xs, n0, m0);
-    return;
+// Several activation rows (MB >= 2): R weight rows x MB activation rows of accumulators in
+// registers. Each weight vector is unpacked and scaled once, each x vector loaded once per
+// vector step and used for the R rows; the bias term and the horizontal sums are done at the
+// end, the sums L at a time (vreduce_n).
+template <int MB>
+constexpr int rows_for() {
+  // accumulators R*MB, weights R, one x vector and ~2 constants in NREG registers
+  // (one of 1, 2, 3, 4, 6, 8: they divide the tiles of rows_bg)
+  int r = (NREG - 3) / (MB + 1);
+  return r >= 8 ? 8 : r >= 6 ? 6 : r >= 4 ? 4 : r < 1 ? 1 : r;
+}
+
+// out[i] = the sum of v[i]'s lanes, i < n, L at a time
+template <int n>
+static SQ_INLINE void reduce_all(const vf* v, float* out) {
+  if constexpr (n > L) {
+    vreduce_n<L>(v, out);
+    reduce_all<n - L>(v + L, out + L);
+  } else {
+    vreduce_n<n>(v, out);
   }
-  for (; p.M - m0 >= 4; m0 += 4) block<BITS, R, 4, GS>(p, xp, xs, n0, m0);
-  switch (p.M - m0) {
-    case 3: block<BITS, R, 3, GS>(p, xp, xs, n0, m0); break;
-    case 2: block<BITS, R, 2, GS>(p, xp, xs, n0, m0); break;
-    case 1: block<BITS, R, 1, GS>(p, xp, xs, n0, m0); break;
-    default: break;
+}
+
+template <int BITS, int R, int MB, int GS>
+static void block_m(const Problem& p, const float* xp, const float* xs, int n0, int m0) {
+  constexpr int V = GS / L;
+  constexpr int WPV = L * BITS / 32;
+  constexpr int WPG = GS * BITS / 32;
+  const int KW = p.K * BITS / 32;
+  const int G = p.G;
+  const int K = p.K;
+  vf tot[R * MB];
+#pragma GCC unroll 64
+  for (int i = 0; i < R * MB; ++i) tot[i] = vzero();
+  const uint32_t* w = p.w + (size_t)n0 * KW;
+  const float* s = p.s + (size_t)n0 * G;
+  const float* x = xp + (size_t)m0 * K;
+  for (int g = 0; g < G; ++g) {
+    const uint32_t* wg = w + (size_t)g * WPG;
+    const float* xg = x + (size_t)g * GS;
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      vf q[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) q[r] = vmul(unpack<BITS>(wg + (size_t)r * KW + v * WPV), vset1(s[(size_t)r * G + g]));
+#pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) {
+        vf xv = vload(xg + (size_t)m * K + v * L);
+        in_register(xv);  // one load for the R rows, not a memory operand of each FMA
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) tot[r * MB + m] = vfma(q[r], xv, tot[r * MB + m]);
+      }
+    }
+  }
+  const float* b = p.b + (size_t)n0 * G;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m)
+      tot[r * MB + m] = vbias(tot[r * MB + m], b + (size_t)r * G, xs + (size_t)(m0 + m) * G, G);
+  float sums[(R * MB + L - 1) / L * L];
+  reduce_all<R * MB>(tot, sums);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < MB; ++m) p.out[(size_t)(m0 + m) * p.N + n0 + r] = sums[r * MB + m];
+}
+
+// rows [n0, n1) for activation rows [m0, m0+MB)
+template <int BITS, int MB, int GS>
+static void pass_m(const Problem& p, const float* xp, const float* xs, int n0, int n1, int m0) {
+  constexpr int R = rows_for<MB>();
+  int n = n0;
+  for (; n + R <= n1; n += R) block_m<BITS, R, MB, GS>(p, xp, xs, n, m0);
+  for (; n < n1; ++n)  // the last N % R rows (none for the usual model widths): one x row at a time
+    for (int m = m0; m < m0 + MB; ++m) block<BITS, 1, 1, GS>(p, xp, xs, n, m);
+}
+
+template <int BITS, int GS, int MB = 2>
+static void pass_dispatch(const Problem& p, const float* xp, const float* xs, int n0, int n1, int m0, int mb) {
+  if constexpr (MB <= MB_MAX) {
+    if (mb == MB) return pass_m<BITS, MB, GS>(p, xp, xs, n0, n1, m0);
+    return pass_dispatch<BITS, GS, MB + 1>(p, xp, xs, n0, n1, m0, mb);
   }
 }
 
 template <int BITS, int GS>
 static void rows_bg(const Problem& p, const float* xp, const float* xs, int n_begin, int n_end) {
-  constexpr int R = 4;
-  int n = n_begin;
-  for (; n + R <= n_end; n += R) rows_r<BITS, R, GS>(p, xp, xs, n);
-  for (; n < n_end; ++n) rows_r<BITS, 1, GS>(p, xp, xs, n);
+  if (p.M == 1) {
+    constexpr int R = 4;
+    int n = n_begin;
+    for (; n + R <= n_end; n += R) block<BITS, R, 1, GS>(p, xp, xs, n, 0);
+    for (; n < n_end; ++n) block<BITS, 1, 1, GS>(p, xp, xs, n, 0);
+    return;
+  }
+  // passes of at most max_pass rows, of balanced sizes; each tile of output rows is done for
+  // every pass while its weights are in L1
+  int max_pass = std::clamp(pass_rows(), 2, MB_MAX);
+  int passes = (p.M + max_pass - 1) / max_pass;
+  constexpr int TILE = 48;
+  for (int t = n_begin; t < n_end; t += TILE) {
+    int t1 = std::min(n_end, t + TILE);
+    for (int i = 0, m0 = 0; i < passes; ++i) {
+      int mb = (p.M - m0) / (passes - i);
+      if (mb == 1) {
+        for (int n = t; n < t1; ++n) block<BITS, 1, 1, GS>(p, xp, xs, n, m0);
+      } else {
+        pass_dispatch<BITS, GS>(p, xp, xs, t, t1, m0, mb);
+      }
+      m0 += mb;
+    }
+  }
 }
 
 // Output rows [n_begin, n_end) for all activation rows.
