@@ -106,3 +106,16 @@ def test_left_padded_batch_rows_equal_single_rows(pairs, name):
         for i, step in enumerate(batch_steps):
             expected = np.array(ours(mx.array([[continuation[row][i]]]), single_cache))[0, 0]
             assert np.abs(step[row] - expected).max() < TOL
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}])
+@pytest.mark.parametrize("length", [1, 3, 17])
+def test_cpu_rope_tables_equal_fast_rope(scaling, length):
+    """Cached inference on the CPU rotates with tables made from fast.rope itself (one matmul for
+    one position, cos/sin for several); they must give fast.rope's result at any offset."""
+    from stratlm.models.transformer import RoPE
+
+    rope = RoPE(32, 10000.0, scaling, 32)
+    for offset in (0, 5, 1000):
+        x = mx.random.normal((2, 3, length, 32))
+        assert mx.abs(rope(x, offset) - mx.fast.rope(x, 32, traditional=False, base=rope.base, scale=rope.scale, offset=offset, freqs=getattr(rope, "_freqs", None))).max().item() < 1e-5
