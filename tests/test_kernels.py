@@ -247,3 +247,11 @@ def test_disabled_by_environment():
     )
     done = subprocess.run([sys.executable, "-c", call], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "RuntimeError: stratlm kernels unavailable" in done.stderr
+    # without kernels the loader expands the embedded GGUF's weights to dense fp32 on the CPU
+    from stratlm.core.loading import embedded_model_path
+
+    if embedded_model_path() is not None:
+        load = "import stratlm; from stratlm.core.loading import load_model; print(type(load_model(None).model.layers[0].self_attn.q_proj).__name__)"
+        done = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "Linear"

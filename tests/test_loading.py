@@ -89,6 +89,14 @@ def test_mlx_lm_quantized_checkpoint(saved, tmp_path):
     assert not any(k.endswith(".scales") for k, _ in tree_flatten(dense.model.parameters()))
     assert np.abs(logits(dense) - reference).max() < 1e-3  # same values, dense fp32 matmul
 
+    # the CPU default: quantized on stratlm's kernels when they are available, else dense
+    from stratlm.core import kernels
+    from stratlm.core.quantized import KernelQuantizedLinear
+
+    default = load_model(str(out))
+    assert type(default.model.model.layers[0].self_attn.q_proj) is (KernelQuantizedLinear if kernels.available() else nn.Linear)
+    assert np.abs(logits(default) - reference).max() < 1e-3
+
 
 def test_mlx_lm_loads_what_save_model_writes(tiny_loaded, saved):
     mlx_lm = pytest.importorskip("mlx_lm")
