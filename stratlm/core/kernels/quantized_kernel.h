@@ -4,7 +4,7 @@
 //   vf              the float vector type
 //   in_register(v)  keeps v in a register (the compiler would fold its load into every use)
 //   vzero, vload, vset1, vmul, vfma, vreduce(v) -> float
-//   NREG, MB_MAX    vector registers; most activation rows per pass over the weights
+//   NREG, MB_MAX    vector registers; most activation rows per pass over the weights (block_m)
 //   vreduce_n<n>(v, out)  out[i] = sum of the lanes of v[i], i < n <= L
 //   vbias(acc, b, xs, G)   acc + sum_g b[g] * xs[g] spread over lanes (masked tail)
 //   unpack<BITS>(w) the L quantized values starting at packed word w, as floats, in the lane
@@ -12,10 +12,11 @@
 //   prepare_x<BITS>(x, xp, K)
 // The output row n, for an activation row x, is
 //   sum_g s[n,g] * dot(q[n,g,:], x[g,:]) + b[n,g] * sum(x[g,:])
-// so the packed weights are read once and converted once for up to MB activation rows.
+// so the packed weights are read once and converted once for up to MB_MAX activation rows.
 
-// Output rows [n0, n0+R) for activation rows [m0, m0+MB).
-template <int BITS, int R, int MB, int GS>
+// Output rows [n0, n0+R) for the one activation row m0: the scale multiplies a whole group's
+// partial dot product. (Several rows go through block_m below.)
+template <int BITS, int R, int GS>
 static void block(const Problem& p, const float* xp, const float* xs, int n0, int m0) {
   constexpr int V = GS / L;                // vectors per group
   constexpr int WPV = L * BITS / 32;       // packed words per vector
@@ -23,57 +24,31 @@ static void block(const Problem& p, const float* xp, const float* xs, int n0, in
   const int KW = p.K * BITS / 32;
   const int G = p.G;
   const int K = p.K;
-  vf tot[R][MB];
+  vf tot[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) tot[r][m] = vzero();
+  for (int r = 0; r < R; ++r) tot[r] = vzero();
   const uint32_t* w = p.w + (size_t)n0 * KW;
   const float* s = p.s + (size_t)n0 * G;
   const float* x = xp + (size_t)m0 * K;
   for (int g = 0; g < G; ++g) {
     const uint32_t* wg = w + (size_t)g * WPG;
     const float* xg = x + (size_t)g * GS;
-    if constexpr (MB == 1) {
-      // one activation row: the scale multiplies a whole group's partial dot product
-      vf acc[R];
+    vf acc[R];
 #pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) {
-        vf xv = vload(xg + v * L);
+    for (int v = 0; v < V; ++v) {
+      vf xv = vload(xg + v * L);
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          vf q = unpack<BITS>(wg + (size_t)r * KW + v * WPV);
-          acc[r] = v == 0 ? vmul(q, xv) : vfma(q, xv, acc[r]);
-        }
-      }
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) tot[r][0] = vfma(vset1(s[(size_t)r * G + g]), acc[r], tot[r][0]);
-    } else {
-      // several rows: scale the converted weights once, then one FMA per row
-      vf sr[R];
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) sr[r] = vset1(s[(size_t)r * G + g]);
-#pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) {
-        vf xv[MB];
-#pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m) xv[m] = vload(xg + (size_t)m * K + v * L);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-          vf q = vmul(unpack<BITS>(wg + (size_t)r * KW + v * WPV), sr[r]);
-#pragma GCC unroll 8
-          for (int m = 0; m < MB; ++m) tot[r][m] = vfma(q, xv[m], tot[r][m]);
-        }
+      for (int r = 0; r < R; ++r) {
+        vf q = unpack<BITS>(wg + (size_t)r * KW + v * WPV);
+        acc[r] = v == 0 ? vmul(q, xv) : vfma(q, xv, acc[r]);
       }
     }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) tot[r] = vfma(vset1(s[(size_t)r * G + g]), acc[r], tot[r]);
   }
   const float* b = p.b + (size_t)n0 * G;
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m)
-      p.out[(size_t)(m0 + m) * p.N + n0 + r] =
-          vreduce(vbias(tot[r][m], b + (size_t)r * G, xs + (size_t)(m0 + m) * G, G));
+  for (int r = 0; r < R; ++r) p.out[(size_t)m0 * p.N + n0 + r] = vreduce(vbias(tot[r], b + (size_t)r * G, xs + (size_t)m0 * G, G));
 }
 
 // Several activation rows (MB >= 2): R weight rows x MB activation rows of accumulators in
@@ -151,7 +126,7 @@ static void pass_m(const Problem& p, const float* xp, const float* xs, int n0, i
   int n = n0;
   for (; n + R <= n1; n += R) block_m<BITS, R, MB, GS>(p, xp, xs, n, m0);
   for (; n < n1; ++n)  // the last N % R rows (none for the usual model widths): one x row at a time
-    for (int m = m0; m < m0 + MB; ++m) block<BITS, 1, 1, GS>(p, xp, xs, n, m);
+    for (int m = m0; m < m0 + MB; ++m) block<BITS, 1, GS>(p, xp, xs, n, m);
 }
 
 template <int BITS, int GS, int MB = 2>
@@ -167,8 +142,8 @@ static void rows_bg(const Problem& p, const float* xp, const float* xs, int n_be
   if (p.M == 1) {
     constexpr int R = 4;
     int n = n_begin;
-    for (; n + R <= n_end; n += R) block<BITS, R, 1, GS>(p, xp, xs, n, 0);
-    for (; n < n_end; ++n) block<BITS, 1, 1, GS>(p, xp, xs, n, 0);
+    for (; n + R <= n_end; n += R) block<BITS, R, GS>(p, xp, xs, n, 0);
+    for (; n < n_end; ++n) block<BITS, 1, GS>(p, xp, xs, n, 0);
     return;
   }
   // passes of at most max_pass rows, of balanced sizes; each tile of output rows is done for
@@ -181,7 +156,7 @@ static void rows_bg(const Problem& p, const float* xp, const float* xs, int n_be
     for (int i = 0, m0 = 0; i < passes; ++i) {
       int mb = (p.M - m0) / (passes - i);
       if (mb == 1) {
-        for (int n = t; n < t1; ++n) block<BITS, 1, 1, GS>(p, xp, xs, n, m0);
+        for (int n = t; n < t1; ++n) block<BITS, 1, GS>(p, xp, xs, n, m0);
       } else {
         pass_dispatch<BITS, GS>(p, xp, xs, t, t1, m0, mb);
       }
