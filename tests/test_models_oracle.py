@@ -115,7 +115,7 @@ def test_cpu_rope_tables_equal_fast_rope(scaling, length):
     one position, cos/sin for several); they must give fast.rope's result at any offset."""
     from stratlm.models.transformer import RoPE
 
-    rope = RoPE(32, 10000.0, scaling, 32)
+    rope = RoPE(32, 10000.0, scaling)
     for offset in (0, 5, 1000):
         x = mx.random.normal((2, 3, length, 32))
         assert mx.abs(rope(x, offset) - mx.fast.rope(x, 32, traditional=False, base=rope.base, scale=rope.scale, offset=offset, freqs=getattr(rope, "_freqs", None))).max().item() < 1e-5

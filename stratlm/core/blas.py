@@ -89,9 +89,14 @@ def load_gemv_shim(library: str) -> str | None:
         return None
 
 
+def cache_dir() -> Path:
+    """Where stratlm keeps what it compiles at first use (this shim, the CPU kernels)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stratlm"
+
+
 def build_gemv_shim() -> str | None:
     source = SHIM_SOURCE.read_bytes()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stratlm"
+    cache = cache_dir()
     target = cache / f"gemv_shim-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if target.exists():
         return str(target)

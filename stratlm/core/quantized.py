@@ -16,13 +16,13 @@ from mlx.utils import tree_unflatten
 from . import kernels
 
 
-def kernel_takes(layer: nn.Module, x: mx.array) -> bool:
+def kernel_takes(x: mx.array) -> bool:
     return x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
 class KernelQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        if not kernel_takes(self, x):
+        if not kernel_takes(x):
             return super().__call__(x)
         y = kernels.quantized_matmul(x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits)
         return y + self["bias"] if "bias" in self else y
@@ -30,12 +30,11 @@ class KernelQuantizedLinear(nn.QuantizedLinear):
 
 class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
-        if not kernel_takes(self, x):
+        if not kernel_takes(x):
             return super().as_linear(x)
         return kernels.quantized_matmul(x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits)
 
 
-BITS, GROUP_SIZES = (4, 8), (32, 64, 128)  # what kernels.quantized_matmul takes
 KERNEL_LAYERS = {nn.QuantizedLinear: KernelQuantizedLinear, nn.QuantizedEmbedding: KernelQuantizedEmbedding}
 
 
@@ -43,8 +42,8 @@ def supported(layer: nn.Module) -> bool:
     """Affine 4/8-bit weights with fp32 scales and biases, in groups the kernels handle."""
     return (
         getattr(layer, "mode", "affine") == "affine"
-        and layer.bits in BITS
-        and layer.group_size in GROUP_SIZES
+        and layer.bits in kernels.BITS
+        and layer.group_size in kernels.GROUP_SIZES
         and layer.get("biases") is not None
         and layer["scales"].dtype == mx.float32
         and layer["biases"].dtype == mx.float32

@@ -66,10 +66,9 @@ class TransformerArgs:
 class RoPE(nn.Module):
     """Rotary embedding in the Hugging Face (non-interleaved) layout, with Llama 3 / linear scaling."""
 
-    def __init__(self, dims: int, base: float, scaling: dict[str, Any] | None, head_dim: int | None = None):
+    def __init__(self, dims: int, base: float, scaling: dict[str, Any] | None):
         super().__init__()
         self.dims = dims
-        self._head_dim = head_dim or dims
         self._rotation_key: tuple | None = None
         self.scale = 1.0
         self.base: float | None = base
@@ -99,7 +98,7 @@ class RoPE(nn.Module):
         Python-side reuse would bake one call's tables into the trace."""
         if offset is None:
             return self._rope(x, 0)
-        if isinstance(offset, int) and on_cpu() and self.dims == self._head_dim:
+        if isinstance(offset, int) and on_cpu():
             tables = self.tables(offset, x.shape[-2], x.dtype)
             if x.shape[-2] == 1:
                 return x @ tables
@@ -120,7 +119,7 @@ class RoPE(nn.Module):
         hold its own angles."""
         key = (offset, length, str(dtype))  # str, not the Dtype: collapse deep-copies models and Dtype does not pickle
         if self._rotation_key != key:
-            dim, half = self._head_dim, self._head_dim // 2
+            dim, half = self.dims, self.dims // 2
             basis = mx.broadcast_to(mx.eye(dim, dtype=dtype)[None, :, None, :], (1, dim, length, dim))
             rotations = self._rope(basis, offset)[0].transpose(1, 0, 2)  # (length, dim, dim): x @ rotations[l] at position l
             if length == 1:
@@ -134,7 +133,7 @@ class RoPE(nn.Module):
     def swap_halves(self, dtype: mx.Dtype) -> mx.array:
         """P with x @ P == concatenate([-x2, x1]) for x = [x1, x2] (exact: one signed 1 a column)."""
         if "_swap" not in self or self._swap.dtype != dtype:
-            dim, half = self._head_dim, self._head_dim // 2
+            dim, half = self.dims, self.dims // 2
             eye = mx.eye(half, dtype=dtype)
             zeros = mx.zeros((half, half), dtype=dtype)
             self._swap = mx.concatenate([mx.concatenate([zeros, eye], axis=1), mx.concatenate([-eye, zeros], axis=1)], axis=0)
@@ -153,7 +152,7 @@ class Attention(nn.Module):
         if a.qk_norm:
             self.q_norm = nn.RMSNorm(a.head_dim, eps=a.rms_norm_eps)
             self.k_norm = nn.RMSNorm(a.head_dim, eps=a.rms_norm_eps)
-        self.rope = RoPE(a.head_dim, a.rope_theta, a.rope_scaling, a.head_dim)
+        self.rope = RoPE(a.head_dim, a.rope_theta, a.rope_scaling)
 
     def fuse_projections(self) -> None:
         fuse_linears(self, ("q_proj", "k_proj", "v_proj"))

@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from stratlm.core.blas import cache_dir
 from stratlm.core.log import get_logger
 
 log = get_logger(__name__)
@@ -35,6 +36,9 @@ SOURCES = ("quantized.cpp", "quantized_kernel.h")
 MODULE = "_stratlm_quantized"
 # NB_DOMAIN=mlx: MLX's Python module registers mx.array in nanobind's "mlx" domain
 CXXFLAGS = ("-std=c++20", "-O3", "-fPIC", "-fvisibility=hidden", "-DNDEBUG", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx")
+
+#: what quantized_matmul takes (the extension checks the same)
+BITS, GROUP_SIZES = (4, 8), (32, 64, 128)
 
 #: why the extension is or is not in use
 status = "not attempted"
@@ -150,7 +154,7 @@ def build() -> Path:
         key.update((SOURCE_DIR / name).read_bytes())
     key.update(repr((_versions(), CXXFLAGS, compiler)).encode())
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stratlm"
+    cache = cache_dir()
     target = cache / f"{MODULE}-{key.hexdigest()[:16]}{suffix}"
     if target.exists():
         return target
