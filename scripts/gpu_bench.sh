@@ -29,4 +29,7 @@ groups = project["entry-points"]
 PY
 export PYTHONPATH="$PWD:$site:/tmp/mlxsite${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ -n "${GPU_SCRIPT:-}" ]; then  # another script in the same environment (e.g. scripts/gpu_profile.py)
+  python3 $GPU_SCRIPT 2>&1 | tee "$OUT/$(basename "${GPU_SCRIPT%% *}" .py).log"; exit
+fi
 python3 scripts/gpu_bench.py 2>&1 | tee "$OUT/gpu_bench.log"

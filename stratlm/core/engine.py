@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
 from .errors import ConfigError, ModelLoadError
+from .fused import cuda_active
 from .loading import LoadedModel, load_model
 from .log import get_logger
 from .registry import Registry, get_registry
@@ -43,6 +44,8 @@ class Engine:
         if adapter is not None:
             self.loaded = apply_adapter(self.loaded, Path(adapter), self.registry)
         self.loaded = apply_transforms(self.loaded, transforms, self.registry)
+        if cuda_active():  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
+            self.loaded.model.optimize_for_inference()
         self.strategy = strategy_class(self.loaded, registry=self.registry, **options)
         self.last_result: GenerationResult | None = None
         log.debug("engine ready", model=self.loaded.source, strategy=strategy, transforms=list(transforms))

@@ -85,10 +85,11 @@ def decode_forward(model: Model, prompt_length: int, cache: list[KVCache] | None
     With STRATLM_COMPILE=on, no given cache, and a model that makes the standard cache, the cache
     is preallocated and the step compiled; otherwise the step is the plain forward.
     """
-    if cache is None and compiled_decoding() and type(model).make_cache is Model.make_cache:
-        static = [StaticKVCache(prompt_length + DECODE_RESERVE) for _ in model.layers]
-        return static, CompiledStep(model, static)
-    cache = cache if cache is not None else model.make_cache()
+    if cache is None:
+        cache = model.make_cache()
+        if compiled_decoding() and all(type(c) is KVCache for c in cache):  # the standard cache, not a model's own
+            static = [StaticKVCache(prompt_length + DECODE_RESERVE) for _ in model.layers]
+            return static, CompiledStep(model, static)
     return cache, lambda tokens: model(tokens, cache)[:, -1, :]
 
 

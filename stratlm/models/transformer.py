@@ -13,6 +13,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
+from stratlm.core import fused as fused_ops
 from stratlm.core.cache import KVCache
 from stratlm.core.errors import ModelLoadError
 from stratlm.core.model import Model
@@ -105,6 +106,18 @@ class RoPE(nn.Module):
             cos, sin = tables
             return x * cos + (x @ self.swap_halves(x.dtype)) * sin
         return self._rope(x, offset)
+
+    def inv_freq(self) -> mx.array:
+        """The per-pair angle rates (float32, dims / 2) fast.rope uses: angle = scale * position * rate."""
+        if "_inv_freq" not in self:
+            freqs = getattr(self, "_freqs", None)
+            if freqs is not None:
+                self._inv_freq = (1.0 / freqs).astype(mx.float32)
+            else:
+                half = self.dims // 2
+                self._inv_freq = mx.array([2.0 ** (-(i / half) * math.log2(self.base)) for i in range(half)], dtype=mx.float32)
+            mx.eval(self._inv_freq)
+        return self._inv_freq
 
     def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
         freqs = getattr(self, "_freqs", None)
@@ -225,20 +238,45 @@ def fuse_linears(module: nn.Module, names: tuple[str, ...]) -> None:
         rows = layer.weight.shape[0]
         views.append(fused[start : start + rows])
         start += rows
-    mx.eval(views)
+    fused_t = fused.T
+    mx.eval(views, fused_t)
     for layer, view in zip(layers, views):
         layer.weight = view
-    module._fused = (fused, tuple(views), tuple(v.shape[0] for v in views))  # "_": not a parameter
+    # "_": not a parameter. fused_t is an evaluated view: `x @ fused_t` is one graph node
+    module._fused = (fused_t, tuple(views), tuple(v.shape[0] for v in views))
+
+
+def fused_intact(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Whether the named layers are still the plain Linears whose weights are the fused views
+    (training, set_dtype, adapters and transforms replace them)."""
+    views = module["_fused"][1]
+    for name, view in zip(names, views):
+        layer = module.get(name)
+        if type(layer) is not nn.Linear or layer.get("weight") is not view:
+            return False
+    return True
+
+
+def transposed_weight(layer: nn.Module) -> mx.array:
+    """layer.weight.T as an evaluated view (a leaf, not a graph node per call), kept while the
+    weight is the same array."""
+    weight = layer["weight"]
+    cached = layer.get("_weight_t")
+    if cached is None or cached[0] is not weight:
+        weight_t = weight.T
+        mx.eval(weight_t)
+        layer["_weight_t"] = cached = (weight, weight_t)
+    return cached[1]
 
 
 def project(module: nn.Module, x: mx.array, names: tuple[str, ...]) -> list[mx.array]:
     """The named projections of x: one matmul while the fused layout is intact, else one each."""
     fused = module.get("_fused")
     if fused is not None:
-        weight, views, rows = fused
-        if all(getattr(getattr(module, n), "weight", None) is v for n, v in zip(names, views)):  # an adapter wrapper has no weight
+        weight_t, views, rows = fused
+        if fused_intact(module, names):
             splits = [sum(rows[: i + 1]) for i in range(len(rows) - 1)]
-            return mx.split(x @ weight.T, splits, axis=-1)
+            return mx.split(x @ weight_t, splits, axis=-1)
         module.pop("_fused")  # a weight was replaced (training, set_dtype, a transform): drop the stale copy
     return [getattr(module, n)(x) for n in names]
 
@@ -254,6 +292,26 @@ class Block(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def fused_plan(self) -> tuple | None:
+        """What `DecoderLM.fused_forward` needs from this block, or None when the block is not in
+        the fused layout (optimize_for_inference not run, or since changed: adapters, training)."""
+        attn, mlp = self.get("self_attn"), self.get("mlp")
+        if type(attn) is not Attention or type(mlp) is not MLP or "_fused" not in attn or "_fused" not in mlp:
+            return None
+        if not fused_intact(attn, ("q_proj", "k_proj", "v_proj")) or not fused_intact(mlp, ("gate_proj", "up_proj")):
+            return None
+        o_proj, down_proj = attn.get("o_proj"), mlp.get("down_proj")
+        norms = [self.get("input_layernorm"), self.get("post_attention_layernorm")]
+        if "q_norm" in attn:
+            norms += [attn["q_norm"], attn["k_norm"]]
+        if type(o_proj) is not nn.Linear or type(down_proj) is not nn.Linear or "bias" in o_proj or "bias" in down_proj:
+            return None
+        if any(type(n) is not nn.RMSNorm for n in norms):
+            return None
+        qk_norm = (attn["q_norm"].weight, attn["k_norm"].weight, attn["q_norm"].eps) if "q_norm" in attn else (None, None, 1e-6)
+        return (norms[0].weight, norms[0].eps, attn["_fused"][0], qk_norm, transposed_weight(o_proj),
+                norms[1].weight, norms[1].eps, mlp["_fused"][0], transposed_weight(down_proj))
 
 
 class Backbone(nn.Module):
@@ -289,12 +347,74 @@ class DecoderLM(Model):
         return self.model.embed_tokens(tokens)
 
     def optimize_for_inference(self) -> None:
-        """Fuse the q/k/v and gate/up projections (see fuse_linears); names stay the same.
-        Opt-in: the logits move by float rounding (~1e-6), and no gain was measurable yet."""
+        """Fuse the q/k/v and gate/up projections (see fuse_linears); names stay the same. On
+        CUDA this enables `fused_forward` (the Engine calls this there); elsewhere it is opt-in:
+        the logits move by float rounding (~1e-6) and the CPU gained nothing measurable."""
         for block in self.layers:
             for part in (getattr(block, "self_attn", None), getattr(block, "mlp", None)):
                 if hasattr(part, "fuse_projections"):
                     part.fuse_projections()
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        if cache is not None and "_fused_plans" in self and fused_ops.cuda_active():
+            logits = self.fused_forward(tokens, cache)
+            if logits is not None:
+                return logits
+        return super().__call__(tokens, cache)
+
+    def make_cache(self, left_padding=None) -> list[KVCache]:
+        # each generation starts here: take the fused layout's plan now, not every step
+        self._fused_plans = self.fused_plans()
+        return super().make_cache(left_padding)
+
+    def fused_plans(self) -> tuple | None:
+        """Per block what `fused_forward` needs (Block.fused_plan), and the final norm and head;
+        None unless every block is in the fused layout."""
+        plans = [block.fused_plan() if type(block) is Block else None for block in self.layers]
+        final_norm, head = self.model.get("norm"), self.get("lm_head", self.model.get("embed_tokens"))
+        if not plans or any(p is None for p in plans) or type(final_norm) is not nn.RMSNorm:
+            return None
+        if type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:
+            return None
+        attn = self.layers[0].self_attn
+        shapes = (attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.scale, attn.rope)
+        return tuple(plans), shapes, final_norm.weight, final_norm.eps, transposed_weight(head)
+
+    def fused_forward(self, tokens: mx.array, cache: list[KVCache]) -> mx.array | None:
+        """The cached forward in ~14 graph nodes a layer instead of ~37 (core/fused.py: the
+        residual add with the next norm, q/k/v heads with norm and RoPE, SwiGLU, as one kernel
+        each on CUDA; matmuls against evaluated transposed views). Same logits as __call__ up to
+        float rounding. None when the model is not in the fused layout (optimize_for_inference).
+        The plan is taken when the cache is made (make_cache), so a model changed during one
+        generation (weights replaced, adapters added) is seen at the next."""
+        if not cache or type(cache[0]) is not KVCache:
+            return None
+        plan = self.get("_fused_plans")
+        if plan is None:
+            return None
+        plans, (n_heads, n_kv_heads, head_dim, scale, rope), final_w, final_eps, head_t = plan
+        B, L = tokens.shape
+        mask = cache[0].make_mask(L)
+        offset = cache[0].rope_offset
+        offsets = mx.array([offset] * B, dtype=mx.int32) if isinstance(offset, int) else mx.broadcast_to(offset, (B,)).astype(mx.int32)
+        inv_freq, rope_scale = rope.inv_freq(), rope.scale
+        h = self.embed(tokens)
+        ops = fused_ops.ops_for(h.dtype)
+        delta = None
+        for (in_w, in_eps, qkv_t, (q_w, k_w, qk_eps), o_t, post_w, post_eps, gate_up_t, down_t), layer_cache in zip(plans, cache):
+            if delta is None:
+                y = mx.fast.rms_norm(h, in_w, in_eps)
+            else:
+                h, y = ops.add_rms_norm(h, delta, in_w, in_eps)
+            q, k, v = ops.attention_heads(y @ qkv_t, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
+            k, v = layer_cache.update_and_fetch(k, v)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+            # (B, H, 1, D) is already laid out as (B, 1, H * D): no transpose for one position
+            out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+            h, y = ops.add_rms_norm(h, out @ o_t, post_w, post_eps)
+            delta = ops.swiglu(y @ gate_up_t) @ down_t
+        _, y = ops.add_rms_norm(h, delta, final_w, final_eps)
+        return y @ head_t
 
     def head(self, hidden: mx.array) -> mx.array:
         hidden = self.model.norm(hidden)

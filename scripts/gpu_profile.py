@@ -1,0 +1,149 @@
+"""Where a batch-1 decode step goes on the GPU, for stratlm and mlx-lm (run by gpu_bench.sh
+with GPU_SCRIPT=scripts/gpu_profile.py): Python graph building, the host's encoding of the
+built graph (the async_eval call), the wait for the device, and a pipelined step; and the CUDA
+kernels of core/fused.py against the plain MLX ops they replace. (Encoding on a worker thread
+while the main thread builds the next graph, over a thread-unsafe stream, gained little and
+crashed MLX twice in four runs: not pursued.)"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import stratlm  # noqa: F401
+import mlx.core as mx
+
+from stratlm.bench.models import bench_model, model_folder, prompt_tokens
+
+MODEL = os.environ.get("GPU_BENCH_MODEL", "qwen3-0.6b-random")
+N = int(os.environ.get("GPU_PROFILE_STEPS", 128))
+
+
+def steps(loaded, folder):
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    theirs, _ = mlx_lm_load(str(folder))
+    ours = loaded.model
+    yield "stratlm-plain", ours.make_cache, lambda cache: (lambda t: ours(t, cache))
+    fused = bench_model(MODEL, "bfloat16")  # same seed, same weights
+    fused.model.optimize_for_inference()  # what the Engine does on CUDA: the fused kernels
+    yield "stratlm", fused.model.make_cache, lambda cache: (lambda t: fused.model(t, cache))
+    yield "mlx-lm", lambda: make_prompt_cache(theirs), lambda cache: (lambda t: theirs(t, cache=cache))
+
+
+def profile(name, step, prompt):
+    mx.eval(step(prompt))
+    tok = mx.array([[5]], dtype=mx.int32)
+    for _ in range(8):
+        mx.eval(step(tok))
+    build = enc = wait = 0.0
+    for _ in range(N):
+        t0 = time.perf_counter()
+        out = mx.argmax(step(tok)[:, -1, :], axis=-1)
+        t1 = time.perf_counter()
+        mx.async_eval(out)
+        t2 = time.perf_counter()
+        out.item()
+        t3 = time.perf_counter()
+        build += t1 - t0; enc += t2 - t1; wait += t3 - t2
+    # pipelined on one thread (what both engines do)
+    t0 = time.perf_counter()
+    nxt = mx.argmax(step(tok)[:, -1, :], axis=-1)
+    mx.async_eval(nxt)
+    for _ in range(N):
+        cur = nxt
+        nxt = mx.argmax(step(cur[:, None])[:, -1, :], axis=-1)
+        mx.async_eval(nxt)
+        cur.item()
+    piped = (time.perf_counter() - t0) / N
+    nxt.item()
+    print(f"{name:<10} build {build / N * 1e3:.2f}  encode {enc / N * 1e3:.2f}  wait {wait / N * 1e3:.2f}  "
+          f"pipelined {piped * 1e3:.2f} ms ({1 / piped:.0f}/s)", flush=True)
+
+
+def kernel_overhead():
+    """Python cost of building one custom-kernel node vs one mx.add node."""
+    if not mx.cuda.is_available():
+        return
+    k = mx.fast.cuda_kernel(name="plus_one", input_names=["a"], output_names=["out"],
+                            source="auto i = cooperative_groups::this_grid().thread_rank(); if (i < a_shape[0]) out[i] = a[i] + (T)1;")
+    a = mx.ones((1024,), mx.bfloat16)
+    args = dict(template=[("T", mx.bfloat16)], grid=(1024, 1, 1), threadgroup=(256, 1, 1), output_shapes=[a.shape], output_dtypes=[a.dtype])
+    t0 = time.perf_counter(); y = k(inputs=[a], **args)[0]; mx.eval(y); first = time.perf_counter() - t0
+    assert mx.array_equal(y, a + 1).item()
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        y = k(inputs=[a], **args)[0]
+    custom = (time.perf_counter() - t0) / 1000
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        y = a + 1
+    plain = (time.perf_counter() - t0) / 1000
+    print(f"cuda_kernel: first call {first * 1e3:.0f} ms, build a node {custom * 1e6:.1f} us (mx add: {plain * 1e6:.1f} us)", flush=True)
+
+
+def check_fused():
+    """The CUDA kernels against the plain MLX ops they replace, and the fused forward against
+    the model's ordinary forward, fp32 and bf16, prompt then decode steps, with left padding."""
+    from stratlm.core import fused as F
+    from stratlm.core.model import Model
+
+    mx.random.seed(1)
+    for dtype in (mx.float32, mx.bfloat16):
+        x, d = mx.random.normal((3, 5, 1024)).astype(dtype), mx.random.normal((3, 5, 1024)).astype(dtype)
+        w = (1 + 0.1 * mx.random.normal((1024,))).astype(dtype)
+        qkv = mx.random.normal((3, 5, (16 + 16) * 128)).astype(dtype)
+        qn, kn = (1 + 0.1 * mx.random.normal((128,))).astype(dtype), (1 + 0.1 * mx.random.normal((128,))).astype(dtype)
+        inv = mx.array([2.0 ** (-(i / 64) * 19.93) for i in range(64)], dtype=mx.float32)
+        offs = mx.array([0, 7, 300], dtype=mx.int32)
+        gu = mx.random.normal((3, 5, 2 * 3072)).astype(dtype)
+        cuda = (F.add_rms_norm(x, d, w, 1e-6), F.attention_heads(qkv, 16, 8, 128, inv, offs, q_norm=qn, k_norm=kn, rope_scale=0.5),
+                F.attention_heads(qkv, 16, 8, 128, inv, offs), F.swiglu(gu))
+        active, F.cuda_active = F.cuda_active, lambda: False
+        plain = (F.add_rms_norm(x, d, w, 1e-6), F.attention_heads(qkv, 16, 8, 128, inv, offs, q_norm=qn, k_norm=kn, rope_scale=0.5),
+                 F.attention_heads(qkv, 16, 8, 128, inv, offs), F.swiglu(gu))
+        F.cuda_active = active
+        for name, a, b in zip(("add_rms_norm", "attention_heads+norm", "attention_heads", "swiglu"), cuda, plain):
+            a, b = (a if isinstance(a, (tuple, list)) else [a]), (b if isinstance(b, (tuple, list)) else [b])
+            err = max(float(mx.abs(u.astype(mx.float32) - v.astype(mx.float32)).max()) for u, v in zip(a, b))
+            print(f"kernel {name:<22} {dtype}: max |cuda - mlx ops| {err:.3g}", flush=True)
+        loaded = bench_model(MODEL, {mx.float32: "float32", mx.bfloat16: "bfloat16"}[dtype])
+        model = loaded.model
+        prompt = mx.array([prompt_tokens(loaded, 16)] * 2, dtype=mx.int32)
+        model.optimize_for_inference()
+        c_plain, c_fused = model.make_cache([0, 3]), model.make_cache([0, 3])
+        ref = Model.__call__(model, prompt, c_plain)
+        out = model.fused_forward(prompt, c_fused)
+        err = float(mx.abs(ref - out).max())
+        for t in (5, 9, 11, 13):
+            tok = mx.array([[t], [t + 1]], dtype=mx.int32)
+            err = max(err, float(mx.abs(Model.__call__(model, tok, c_plain) - model.fused_forward(tok, c_fused)).max()))
+        print(f"fused forward vs plain forward {dtype}: max logit diff {err:.3g} (logits up to {float(mx.abs(ref).max()):.3g})", flush=True)
+        # the same, decode steps only: both caches filled by the plain forward (prompt attention
+        # picks its kernel by the inputs' layout, and the GPU's fp32 kernels differ by ~1e-3)
+        c_plain, c_fused = model.make_cache([0, 3]), model.make_cache([0, 3])
+        Model.__call__(model, prompt, c_plain), Model.__call__(model, prompt, c_fused)
+        err = 0.0
+        for t in (5, 9, 11, 13):
+            tok = mx.array([[t], [t + 1]], dtype=mx.int32)
+            err = max(err, float(mx.abs(Model.__call__(model, tok, c_plain) - model.fused_forward(tok, c_fused)).max()))
+        print(f"fused decode steps vs plain, same prompt cache {dtype}: max logit diff {err:.3g}", flush=True)
+
+
+def main():
+    print("mlx", mx.__version__, mx.default_device(), {k: v for k, v in os.environ.items() if k.startswith("MLX_")}, flush=True)
+    if "--quick" not in sys.argv:
+        check_fused()
+    loaded = bench_model(MODEL, "bfloat16")
+    folder = model_folder(loaded)
+    prompt = mx.array([prompt_tokens(loaded, 64)], dtype=mx.int32)
+    for name, make_cache, make_step in steps(loaded, folder):
+        profile(name, make_step(make_cache()), prompt)
+    if "--quick" not in sys.argv:
+        kernel_overhead()
+
+
+if __name__ == "__main__":
+    main()

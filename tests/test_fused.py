@@ -1,0 +1,143 @@
+"""The fused decode path (core/fused.py, DecoderLM.fused_forward): on CUDA each op is one kernel;
+here, on the CPU, the same path runs the plain MLX implementations, so these tests pin down what
+the path computes. scripts/gpu_profile.py checks the CUDA kernels against these same ops on the GPU.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stratlm.core import fused
+from stratlm.core.model import Model
+from stratlm.models.transformer import RoPE
+from stratlm.testing import tiny_model
+
+SCALINGS = {
+    "default": None,
+    "linear": {"type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+def close(a: mx.array, b: mx.array, tol: float = 1e-5) -> None:
+    np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), rtol=tol, atol=tol)
+
+
+def test_the_cpu_takes_the_plain_mlx_ops():
+    assert fused.ops_for(mx.float32) is fused.MLX_OPS
+    assert not fused.cuda_active()
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+def test_rotation_matches_fast_rope(scaling):
+    rope = RoPE(32, 10000.0, SCALINGS[scaling])
+    x = mx.random.normal((2, 3, 5, 32), key=mx.random.key(0))
+    for offset in (0, 7, 900):
+        expected = rope._rope(x, offset)
+        got = fused.rotate_half_split(x, rope.inv_freq(), mx.array([offset, offset], dtype=mx.int32), rope.scale)
+        close(got, expected, 1e-4)
+
+
+def test_rotation_takes_a_position_per_row():
+    rope = RoPE(16, 10000.0, None)
+    x = mx.random.normal((2, 1, 3, 16), key=mx.random.key(1))
+    got = fused.rotate_half_split(x, rope.inv_freq(), mx.array([2, 40], dtype=mx.int32))
+    for row, offset in enumerate((2, 40)):
+        close(got[row : row + 1], rope._rope(x[row : row + 1], offset), 1e-5)
+
+
+def test_add_rms_norm_is_the_add_then_the_norm():
+    x, delta = mx.random.normal((2, 3, 48), key=mx.random.key(2)), mx.random.normal((2, 3, 48), key=mx.random.key(3))
+    w = mx.random.uniform(0.5, 1.5, (48,), key=mx.random.key(4))
+    h, y = fused.add_rms_norm(x, delta, w, 1e-5)
+    close(h, x + delta, 0)
+    norm = nn.RMSNorm(48, eps=1e-5)
+    norm.weight = w
+    close(y, norm(x + delta), 1e-6)
+
+
+def test_swiglu_is_silu_of_the_gate_times_up():
+    gate_up = mx.random.normal((1, 4, 2 * 24), key=mx.random.key(5))
+    close(fused.swiglu(gate_up), nn.silu(gate_up[..., :24]) * gate_up[..., 24:], 1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_attention_heads_are_what_the_attention_layer_feeds_attention(family):
+    loaded = tiny_model(family, seed=3)
+    attn = loaded.model.layers[0].self_attn
+    x = mx.random.normal((2, 5, loaded.model.args.hidden_size), key=mx.random.key(6))
+    offsets = mx.array([4, 4], dtype=mx.int32)
+    B, L = 2, 5
+    q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
+    k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
+    v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    if "q_norm" in attn:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = attn.rope._rope(q.transpose(0, 2, 1, 3), 4), attn.rope._rope(k.transpose(0, 2, 1, 3), 4)
+    qkv = mx.concatenate([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], axis=-1)
+    norms = (attn.q_norm.weight, attn.k_norm.weight) if "q_norm" in attn else (None, None)
+    got = fused.attention_heads(qkv, attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.rope.inv_freq(), offsets,
+                                rope_scale=attn.rope.scale, q_norm=norms[0], k_norm=norms[1], eps=loaded.model.args.rms_norm_eps)
+    for a, b in zip(got, (q, k, v)):
+        assert a.shape == b.shape
+        close(a, b, 1e-5)
+
+
+def decode_both_ways(model: Model, prompts: mx.array, padding: list[int], steps: int) -> float:
+    """Largest logit difference between the ordinary forward and fused_forward, prompt then steps."""
+    plain_cache = model.make_cache(padding)
+    fused_cache = model.make_cache(padding)
+    expected, got = Model.__call__(model, prompts, plain_cache), model.fused_forward(prompts, fused_cache)
+    assert got is not None
+    worst = float(mx.abs(expected - got).max())
+    tokens = mx.argmax(expected[:, -1:], axis=-1)
+    for _ in range(steps):
+        expected, got = Model.__call__(model, tokens, plain_cache), model.fused_forward(tokens, fused_cache)
+        worst = max(worst, float(mx.abs(expected - got).max()))
+        tokens = mx.argmax(expected[:, -1:], axis=-1)
+    return worst
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    family=st.sampled_from(["qwen3", "llama"]),
+    scaling=st.sampled_from(list(SCALINGS)),
+    rows=st.integers(1, 3),
+    length=st.integers(1, 6),
+    pad=st.integers(0, 3),
+    tied=st.booleans(),
+    seed=st.integers(0, 50),
+)
+def test_fused_forward_gives_the_ordinary_forwards_logits(family, scaling, rows, length, pad, tied, seed):
+    loaded = tiny_model(family, seed=seed, rope_scaling=SCALINGS[scaling], tie_word_embeddings=tied)
+    model = loaded.model
+    model.optimize_for_inference()
+    padding = [pad if r == rows - 1 else 0 for r in range(rows)]
+    prompts = mx.random.randint(0, model.vocab_size, (rows, length + pad), key=mx.random.key(seed))
+    assert decode_both_ways(model, prompts, padding, steps=3) < 2e-5
+
+
+def test_fused_forward_needs_the_fused_layout_and_sees_changes_at_the_next_cache():
+    loaded = tiny_model("qwen3", seed=4)
+    model = loaded.model
+    tokens = mx.array([[1, 2, 3]])
+    assert model.fused_forward(tokens, model.make_cache()) is None  # not optimized for inference
+    model.optimize_for_inference()
+    assert model.fused_forward(tokens, model.make_cache()) is not None
+    attn = model.layers[1].self_attn
+    attn.q_proj = nn.Linear(attn.q_proj.weight.shape[1], attn.q_proj.weight.shape[0], bias=False)  # what an adapter does
+    assert model.fused_forward(tokens, model.make_cache()) is None
+    close(model(tokens, model.make_cache()), Model.__call__(model, tokens, model.make_cache()), 0)
+
+
+def test_the_engine_keeps_the_cpu_layout():
+    from stratlm import Engine
+
+    loaded = tiny_model("llama", seed=5)
+    Engine(loaded, "greedy")
+    assert "_fused" not in loaded.model.layers[0].self_attn  # on CUDA the Engine fuses (optimize_for_inference)
