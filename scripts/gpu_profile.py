@@ -99,13 +99,22 @@ def check_fused():
         inv = mx.array([2.0 ** (-(i / 64) * 19.93) for i in range(64)], dtype=mx.float32)
         offs = mx.array([0, 7, 300], dtype=mx.int32)
         gu = mx.random.normal((3, 5, 2 * 3072)).astype(dtype)
-        cuda = (F.add_rms_norm(x, d, w, 1e-6), F.attention_heads(qkv, 16, 8, 128, inv, offs, q_norm=qn, k_norm=kn, rope_scale=0.5),
-                F.attention_heads(qkv, 16, 8, 128, inv, offs), F.swiglu(gu))
+        W = (0.03 * mx.random.normal((6144, 1024))).astype(dtype)
+        W2 = (0.03 * mx.random.normal((3072, 2048))).astype(dtype)
+        x1, d1 = x[:, :1], d[:, :1]  # 3 rows: the gemv kernels
+
+        def run_all():
+            return (F.add_rms_norm(x, d, w, 1e-6), F.attention_heads(qkv, 16, 8, 128, inv, offs, q_norm=qn, k_norm=kn, rope_scale=0.5),
+                    F.attention_heads(qkv, 16, 8, 128, inv, offs), F.swiglu(gu),
+                    F.norm_gemv(x1, d1, w, 1e-6, W), F.norm_gemv(x1, None, w, 1e-6, W)[1], F.norm_gemv(x1, d1, w, 1e-6, W, swiglu=True),
+                    F.gemv(x1, W, (3, 1, 6144)), F.gemv(gu[:, :1, :2048], W2, (3, 1, 3072)))
+
+        cuda = run_all()
         active, F.cuda_active = F.cuda_active, lambda: False
-        plain = (F.add_rms_norm(x, d, w, 1e-6), F.attention_heads(qkv, 16, 8, 128, inv, offs, q_norm=qn, k_norm=kn, rope_scale=0.5),
-                 F.attention_heads(qkv, 16, 8, 128, inv, offs), F.swiglu(gu))
+        plain = run_all()
         F.cuda_active = active
-        for name, a, b in zip(("add_rms_norm", "attention_heads+norm", "attention_heads", "swiglu"), cuda, plain):
+        names = ("add_rms_norm", "attention_heads+norm", "attention_heads", "swiglu", "norm_gemv add", "norm_gemv", "norm_gemv add swiglu", "gemv", "gemv K=2048")
+        for name, a, b in zip(names, cuda, plain):
             a, b = (a if isinstance(a, (tuple, list)) else [a]), (b if isinstance(b, (tuple, list)) else [b])
             err = max(float(mx.abs(u.astype(mx.float32) - v.astype(mx.float32)).max()) for u, v in zip(a, b))
             print(f"kernel {name:<22} {dtype}: max |cuda - mlx ops| {err:.3g}", flush=True)

@@ -88,16 +88,21 @@ def test_attention_heads_are_what_the_attention_layer_feeds_attention(family):
         close(a, b, 1e-5)
 
 
-def decode_both_ways(model: Model, prompts: mx.array, padding: list[int], steps: int) -> float:
+# the MLX ops taking the gemv route for up to 8 rows, as the CUDA kernels do (on CUDA for
+# shapes that fit them; the tiny models' do not)
+GEMV_ROUTE = fused.MLX_OPS._replace(gemv_fits=lambda rows, dims, dtype: rows <= fused.GEMV_MAX_ROWS)
+
+
+def decode_both_ways(model: Model, prompts: mx.array, padding: list[int], steps: int, ops=None) -> float:
     """Largest logit difference between the ordinary forward and fused_forward, prompt then steps."""
     plain_cache = model.make_cache(padding)
     fused_cache = model.make_cache(padding)
-    expected, got = Model.__call__(model, prompts, plain_cache), model.fused_forward(prompts, fused_cache)
+    expected, got = Model.__call__(model, prompts, plain_cache), model.fused_forward(prompts, fused_cache, ops)
     assert got is not None
     worst = float(mx.abs(expected - got).max())
     tokens = mx.argmax(expected[:, -1:], axis=-1)
     for _ in range(steps):
-        expected, got = Model.__call__(model, tokens, plain_cache), model.fused_forward(tokens, fused_cache)
+        expected, got = Model.__call__(model, tokens, plain_cache), model.fused_forward(tokens, fused_cache, ops)
         worst = max(worst, float(mx.abs(expected - got).max()))
         tokens = mx.argmax(expected[:, -1:], axis=-1)
     return worst
@@ -111,15 +116,42 @@ def decode_both_ways(model: Model, prompts: mx.array, padding: list[int], steps:
     length=st.integers(1, 6),
     pad=st.integers(0, 3),
     tied=st.booleans(),
+    gemv=st.booleans(),
     seed=st.integers(0, 50),
 )
-def test_fused_forward_gives_the_ordinary_forwards_logits(family, scaling, rows, length, pad, tied, seed):
+def test_fused_forward_gives_the_ordinary_forwards_logits(family, scaling, rows, length, pad, tied, gemv, seed):
+    """Prompts and decode steps, rows left-padded; with the gemv route, prompts of more than 8
+    rows x positions take the matmul route and decode steps the gemv one."""
     loaded = tiny_model(family, seed=seed, rope_scaling=SCALINGS[scaling], tie_word_embeddings=tied)
     model = loaded.model
     model.optimize_for_inference()
     padding = [pad if r == rows - 1 else 0 for r in range(rows)]
     prompts = mx.random.randint(0, model.vocab_size, (rows, length + pad), key=mx.random.key(seed))
-    assert decode_both_ways(model, prompts, padding, steps=3) < 2e-5
+    assert decode_both_ways(model, prompts, padding, steps=3, ops=GEMV_ROUTE if gemv else None) < 2e-5
+
+
+def test_norm_gemv_and_gemv_are_the_norm_and_the_products():
+    x, delta = mx.random.normal((2, 1, 64), key=mx.random.key(7)), mx.random.normal((2, 1, 64), key=mx.random.key(8))
+    norm_w = mx.random.uniform(0.5, 1.5, (64,), key=mx.random.key(9))
+    w = mx.random.normal((96, 64), key=mx.random.key(10))
+    h, out = fused.norm_gemv(x, delta, norm_w, 1e-6, w)
+    close(h, x + delta, 0)
+    close(out, mx.fast.rms_norm(x + delta, norm_w, 1e-6) @ w.T, 1e-5)
+    h, act = fused.norm_gemv(x, None, norm_w, 1e-6, w, swiglu=True)
+    assert h is x
+    gate_up = mx.fast.rms_norm(x, norm_w, 1e-6) @ w.T
+    close(act, nn.silu(gate_up[..., :48]) * gate_up[..., 48:], 1e-5)
+    heads = mx.random.normal((2, 4, 1, 16), key=mx.random.key(11))  # attention's (B, H, 1, D) output
+    close(fused.gemv(heads, w[:, :64], (2, 1, 96)), heads.reshape(2, 1, 64) @ w[:, :64].T, 1e-5)
+
+
+def test_gemv_kernels_take_whole_vectors_and_few_rows():
+    assert fused.gemv_fits(1, (1024, 2048, 3072), mx.bfloat16)
+    assert fused.gemv_fits(8, (1024, 2048, 3072), mx.bfloat16)
+    assert not fused.gemv_fits(9, (1024, 2048, 3072), mx.bfloat16)  # batch decoding: MLX's matmul
+    assert not fused.gemv_fits(1, (576, 576, 1536), mx.bfloat16)  # SmolLM2: not whole 256-element lane vectors
+    assert fused.gemv_fits(1, (640, 640, 1536), mx.float32) and not fused.gemv_fits(1, (640, 640, 1536), mx.bfloat16)
+    assert not fused.gemv_fits(8, (4096, 4096, 4096), mx.bfloat16)  # normed rows beyond 32 KB of shared memory
 
 
 def test_fused_forward_needs_the_fused_layout_and_sees_changes_at_the_next_cache():

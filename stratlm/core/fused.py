@@ -8,7 +8,11 @@ compiled at first use and cached by MLX) what takes several MLX ops:
 - `add_rms_norm`: the residual add and the next RMSNorm (two outputs);
 - `attention_heads`: the fused q/k/v projection's output split into heads, q/k RMSNorm
   (Qwen3), RoPE (Hugging Face half-split layout) and the (B, heads, L, dim) layout attention takes;
-- `swiglu`: silu(gate) * up on the fused gate/up projection's output.
+- `swiglu`: silu(gate) * up on the fused gate/up projection's output;
+- for a few rows (decoding, up to GEMV_MAX_ROWS): `norm_gemv`, the residual add, the norm and the
+  projection (and SwiGLU after the gate/up one) in one kernel, and `gemv`, a plain projection
+  reading attention's (B, H, 1, D) output as it is. These compute in fp32 where MLX's fp32
+  matmul on an H100 rounds its inputs to TF32 (~1e-3 apart).
 
 Elsewhere (CPU, Metal) each runs as the plain MLX ops it replaces, with the same rounding
 steps; that is also the oracle the CUDA kernels are tested against.
@@ -16,6 +20,7 @@ steps; that is also the oracle the CUDA kernels are tested against.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from functools import lru_cache
 from typing import Callable, NamedTuple
@@ -49,6 +54,14 @@ __device__ inline float stratlm_block_sum(float v, float* partial) {
 """
 
 
+def _cuda_kernel(name: str, inputs: list[str], outputs: list[str], source: str, header: str = ""):
+    """mx.fast.cuda_kernel, named after a hash of its code: MLX keys its compiled kernels (and its
+    on-disk PTX cache) by name, so constants baked into the source (eps, scales) or a changed
+    kernel must not share one."""
+    digest = hashlib.sha1((header + source + ",".join(inputs) + ";" + ",".join(outputs)).encode()).hexdigest()[:12]
+    return mx.fast.cuda_kernel(name=f"{name}_{digest}", input_names=inputs, output_names=outputs, source=source, header=header)
+
+
 def _float_literal(x: float) -> str:
     return f"{float(x)!r}f"
 
@@ -73,7 +86,7 @@ def _add_rms_norm_kernel(eps: float):
     y[base + j] = static_cast<T>(static_cast<float>(w[j]) * static_cast<float>(normed));
   }}
 """
-    return mx.fast.cuda_kernel(name="stratlm_add_rms_norm", input_names=["x", "delta", "w"], output_names=["h", "y"], source=source, header=_BLOCK_SUM)
+    return _cuda_kernel("stratlm_add_rms_norm", ["x", "delta", "w"], ["h", "y"], source, _BLOCK_SUM)
 
 
 @lru_cache(maxsize=256)
@@ -129,9 +142,7 @@ def _attention_heads_kernel(eps: float, rope_scale: float):
   dst[i] = static_cast<T>(x1 * c - x2 * s);
   dst[i + HALF] = static_cast<T>(x1 * s + x2 * c);
 """
-    return mx.fast.cuda_kernel(
-        name="stratlm_attention_heads", input_names=["qkv", "q_norm", "k_norm", "inv_freq", "offsets"],
-        output_names=["q", "k", "v"], source=source, header=_BLOCK_SUM)
+    return _cuda_kernel("stratlm_attention_heads", ["qkv", "q_norm", "k_norm", "inv_freq", "offsets"], ["q", "k", "v"], source, _BLOCK_SUM)
 
 
 @lru_cache(maxsize=256)
@@ -210,7 +221,7 @@ def _swiglu_kernel():
   const T act = static_cast<T>(g * static_cast<float>(sig));
   out[idx] = static_cast<T>(static_cast<float>(act) * static_cast<float>(gate_up[r * 2 * I + I + j]));
 """
-    return mx.fast.cuda_kernel(name="stratlm_swiglu", input_names=["gate_up"], output_names=["out"], source=source)
+    return _cuda_kernel("stratlm_swiglu", ["gate_up"], ["out"], source)
 
 
 @lru_cache(maxsize=256)
@@ -235,16 +246,165 @@ def _swiglu_mlx(gate_up):
     return (gate * mx.sigmoid(gate)) * up
 
 
+# -- matrix-vector products for a few rows, with the norm before and SwiGLU after ------------
+GEMV_MAX_ROWS = 8  # rows (batch x positions) the gemv kernels take; more go to MLX's matmul
+_GEMV_WARPS = 8  # output rows a block computes, one per warp
+
+
+def _gemv_source(norm: bool, add: bool, swiglu: bool, eps: float) -> str:
+    """x (M, K) [+ delta] [-> RMSNorm] @ w (N, K)^T -> out (M, N), or with SwiGLU, w holding the gate
+    rows then the up rows, out (M, N / 2) = silu(gate) * up. Rounded to T where the unfused ops
+    round: the sum, the norm, each product (fp32 accumulation), the activation."""
+    if norm:
+        # the normed rows, staged once per block in shared memory
+        prologue = f"""
+  __shared__ __align__(16) float ys[M * K];
+  __shared__ float partial[32];
+  for (int m = 0; m < M; ++m) {{
+    float squares = 0.f;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {{
+      {"T hk = static_cast<T>(static_cast<float>(x[m * K + k]) + static_cast<float>(delta[m * K + k]));" if add else "T hk = x[m * K + k];"}
+      {"if (blockIdx.x == 0) h[m * K + k] = hk;" if add else ""}
+      const float f = static_cast<float>(hk);
+      ys[m * K + k] = f;
+      squares += f * f;
+    }}
+    const float n = rsqrtf(stratlm_block_sum(squares, partial) / K + {_float_literal(eps)});
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {{
+      ys[m * K + k] = static_cast<float>(static_cast<T>(static_cast<float>(norm_w[k]) * static_cast<float>(static_cast<T>(ys[m * K + k] * n))));
+    }}
+    __syncthreads();
+  }}
+"""
+        load_x = """const float4* xv = reinterpret_cast<const float4*>(&ys[m * K + k0]);
+        float xs[VEC];
+        for (int v = 0; v < VEC / 4; ++v) { float4 f4 = xv[v]; xs[4 * v] = f4.x; xs[4 * v + 1] = f4.y; xs[4 * v + 2] = f4.z; xs[4 * v + 3] = f4.w; }"""
+    else:
+        prologue = ""
+        load_x = """const uint4 xraw = *reinterpret_cast<const uint4*>(x + m * K + k0);
+        const T* xt = reinterpret_cast<const T*>(&xraw);
+        float xs[VEC];
+        for (int v = 0; v < VEC; ++v) xs[v] = static_cast<float>(xt[v]);"""
+    rows_out = "N / 2" if swiglu else "N"
+    up = """
+      const uint4 uraw = *reinterpret_cast<const uint4*>(w + (size_t)(j + N / 2) * K + k0);
+      const T* uw = reinterpret_cast<const T*>(&uraw);""" if swiglu else ""
+    up_acc = "for (int v = 0; v < VEC; ++v) acc_up[m] += static_cast<float>(uw[v]) * xs[v];" if swiglu else ""
+    store = """
+      const float g = static_cast<float>(static_cast<T>(acc[m])), u = static_cast<float>(static_cast<T>(acc_up[m]));
+      const T sig = static_cast<T>(1.f / (1.f + expf(-g)));
+      const T act = static_cast<T>(g * static_cast<float>(sig));
+      out[m * ROWS_OUT + j] = static_cast<T>(static_cast<float>(act) * u);""" if swiglu else """
+      out[m * ROWS_OUT + j] = static_cast<T>(acc[m]);"""
+    return f"""
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int ROWS_OUT = {rows_out};
+{prologue}
+  const int lane = threadIdx.x % 32;
+  const int j = blockIdx.x * {_GEMV_WARPS} + threadIdx.x / 32;
+  if (j >= ROWS_OUT) return;
+  float acc[M], acc_up[M];
+  for (int m = 0; m < M; ++m) {{ acc[m] = 0.f; acc_up[m] = 0.f; }}
+  for (int k0 = lane * VEC; k0 < K; k0 += 32 * VEC) {{
+    const uint4 wraw = *reinterpret_cast<const uint4*>(w + (size_t)j * K + k0);
+    const T* wt = reinterpret_cast<const T*>(&wraw);{up}
+    for (int m = 0; m < M; ++m) {{
+        {load_x}
+      for (int v = 0; v < VEC; ++v) acc[m] += static_cast<float>(wt[v]) * xs[v];
+      {up_acc}
+    }}
+  }}
+  for (int m = 0; m < M; ++m) {{
+    for (int o = 16; o > 0; o >>= 1) {{
+      acc[m] += __shfl_xor_sync(0xffffffff, acc[m], o);
+      acc_up[m] += __shfl_xor_sync(0xffffffff, acc_up[m], o);
+    }}
+  }}
+  if (lane == 0) {{
+    for (int m = 0; m < M; ++m) {{{store}
+    }}
+  }}
+"""
+
+
+@lru_cache(maxsize=None)
+def _gemv_kernel(norm: bool, add: bool, swiglu: bool, eps: float):
+    inputs = ["x"] + (["delta"] if add else []) + (["norm_w"] if norm else []) + ["w"]
+    outputs = (["h"] if add else []) + ["out"]
+    name = "stratlm_gemv" + ("_norm" if norm else "") + ("_add" if add else "") + ("_swiglu" if swiglu else "")
+    return _cuda_kernel(name, inputs, outputs, _gemv_source(norm, add, swiglu, eps), _BLOCK_SUM)
+
+
+def gemv_fits(rows: int, dims: tuple[int, ...], dtype: mx.Dtype) -> bool:
+    """Whether the gemv kernels take `rows` rows of these inner dimensions: whole 16-byte vectors
+    per lane, and the normed rows within 32 KB of shared memory."""
+    if dtype not in _CUDA_TYPES or not 1 <= rows <= GEMV_MAX_ROWS:
+        return False
+    vec = 16 // {mx.float32: 4, mx.float16: 2, mx.bfloat16: 2}[dtype]
+    return all(k % (32 * vec) == 0 for k in dims) and rows * dims[0] * 4 <= 32 * 1024
+
+
+@lru_cache(maxsize=256)
+def _gemv_launch(m: int, k: int, n: int, swiglu: bool, dtype: mx.Dtype, h_shape: tuple[int, ...] | None, out_shape: tuple[int, ...]) -> dict:
+    rows_out = n // 2 if swiglu else n
+    blocks = -(-rows_out // _GEMV_WARPS)
+    return dict(template=[("T", dtype), ("M", m), ("K", k), ("N", n)], grid=(blocks * 32 * _GEMV_WARPS, 1, 1),
+                threadgroup=(32 * _GEMV_WARPS, 1, 1), output_shapes=([h_shape] if h_shape else []) + [out_shape],
+                output_dtypes=[dtype] * (2 if h_shape else 1))
+
+
+def _norm_gemv_cuda(x, delta, norm_w, eps, w, swiglu):
+    *lead, k = x.shape
+    m, n = math.prod(lead), w.shape[0]
+    add = delta is not None
+    out_shape = (*lead, n // 2 if swiglu else n)
+    inputs = [x, delta, norm_w, w] if add else [x, norm_w, w]
+    outs = _gemv_kernel(True, add, swiglu, eps)(inputs=inputs, **_gemv_launch(m, k, n, swiglu, x.dtype, x.shape if add else None, out_shape))
+    return (outs[0], outs[1]) if add else (x, outs[0])
+
+
+def _norm_gemv_mlx(x, delta, norm_w, eps, w, swiglu):
+    h = x if delta is None else x + delta
+    out = mx.fast.rms_norm(h, norm_w, eps) @ w.T
+    return h, (_swiglu_mlx(out) if swiglu else out)
+
+
+def _gemv_cuda(x, w, out_shape):
+    k, n = w.shape[1], w.shape[0]
+    m = x.size // k
+    return _gemv_kernel(False, False, False, 0.0)(inputs=[x, w], **_gemv_launch(m, k, n, False, x.dtype, None, out_shape))[0]
+
+
+def _gemv_mlx(x, w, out_shape):
+    return (x.reshape(-1, w.shape[1]) @ w.T).reshape(out_shape)
+
+
+def norm_gemv(x: mx.array, delta: mx.array | None, norm_w: mx.array, eps: float, w: mx.array, *, swiglu: bool = False) -> tuple[mx.array, mx.array]:
+    """h = x + delta (x when delta is None); returns (h, rms_norm(h) * norm_w @ w.T), the product
+    through SwiGLU when `swiglu` (w's first half of rows the gate, second the up projection).
+    w is (N, K) row-major: a Linear's weight. On CUDA one kernel for up to GEMV_MAX_ROWS rows."""
+    return ops_for(x.dtype).norm_gemv(x, delta, norm_w, eps, w, swiglu)
+
+
+def gemv(x: mx.array, w: mx.array, out_shape: tuple[int, ...]) -> mx.array:
+    """x's rows of w.shape[1] values (any contiguous layout) @ w.T, shaped out_shape."""
+    return ops_for(x.dtype).gemv(x, w, out_shape)
+
+
 class FusedOps(NamedTuple):
     """One implementation of each op; `ops_for` picks once, callers skip the per-call checks."""
 
     add_rms_norm: Callable
     attention_heads: Callable
     swiglu: Callable
+    norm_gemv: Callable
+    gemv: Callable
+    gemv_fits: Callable  # (rows, inner dims, dtype) -> whether a forward takes the gemv ops
 
 
-CUDA_OPS = FusedOps(_add_rms_norm_cuda, _attention_heads_cuda, _swiglu_cuda)
-MLX_OPS = FusedOps(_add_rms_norm_mlx, _attention_heads_mlx, _swiglu_mlx)
+CUDA_OPS = FusedOps(_add_rms_norm_cuda, _attention_heads_cuda, _swiglu_cuda, _norm_gemv_cuda, _gemv_cuda, gemv_fits)
+# elsewhere MLX's matmul does better than a norm_gemv emulated with plain ops
+MLX_OPS = FusedOps(_add_rms_norm_mlx, _attention_heads_mlx, _swiglu_mlx, _norm_gemv_mlx, _gemv_mlx, lambda rows, dims, dtype: False)
 
 
 def ops_for(dtype: mx.Dtype) -> FusedOps:

@@ -7,7 +7,7 @@ the same names mlx-lm uses, so checkpoints and adapters move between them and st
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import mlx.core as mx
@@ -243,7 +243,7 @@ def fuse_linears(module: nn.Module, names: tuple[str, ...]) -> None:
     for layer, view in zip(layers, views):
         layer.weight = view
     # "_": not a parameter. fused_t is an evaluated view: `x @ fused_t` is one graph node
-    module._fused = (fused_t, tuple(views), tuple(v.shape[0] for v in views))
+    module._fused = (fused_t, tuple(views), tuple(v.shape[0] for v in views), fused)
 
 
 def fused_intact(module: nn.Module, names: tuple[str, ...]) -> bool:
@@ -273,12 +273,31 @@ def project(module: nn.Module, x: mx.array, names: tuple[str, ...]) -> list[mx.a
     """The named projections of x: one matmul while the fused layout is intact, else one each."""
     fused = module.get("_fused")
     if fused is not None:
-        weight_t, views, rows = fused
+        weight_t, views, rows, _ = fused
         if fused_intact(module, names):
             splits = [sum(rows[: i + 1]) for i in range(len(rows) - 1)]
             return mx.split(x @ weight_t, splits, axis=-1)
         module.pop("_fused")  # a weight was replaced (training, set_dtype, a transform): drop the stale copy
     return [getattr(module, n)(x) for n in names]
+
+
+class BlockPlan(NamedTuple):
+    """A block's arrays for DecoderLM.fused_forward: weights as (out, in) for the gemv kernels and
+    as evaluated transposed views (`_t`) for matmuls."""
+
+    input_norm: mx.array
+    input_eps: float
+    qkv_t: mx.array
+    qkv: mx.array
+    qk_norm: tuple  # (q_norm weight, k_norm weight, eps), or (None, None, eps) without q/k norm
+    o_t: mx.array
+    o: mx.array
+    post_norm: mx.array
+    post_eps: float
+    gate_up_t: mx.array
+    gate_up: mx.array
+    down_t: mx.array
+    down: mx.array
 
 
 class Block(nn.Module):
@@ -310,8 +329,9 @@ class Block(nn.Module):
         if any(type(n) is not nn.RMSNorm for n in norms):
             return None
         qk_norm = (attn["q_norm"].weight, attn["k_norm"].weight, attn["q_norm"].eps) if "q_norm" in attn else (None, None, 1e-6)
-        return (norms[0].weight, norms[0].eps, attn["_fused"][0], qk_norm, transposed_weight(o_proj),
-                norms[1].weight, norms[1].eps, mlp["_fused"][0], transposed_weight(down_proj))
+        (qkv_t, *_, qkv), (gate_up_t, *_, gate_up) = attn["_fused"], mlp["_fused"]
+        return BlockPlan(norms[0].weight, norms[0].eps, qkv_t, qkv, qk_norm, transposed_weight(o_proj), o_proj.weight,
+                         norms[1].weight, norms[1].eps, gate_up_t, gate_up, transposed_weight(down_proj), down_proj.weight)
 
 
 class Backbone(nn.Module):
@@ -380,11 +400,12 @@ class DecoderLM(Model):
         shapes = (attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.scale, attn.rope)
         return tuple(plans), shapes, final_norm.weight, final_norm.eps, transposed_weight(head)
 
-    def fused_forward(self, tokens: mx.array, cache: list[KVCache]) -> mx.array | None:
+    def fused_forward(self, tokens: mx.array, cache: list[KVCache], ops: fused_ops.FusedOps | None = None) -> mx.array | None:
         """The cached forward in ~14 graph nodes a layer instead of ~37 (core/fused.py: the
         residual add with the next norm, q/k/v heads with norm and RoPE, SwiGLU, as one kernel
         each on CUDA; matmuls against evaluated transposed views). Same logits as __call__ up to
         float rounding. None when the model is not in the fused layout (optimize_for_inference).
+        `ops`: the implementations (default: CUDA kernels on CUDA, plain MLX ops elsewhere).
         The plan is taken when the cache is made (make_cache), so a model changed during one
         generation (weights replaced, adapters added) is seen at the next."""
         if not cache or type(cache[0]) is not KVCache:
@@ -399,20 +420,29 @@ class DecoderLM(Model):
         offsets = mx.array([offset] * B, dtype=mx.int32) if isinstance(offset, int) else mx.broadcast_to(offset, (B,)).astype(mx.int32)
         inv_freq, rope_scale = rope.inv_freq(), rope.scale
         h = self.embed(tokens)
-        ops = fused_ops.ops_for(h.dtype)
+        ops = ops or fused_ops.ops_for(h.dtype)
+        hidden, inter = h.shape[-1], plans[0].down.shape[1]
+        # a few rows (decoding): the norm, the projection and SwiGLU each in one gemv kernel
+        few = ops.gemv_fits(B * L, (hidden, n_heads * head_dim, inter), h.dtype)
         delta = None
-        for (in_w, in_eps, qkv_t, (q_w, k_w, qk_eps), o_t, post_w, post_eps, gate_up_t, down_t), layer_cache in zip(plans, cache):
-            if delta is None:
-                y = mx.fast.rms_norm(h, in_w, in_eps)
+        for (in_w, in_eps, qkv_t, qkv_w, (q_w, k_w, qk_eps), o_t, o_w, post_w, post_eps, gate_up_t, gate_up_w, down_t, down_w), layer_cache in zip(plans, cache):
+            if few:
+                h, qkv = ops.norm_gemv(h, delta, in_w, in_eps, qkv_w, False)
             else:
-                h, y = ops.add_rms_norm(h, delta, in_w, in_eps)
-            q, k, v = ops.attention_heads(y @ qkv_t, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
+                h, y = (h, mx.fast.rms_norm(h, in_w, in_eps)) if delta is None else ops.add_rms_norm(h, delta, in_w, in_eps)
+                qkv = y @ qkv_t
+            q, k, v = ops.attention_heads(qkv, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
             k, v = layer_cache.update_and_fetch(k, v)
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-            # (B, H, 1, D) is already laid out as (B, 1, H * D): no transpose for one position
-            out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-            h, y = ops.add_rms_norm(h, out @ o_t, post_w, post_eps)
-            delta = ops.swiglu(y @ gate_up_t) @ down_t
+            if few:
+                # (B, H, 1, D) is laid out as B rows of H * D: the kernel reads it as it is
+                out = ops.gemv(out if L == 1 else out.transpose(0, 2, 1, 3), o_w, (B, L, hidden))
+                h, act = ops.norm_gemv(h, out, post_w, post_eps, gate_up_w, True)
+                delta = ops.gemv(act, down_w, (B, L, hidden))
+            else:
+                out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+                h, y = ops.add_rms_norm(h, out @ o_t, post_w, post_eps)
+                delta = ops.swiglu(y @ gate_up_t) @ down_t
         _, y = ops.add_rms_norm(h, delta, final_w, final_eps)
         return y @ head_t
 
