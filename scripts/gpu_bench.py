@@ -102,19 +102,12 @@ def batch1():
 
 @section("batch 1 variants, interleaved")
 def batch1_variants(folder, loaded):
-    """stratlm's opt-in paths (compiled step, fused projections) against the default and mlx-lm."""
-    fused = bench_model(MODEL, "bfloat16")  # same seed: the same weights
-    fused.model.optimize_for_inference()
-    plain_engine, fused_engine, theirs = StratlmEngine(loaded), StratlmEngine(fused), MlxLmEngine(str(folder))
-    variants = {
-        "default": (plain_engine, "off"),
-        "compiled": (plain_engine, "on"),
-        "fused": (fused_engine, "off"),
-        "fused+compiled": (fused_engine, "on"),
-        "mlx-lm": (theirs, None),
-    }
+    """stratlm's opt-in compiled step (STRATLM_COMPILE=on) against the default and mlx-lm."""
+    ours, theirs = StratlmEngine(loaded), MlxLmEngine(str(folder))
+    variants = {"default": (ours, "off"), "compiled": (ours, "on"), "mlx-lm": (theirs, None)}
     prompt = prompt_tokens(loaded, PROMPT)
     speeds: dict[str, list[float]] = {name: [] for name in variants}
+    tokens: dict[str, list[int]] = {}
     names = list(variants)
     for rep in range(-1, REPS):  # round -1: warm-up
         for name in names[rep % len(names):] + names[: rep % len(names)]:
@@ -123,7 +116,10 @@ def batch1_variants(folder, loaded):
             result = engine.run(prompt, NEW if rep >= 0 else 32)
             if rep >= 0:
                 speeds[name].append(result.decode_tps)
+                tokens[name] = result.token_ids
     os.environ.pop("STRATLM_COMPILE")
+    diff = first_difference(tokens["compiled"], tokens["default"])
+    table.append(("b1 compiled tokens == default (bf16)", "all" if diff is None else f"first {diff}"))
     for name in names:
         ratios = [a / b for a, b in zip(speeds[name], speeds["mlx-lm"])]
         print(f"{name:<16} {statistics.median(speeds[name]):8.1f} tok/s ({min(speeds[name]):.0f}-{max(speeds[name]):.0f})  /mlx-lm {statistics.median(ratios):.2f}x")

@@ -107,13 +107,17 @@ def check_fused():
             return (F.add_rms_norm(x, d, w, 1e-6), F.attention_heads(qkv, 16, 8, 128, inv, offs, q_norm=qn, k_norm=kn, rope_scale=0.5),
                     F.attention_heads(qkv, 16, 8, 128, inv, offs), F.swiglu(gu),
                     F.norm_gemv(x1, d1, w, 1e-6, W), F.norm_gemv(x1, None, w, 1e-6, W)[1], F.norm_gemv(x1, d1, w, 1e-6, W, swiglu=True),
-                    F.gemv(x1, W, (3, 1, 6144)), F.gemv(gu[:, :1, :2048], W2, (3, 1, 3072)))
+                    F.gemv(x1, W, (3, 1, 6144)), F.gemv(gu[:, :1, :2048], W2, (3, 1, 3072)),
+                    F.norm_gemv_heads(x1, d1, w, 1e-6, W[:4096], 16, 8, 128, inv, offs, q_norm=qn, k_norm=kn, rope_scale=0.5),
+                    F.norm_gemv_heads(x1, None, w, 1e-6, W[:4096], 16, 8, 128, inv, offs)[1:],
+                    F.norm_gemv_heads(x[:1, :4], d[:1, :4], w, 1e-6, W[:4096], 16, 8, 128, inv, offs[:1], q_norm=qn, k_norm=kn))
 
         cuda = run_all()
         active, F.cuda_active = F.cuda_active, lambda: False
         plain = run_all()
         F.cuda_active = active
-        names = ("add_rms_norm", "attention_heads+norm", "attention_heads", "swiglu", "norm_gemv add", "norm_gemv", "norm_gemv add swiglu", "gemv", "gemv K=2048")
+        names = ("add_rms_norm", "attention_heads+norm", "attention_heads", "swiglu", "norm_gemv add", "norm_gemv", "norm_gemv add swiglu", "gemv", "gemv K=2048",
+                 "norm_gemv_heads add+qk norm", "norm_gemv_heads", "norm_gemv_heads 1x4 positions")
         for name, a, b in zip(names, cuda, plain):
             a, b = (a if isinstance(a, (tuple, list)) else [a]), (b if isinstance(b, (tuple, list)) else [b])
             err = max(float(mx.abs(u.astype(mx.float32) - v.astype(mx.float32)).max()) for u, v in zip(a, b))

@@ -90,7 +90,7 @@ def test_attention_heads_are_what_the_attention_layer_feeds_attention(family):
 
 # the MLX ops taking the gemv route for up to 8 rows, as the CUDA kernels do (on CUDA for
 # shapes that fit them; the tiny models' do not)
-GEMV_ROUTE = fused.MLX_OPS._replace(gemv_fits=lambda rows, dims, dtype: rows <= fused.GEMV_MAX_ROWS)
+GEMV_ROUTE = fused.MLX_OPS._replace(gemv_fits=lambda rows, dims, dtype, head_dim: rows <= fused.GEMV_MAX_ROWS)
 
 
 def decode_both_ways(model: Model, prompts: mx.array, padding: list[int], steps: int, ops=None) -> float:
@@ -141,17 +141,25 @@ def test_norm_gemv_and_gemv_are_the_norm_and_the_products():
     assert h is x
     gate_up = mx.fast.rms_norm(x, norm_w, 1e-6) @ w.T
     close(act, nn.silu(gate_up[..., :48]) * gate_up[..., 48:], 1e-5)
+    inv_freq, offsets = RoPE(16, 10000.0, None).inv_freq(), mx.array([3, 9], dtype=mx.int32)
+    qk_w = mx.random.uniform(0.5, 1.5, (16,), key=mx.random.key(12))
+    h, q, k, v = fused.norm_gemv_heads(x, delta, norm_w, 1e-6, w, 4, 1, 16, inv_freq, offsets, q_norm=qk_w, k_norm=qk_w)
+    qkv = mx.fast.rms_norm(x + delta, norm_w, 1e-6) @ w.T
+    for a, b in zip((h, q, k, v), (x + delta, *fused.attention_heads(qkv, 4, 1, 16, inv_freq, offsets, q_norm=qk_w, k_norm=qk_w))):
+        close(a, b, 1e-5)
     heads = mx.random.normal((2, 4, 1, 16), key=mx.random.key(11))  # attention's (B, H, 1, D) output
     close(fused.gemv(heads, w[:, :64], (2, 1, 96)), heads.reshape(2, 1, 64) @ w[:, :64].T, 1e-5)
 
 
 def test_gemv_kernels_take_whole_vectors_and_few_rows():
-    assert fused.gemv_fits(1, (1024, 2048, 3072), mx.bfloat16)
-    assert fused.gemv_fits(8, (1024, 2048, 3072), mx.bfloat16)
-    assert not fused.gemv_fits(9, (1024, 2048, 3072), mx.bfloat16)  # batch decoding: MLX's matmul
-    assert not fused.gemv_fits(1, (576, 576, 1536), mx.bfloat16)  # SmolLM2: not whole 256-element lane vectors
-    assert fused.gemv_fits(1, (640, 640, 1536), mx.float32) and not fused.gemv_fits(1, (640, 640, 1536), mx.bfloat16)
-    assert not fused.gemv_fits(8, (4096, 4096, 4096), mx.bfloat16)  # normed rows beyond 32 KB of shared memory
+    qwen3_0_6b = (1024, 2048, 3072)
+    assert fused.gemv_fits(1, qwen3_0_6b, mx.bfloat16, 128)
+    assert fused.gemv_fits(8, qwen3_0_6b, mx.bfloat16, 128)
+    assert not fused.gemv_fits(9, qwen3_0_6b, mx.bfloat16, 128)  # batch decoding: MLX's matmul
+    assert not fused.gemv_fits(1, (576, 576, 1536), mx.bfloat16, 64)  # SmolLM2: not whole 256-element lane vectors
+    assert fused.gemv_fits(1, (640, 640, 1536), mx.float32, 64) and not fused.gemv_fits(1, (640, 640, 1536), mx.bfloat16, 64)
+    assert not fused.gemv_fits(8, (4096, 4096, 4096), mx.bfloat16, 128)  # normed rows beyond 32 KB of shared memory
+    assert not fused.gemv_fits(1, qwen3_0_6b, mx.bfloat16, 120)  # a head is 8 warps x whole rows
 
 
 def test_fused_forward_needs_the_fused_layout_and_sees_changes_at_the_next_cache():

@@ -251,13 +251,10 @@ GEMV_MAX_ROWS = 8  # rows (batch x positions) the gemv kernels take; more go to 
 _GEMV_WARPS = 8  # output rows a block computes, one per warp
 
 
-def _gemv_source(norm: bool, add: bool, swiglu: bool, eps: float) -> str:
-    """x (M, K) [+ delta] [-> RMSNorm] @ w (N, K)^T -> out (M, N), or with SwiGLU, w holding the gate
-    rows then the up rows, out (M, N / 2) = silu(gate) * up. Rounded to T where the unfused ops
-    round: the sum, the norm, each product (fp32 accumulation), the activation."""
-    if norm:
-        # the normed rows, staged once per block in shared memory
-        prologue = f"""
+def _norm_prologue(add: bool, eps: float) -> str:
+    """The M rows x (+ delta, written to h by block 0), RMS-normed and rounded as the unfused ops
+    do, staged as floats in shared memory (ys) for the block's products."""
+    return f"""
   __shared__ __align__(16) float ys[M * K];
   __shared__ float partial[32];
   for (int m = 0; m < M; ++m) {{
@@ -276,9 +273,20 @@ def _gemv_source(norm: bool, add: bool, swiglu: bool, eps: float) -> str:
     __syncthreads();
   }}
 """
-        load_x = """const float4* xv = reinterpret_cast<const float4*>(&ys[m * K + k0]);
+
+
+_LOAD_NORMED_X = """const float4* xv = reinterpret_cast<const float4*>(&ys[m * K + k0]);
         float xs[VEC];
         for (int v = 0; v < VEC / 4; ++v) { float4 f4 = xv[v]; xs[4 * v] = f4.x; xs[4 * v + 1] = f4.y; xs[4 * v + 2] = f4.z; xs[4 * v + 3] = f4.w; }"""
+
+
+def _gemv_source(norm: bool, add: bool, swiglu: bool, eps: float) -> str:
+    """x (M, K) [+ delta] [-> RMSNorm] @ w (N, K)^T -> out (M, N), or with SwiGLU, w holding the gate
+    rows then the up rows, out (M, N / 2) = silu(gate) * up. Rounded to T where the unfused ops
+    round: the sum, the norm, each product (fp32 accumulation), the activation."""
+    if norm:
+        prologue = _norm_prologue(add, eps)
+        load_x = _LOAD_NORMED_X
     else:
         prologue = ""
         load_x = """const uint4 xraw = *reinterpret_cast<const uint4*>(x + m * K + k0);
@@ -335,13 +343,118 @@ def _gemv_kernel(norm: bool, add: bool, swiglu: bool, eps: float):
     return _cuda_kernel(name, inputs, outputs, _gemv_source(norm, add, swiglu, eps), _BLOCK_SUM)
 
 
-def gemv_fits(rows: int, dims: tuple[int, ...], dtype: mx.Dtype) -> bool:
-    """Whether the gemv kernels take `rows` rows of these inner dimensions: whole 16-byte vectors
-    per lane, and the normed rows within 32 KB of shared memory."""
+def _gemv_heads_source(add: bool, eps: float, qk_eps: float, rope_scale: float) -> str:
+    """norm_gemv for the q/k/v projection with attention_heads after it: one block per head
+    computes the head's D outputs for all M rows (each warp D / 8 of them), then q/k norm, RoPE
+    and the (B, heads, LEN, D) layout, as attention_heads does."""
+    return f"""
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int HALF = D / 2;
+  constexpr int ROWS_PER_WARP = D / {_GEMV_WARPS};
+{_norm_prologue(add, eps)}
+  __shared__ float res[M * D];
+  __shared__ float inv_rms[M];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, head = blockIdx.x;
+  #pragma unroll 4
+  for (int r = 0; r < ROWS_PER_WARP; ++r) {{  // unrolled: several rows' loads in flight
+    const int row = warp * ROWS_PER_WARP + r;
+    const T* wrow = w + ((size_t)head * D + row) * K;
+    float acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    for (int k0 = lane * VEC; k0 < K; k0 += 32 * VEC) {{
+      const uint4 wraw = *reinterpret_cast<const uint4*>(wrow + k0);
+      const T* wt = reinterpret_cast<const T*>(&wraw);
+      for (int m = 0; m < M; ++m) {{
+        {_LOAD_NORMED_X}
+        for (int v = 0; v < VEC; ++v) acc[m] += static_cast<float>(wt[v]) * xs[v];
+      }}
+    }}
+    for (int m = 0; m < M; ++m) {{
+      for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffff, acc[m], o);
+      if (lane == 0) res[m * D + row] = static_cast<float>(static_cast<T>(acc[m]));  // a matmul's output, rounded to T
+    }}
+  }}
+  __syncthreads();
+  if (head >= HQ + HK) {{
+    for (int t = threadIdx.x; t < M * D; t += blockDim.x) {{
+      const int m = t / D, i = t - m * D, b = m / LEN, l = m - b * LEN;
+      v[(((size_t)b * HK + (head - HQ - HK)) * LEN + l) * D + i] = static_cast<T>(res[t]);
+    }}
+    return;
+  }}
+  const bool is_q = head < HQ;
+  if (NORM) {{
+    if (warp < M) {{
+      float squares = 0.f;
+      for (int i = lane; i < D; i += 32) squares += res[warp * D + i] * res[warp * D + i];
+      for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffff, squares, o);
+      if (lane == 0) inv_rms[warp] = rsqrtf(squares / D + {_float_literal(qk_eps)});
+    }}
+    __syncthreads();
+  }}
+  const T* nw = is_q ? q_norm : k_norm;
+  T* dst = is_q ? q : k;
+  const int heads = is_q ? HQ : HK, hh = is_q ? head : head - HQ;
+  for (int t = threadIdx.x; t < M * HALF; t += blockDim.x) {{
+    const int m = t / HALF, i = t - m * HALF, b = m / LEN, l = m - b * LEN;
+    float x1 = res[m * D + i], x2 = res[m * D + i + HALF];
+    if (NORM) {{
+      x1 = static_cast<float>(static_cast<T>(static_cast<float>(nw[i]) * static_cast<float>(static_cast<T>(x1 * inv_rms[m]))));
+      x2 = static_cast<float>(static_cast<T>(static_cast<float>(nw[i + HALF]) * static_cast<float>(static_cast<T>(x2 * inv_rms[m]))));
+    }}
+    const float theta = ({_float_literal(rope_scale)} * static_cast<float>(offsets[b] + l)) * inv_freq[i];
+    const float c = cos(theta), s = sin(theta);
+    T* out = dst + (((size_t)b * heads + hh) * LEN + l) * D;
+    out[i] = static_cast<T>(x1 * c - x2 * s);
+    out[i + HALF] = static_cast<T>(x1 * s + x2 * c);
+  }}
+"""
+
+
+@lru_cache(maxsize=None)
+def _gemv_heads_kernel(add: bool, eps: float, qk_eps: float, rope_scale: float):
+    inputs = ["x"] + (["delta"] if add else []) + ["norm_w", "w", "q_norm", "k_norm", "inv_freq", "offsets"]
+    outputs = (["h"] if add else []) + ["q", "k", "v"]
+    return _cuda_kernel("stratlm_gemv_heads" + ("_add" if add else ""), inputs, outputs, _gemv_heads_source(add, eps, qk_eps, rope_scale), _BLOCK_SUM)
+
+
+@lru_cache(maxsize=256)
+def _gemv_heads_launch(B: int, L: int, k: int, n_heads: int, n_kv_heads: int, head_dim: int, norm: bool, dtype: mx.Dtype, h_shape: tuple | None) -> dict:
+    heads = [(B, n_heads, L, head_dim), (B, n_kv_heads, L, head_dim), (B, n_kv_heads, L, head_dim)]
+    return dict(template=[("T", dtype), ("M", B * L), ("K", k), ("HQ", n_heads), ("HK", n_kv_heads), ("D", head_dim), ("LEN", L), ("NORM", norm)],
+                grid=((n_heads + 2 * n_kv_heads) * 32 * _GEMV_WARPS, 1, 1), threadgroup=(32 * _GEMV_WARPS, 1, 1),
+                output_shapes=([h_shape] if h_shape else []) + heads, output_dtypes=[dtype] * (4 if h_shape else 3))
+
+
+def _norm_gemv_heads_cuda(x, delta, norm_w, eps, w, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_norm, k_norm, qk_eps):
+    B, L, k = x.shape
+    add, norm = delta is not None, q_norm is not None
+    inputs = [x] + ([delta] if add else []) + [norm_w, w, q_norm if norm else x, k_norm if norm else x, inv_freq, offsets]
+    outs = _gemv_heads_kernel(add, eps, qk_eps, rope_scale)(
+        inputs=inputs, **_gemv_heads_launch(B, L, k, n_heads, n_kv_heads, head_dim, norm, x.dtype, x.shape if add else None))
+    return tuple(outs) if add else (x, *outs)
+
+
+def _norm_gemv_heads_mlx(x, delta, norm_w, eps, w, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_norm, k_norm, qk_eps):
+    h, qkv = _norm_gemv_mlx(x, delta, norm_w, eps, w, False)
+    return (h, *_attention_heads_mlx(qkv, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_norm, k_norm, qk_eps))
+
+
+def norm_gemv_heads(x, delta, norm_w, eps, w, n_heads, n_kv_heads, head_dim, inv_freq, offsets, *, rope_scale=1.0, q_norm=None, k_norm=None, qk_eps=1e-6):
+    """norm_gemv then attention_heads, for up to GEMV_MAX_ROWS rows: x (B, L, K) [+ delta] ->
+    (h, q, k, v) with q, k, v as attention_heads gives them. On CUDA one kernel."""
+    return ops_for(x.dtype).norm_gemv_heads(x, delta, norm_w, eps, w, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_norm, k_norm, qk_eps)
+
+
+def gemv_fits(rows: int, dims: tuple[int, ...], dtype: mx.Dtype, head_dim: int) -> bool:
+    """Whether the gemv kernels take `rows` rows of these inner dimensions (the normed input's
+    first): whole 16-byte vectors per lane, the normed rows within 32 KB of shared memory, and a
+    head of at most 256 a whole number of rows per warp."""
     if dtype not in _CUDA_TYPES or not 1 <= rows <= GEMV_MAX_ROWS:
         return False
     vec = 16 // {mx.float32: 4, mx.float16: 2, mx.bfloat16: 2}[dtype]
-    return all(k % (32 * vec) == 0 for k in dims) and rows * dims[0] * 4 <= 32 * 1024
+    fits_heads = head_dim % (2 * _GEMV_WARPS) == 0 and head_dim <= 256
+    return fits_heads and all(k % (32 * vec) == 0 for k in dims) and rows * dims[0] * 4 <= 32 * 1024
 
 
 @lru_cache(maxsize=256)
@@ -398,13 +511,14 @@ class FusedOps(NamedTuple):
     attention_heads: Callable
     swiglu: Callable
     norm_gemv: Callable
+    norm_gemv_heads: Callable
     gemv: Callable
-    gemv_fits: Callable  # (rows, inner dims, dtype) -> whether a forward takes the gemv ops
+    gemv_fits: Callable  # (rows, inner dims, dtype, head_dim) -> whether a forward takes the gemv ops
 
 
-CUDA_OPS = FusedOps(_add_rms_norm_cuda, _attention_heads_cuda, _swiglu_cuda, _norm_gemv_cuda, _gemv_cuda, gemv_fits)
+CUDA_OPS = FusedOps(_add_rms_norm_cuda, _attention_heads_cuda, _swiglu_cuda, _norm_gemv_cuda, _norm_gemv_heads_cuda, _gemv_cuda, gemv_fits)
 # elsewhere MLX's matmul does better than a norm_gemv emulated with plain ops
-MLX_OPS = FusedOps(_add_rms_norm_mlx, _attention_heads_mlx, _swiglu_mlx, _norm_gemv_mlx, _gemv_mlx, lambda rows, dims, dtype: False)
+MLX_OPS = FusedOps(_add_rms_norm_mlx, _attention_heads_mlx, _swiglu_mlx, _norm_gemv_mlx, _norm_gemv_heads_mlx, _gemv_mlx, lambda rows, dims, dtype, head_dim: False)
 
 
 def ops_for(dtype: mx.Dtype) -> FusedOps:

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from stratlm.core import fused as fused_ops
-from stratlm.core.cache import KVCache
+from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.core.errors import ModelLoadError
 from stratlm.core.model import Model
 
@@ -401,14 +401,15 @@ class DecoderLM(Model):
         return tuple(plans), shapes, final_norm.weight, final_norm.eps, transposed_weight(head)
 
     def fused_forward(self, tokens: mx.array, cache: list[KVCache], ops: fused_ops.FusedOps | None = None) -> mx.array | None:
-        """The cached forward in ~14 graph nodes a layer instead of ~37 (core/fused.py: the
-        residual add with the next norm, q/k/v heads with norm and RoPE, SwiGLU, as one kernel
-        each on CUDA; matmuls against evaluated transposed views). Same logits as __call__ up to
+        """The cached forward in 9 graph nodes a layer (a few rows: decoding) or 14 (more) instead
+        of ~37 (core/fused.py: on CUDA the residual add, the norm, the q/k/v projection, q/k norm
+        and RoPE in one kernel; the other add, norm, gate/up projection and SwiGLU in another;
+        matmuls against evaluated transposed views for many rows). Same logits as __call__ up to
         float rounding. None when the model is not in the fused layout (optimize_for_inference).
         `ops`: the implementations (default: CUDA kernels on CUDA, plain MLX ops elsewhere).
         The plan is taken when the cache is made (make_cache), so a model changed during one
         generation (weights replaced, adapters added) is seen at the next."""
-        if not cache or type(cache[0]) is not KVCache:
+        if not cache or type(cache[0]) not in (KVCache, StaticKVCache):
             return None
         plan = self.get("_fused_plans")
         if plan is None:
@@ -423,15 +424,14 @@ class DecoderLM(Model):
         ops = ops or fused_ops.ops_for(h.dtype)
         hidden, inter = h.shape[-1], plans[0].down.shape[1]
         # a few rows (decoding): the norm, the projection and SwiGLU each in one gemv kernel
-        few = ops.gemv_fits(B * L, (hidden, n_heads * head_dim, inter), h.dtype)
+        few = ops.gemv_fits(B * L, (hidden, n_heads * head_dim, inter), h.dtype, head_dim)
         delta = None
         for (in_w, in_eps, qkv_t, qkv_w, (q_w, k_w, qk_eps), o_t, o_w, post_w, post_eps, gate_up_t, gate_up_w, down_t, down_w), layer_cache in zip(plans, cache):
             if few:
-                h, qkv = ops.norm_gemv(h, delta, in_w, in_eps, qkv_w, False)
+                h, q, k, v = ops.norm_gemv_heads(h, delta, in_w, in_eps, qkv_w, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
             else:
                 h, y = (h, mx.fast.rms_norm(h, in_w, in_eps)) if delta is None else ops.add_rms_norm(h, delta, in_w, in_eps)
-                qkv = y @ qkv_t
-            q, k, v = ops.attention_heads(qkv, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
+                q, k, v = ops.attention_heads(y @ qkv_t, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
             k, v = layer_cache.update_and_fetch(k, v)
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
             if few:
