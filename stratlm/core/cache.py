@@ -97,6 +97,9 @@ class KVCache:
             # (measured: growth peak 1.5x instead of 2x the new block)
             extra = [(0, 0), (0, 0), (0, capacity - self.keys.shape[2]), (0, 0)]
             self.keys, self.values = mx.pad(self.keys, extra), mx.pad(self.values, extra)
+            # copy now, one layer at a time: left in the step's graph, the old buffers of every
+            # layer in one GPU command batch stay alive until it completes (once per `step` tokens)
+            mx.eval(self.keys, self.values)
 
 
 class StaticKVCache(KVCache):

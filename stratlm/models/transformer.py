@@ -281,6 +281,12 @@ def project(module: nn.Module, x: mx.array, names: tuple[str, ...]) -> list[mx.a
     return [getattr(module, n)(x) for n in names]
 
 
+# Beyond this many rows (batch x positions: a batch's prompt) a forward is compute-bound and the
+# ordinary graph is as fast; its ~37 nodes a layer also keep fewer activations alive per GPU
+# command batch (MLX frees a batch's buffers when it completes).
+FUSED_MAX_ROWS = 1024
+
+
 class BlockPlan(NamedTuple):
     """A block's arrays for DecoderLM.fused_forward: weights as (out, in) for the gemv kernels and
     as evaluated transposed views (`_t`) for matmuls."""
@@ -416,6 +422,8 @@ class DecoderLM(Model):
             return None
         plans, (n_heads, n_kv_heads, head_dim, scale, rope), final_w, final_eps, head_t = plan
         B, L = tokens.shape
+        if B * L > FUSED_MAX_ROWS:
+            return None
         mask = cache[0].make_mask(L)
         offset = cache[0].rope_offset
         offsets = mx.array([offset] * B, dtype=mx.int32) if isinstance(offset, int) else mx.broadcast_to(offset, (B,)).astype(mx.int32)
