@@ -175,6 +175,14 @@ def test_fused_forward_needs_the_fused_layout_and_sees_changes_at_the_next_cache
     close(model(tokens, model.make_cache()), Model.__call__(model, tokens, model.make_cache()), 0)
 
 
+def test_prompts_and_many_rows_take_the_ordinary_graph():
+    model = tiny_model("llama", seed=6).model
+    model.optimize_for_inference()
+    assert model.fused_forward(mx.zeros((1, 16), dtype=mx.int32), model.make_cache()) is not None
+    assert model.fused_forward(mx.zeros((1, 17), dtype=mx.int32), model.make_cache()) is None
+    assert model.fused_forward(mx.zeros((1025, 1), dtype=mx.int32), model.make_cache()) is None
+
+
 def test_the_engine_keeps_the_cpu_layout():
     from stratlm import Engine
 

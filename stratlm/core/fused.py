@@ -10,9 +10,10 @@ compiled at first use and cached by MLX) what takes several MLX ops:
   (Qwen3), RoPE (Hugging Face half-split layout) and the (B, heads, L, dim) layout attention takes;
 - `swiglu`: silu(gate) * up on the fused gate/up projection's output;
 - for a few rows (decoding, up to GEMV_MAX_ROWS): `norm_gemv`, the residual add, the norm and the
-  projection (and SwiGLU after the gate/up one) in one kernel, and `gemv`, a plain projection
-  reading attention's (B, H, 1, D) output as it is. These compute in fp32 where MLX's fp32
-  matmul on an H100 rounds its inputs to TF32 (~1e-3 apart).
+  projection (and SwiGLU after the gate/up one) in one kernel; `norm_gemv_heads`, the same for
+  the q/k/v projection with attention_heads after it; and `gemv`, a plain projection reading
+  attention's (B, H, 1, D) output as it is. These accumulate in fp32 where MLX's fp32 matmul on
+  an H100 rounds its inputs to TF32 (~1e-3 apart).
 
 Elsewhere (CPU, Metal) each runs as the plain MLX ops it replaces, with the same rounding
 steps; that is also the oracle the CUDA kernels are tested against.
@@ -38,7 +39,7 @@ def _has_cuda() -> bool:
     return mx.cuda.is_available()
 
 
-_CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"}
+_CUDA_TYPES = frozenset({mx.float32, mx.float16, mx.bfloat16})  # what the kernels are instantiated for
 
 # A block's sum, broadcast to every thread (blockDim.x a multiple of 32).
 _BLOCK_SUM = """
@@ -452,7 +453,7 @@ def gemv_fits(rows: int, dims: tuple[int, ...], dtype: mx.Dtype, head_dim: int) 
     head of at most 256 a whole number of rows per warp."""
     if dtype not in _CUDA_TYPES or not 1 <= rows <= GEMV_MAX_ROWS:
         return False
-    vec = 16 // {mx.float32: 4, mx.float16: 2, mx.bfloat16: 2}[dtype]
+    vec = 16 // dtype.size
     fits_heads = head_dim % (2 * _GEMV_WARPS) == 0 and head_dim <= 256
     return fits_heads and all(k % (32 * vec) == 0 for k in dims) and rows * dims[0] * 4 <= 32 * 1024
 
