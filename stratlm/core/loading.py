@@ -206,9 +206,11 @@ def assemble(
         overrides = {path: {"group_size": group_size, "bits": b} for path, b in sorted(layer_bits.items()) if b != bits}
         config = {**config, "quantization": {"group_size": group_size, "bits": bits, **overrides}}
         model.config = config
-    # scales/biases stay fp32 on the CPU: fp16 scales make quantized matmul slow and inexact there
-    float_dtype = mx.float32 if quantized and dtype == mx.float32 else dtype
-    weights = {k: (v.astype(float_dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+    # on the CPU, scales/biases stay fp32 whatever the dtype: stratlm's kernels need them so (and
+    # MLX's CPU quantized matmul with half scales is slow and inexact: 0.4 tok/s for SmolLM2 in bf16)
+    scale_dtype = mx.float32 if quantized and mx.default_device() == mx.cpu else dtype
+    weights = {k: (v.astype(scale_dtype if k.endswith((".scales", ".biases")) and quantized else dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+               for k, v in weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
@@ -430,7 +432,7 @@ def load_model(
     loader = load_gguf if kind == "gguf" else load_folder
     model, tokenizer, family = loader(path, registry, mx_dtype, keep)
     if keep and on_cpu:
-        use_cpu_kernels(model)
+        use_cpu_kernels(model, mx_dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source or str(path), path=path)
 
 

@@ -17,7 +17,8 @@ from . import kernels
 
 
 def kernel_takes(x: mx.array) -> bool:
-    return x.dtype == mx.float32 and mx.default_device() == mx.cpu
+    """fp32, or bf16/fp16 (the kernel sums in fp32 and rounds to x's dtype), on the CPU."""
+    return x.dtype in (mx.float32, mx.bfloat16, mx.float16) and mx.default_device() == mx.cpu
 
 
 class KernelQuantizedLinear(nn.QuantizedLinear):
@@ -29,6 +30,14 @@ class KernelQuantizedLinear(nn.QuantizedLinear):
 
 
 class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
+    #: the model's activation dtype: rows are dequantized with the fp32 scales the kernels need,
+    #: then given the dtype the rest of the model computes in (set by use_cpu_kernels)
+    activation_dtype: mx.Dtype = mx.float32
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = super().__call__(x)
+        return rows if rows.dtype == self.activation_dtype else rows.astype(self.activation_dtype)
+
     def as_linear(self, x: mx.array) -> mx.array:
         if not kernel_takes(x):
             return super().as_linear(x)
@@ -58,11 +67,15 @@ def adopt(cls: type, layer: nn.Module) -> nn.Module:
     return new
 
 
-def use_cpu_kernels(model: nn.Module) -> int:
-    """Make the model's quantized layers that the kernels support run on them; returns how many."""
+def use_cpu_kernels(model: nn.Module, dtype: mx.Dtype = mx.float32) -> int:
+    """Make the model's quantized layers that the kernels support run on them; returns how many.
+    dtype: the model's activation dtype (the quantized embedding's lookups are given it)."""
     if not kernels.available():
         return 0
     swaps = [(path, adopt(KERNEL_LAYERS[type(layer)], layer)) for path, layer in model.named_modules() if type(layer) in KERNEL_LAYERS and supported(layer)]
+    for _, layer in swaps:
+        if isinstance(layer, KernelQuantizedEmbedding) and dtype != mx.float32:
+            layer.activation_dtype = dtype
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
