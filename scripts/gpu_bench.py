@@ -130,49 +130,13 @@ def batch1_variants(folder, loaded):
 
 @section("batch 1 profile: host graph building vs device")
 def profile(folder, loaded):
-    """Per decode step: the time to build the graph in Python (no evaluation), to evaluate a
-    built graph, and a pipelined step (next step built while this one runs), for stratlm and
-    mlx-lm. (An experiment that mx.compile'd each block's parts before and after attention, weights
-    captured, built faster but stepped slower: 6.3 vs 4.1 ms, H100, 2026-11-23.)"""
-    from mlx_lm import load as mlx_lm_load
-    from mlx_lm.models.cache import make_prompt_cache
+    """Per decode step: Python graph building, encoding, device wait, and a pipelined step, for
+    stratlm (ordinary and fused graph) and mlx-lm (scripts/gpu_profile.py measures)."""
+    from gpu_profile import profile as profile_engine, steps  # this script's folder is on sys.path
 
     prompt = mx.array([prompt_tokens(loaded, PROMPT)], dtype=mx.int32)
-    theirs, _ = mlx_lm_load(str(folder))
-    ours = loaded.model
-
-    def stratlm_step(cache):
-        return lambda t: ours(t, cache)
-    def mlx_lm_step(cache):
-        return lambda t: theirs(t, cache=cache)
-
-    for name, make_cache, make_step in (
-        ("stratlm", ours.make_cache, stratlm_step),
-        ("mlx-lm", lambda: make_prompt_cache(theirs), mlx_lm_step),
-    ):
-        cache = make_cache()
-        step = make_step(cache)
-        mx.eval(step(prompt))
-        tok = mx.array([[5]], dtype=mx.int32)
-        for _ in range(8):
-            mx.eval(step(tok))
-        n = 64
-        build = run = 0.0
-        for _ in range(n):
-            t0 = time.perf_counter(); out = step(tok); t1 = time.perf_counter(); mx.eval(out); t2 = time.perf_counter()
-            build += t1 - t0; run += t2 - t1
-        t0 = time.perf_counter()
-        nxt = mx.argmax(step(tok)[:, -1, :], axis=-1)
-        mx.async_eval(nxt)
-        for _ in range(n):
-            cur = nxt
-            nxt = mx.argmax(step(cur[:, None])[:, -1, :], axis=-1)
-            mx.async_eval(nxt)
-            cur.item()
-        piped = (time.perf_counter() - t0) / n
-        line = f"build {build / n * 1e3:.2f} ms, eval {run / n * 1e3:.2f} ms, pipelined step {piped * 1e3:.2f} ms ({1 / piped:.0f} tok/s)"
-        print(f"{name:<24} {line}")
-        table.append((f"b1 profile {name}", line))
+    for name, make_cache, make_step in steps(folder):
+        table.append((f"b1 profile {name}", profile_engine(name, make_step(make_cache()), prompt)))
 
 
 @section("batch N")

@@ -20,20 +20,24 @@ MODEL = os.environ.get("GPU_BENCH_MODEL", "qwen3-0.6b-random")
 N = int(os.environ.get("GPU_PROFILE_STEPS", 128))
 
 
-def steps(loaded, folder):
+def steps(folder):
+    """(name, make_cache, step over a cache) for stratlm's ordinary graph, its fused one and mlx-lm
+    on folder's weights; stratlm's models are built here (same seed, same weights), since an
+    Engine on CUDA puts the model it gets in the fused layout."""
     from mlx_lm import load as mlx_lm_load
     from mlx_lm.models.cache import make_prompt_cache
 
     theirs, _ = mlx_lm_load(str(folder))
-    ours = loaded.model
-    yield "stratlm-plain", ours.make_cache, lambda cache: (lambda t: ours(t, cache))
-    fused = bench_model(MODEL, "bfloat16")  # same seed, same weights
-    fused.model.optimize_for_inference()  # what the Engine does on CUDA: the fused kernels
-    yield "stratlm", fused.model.make_cache, lambda cache: (lambda t: fused.model(t, cache))
+    plain = bench_model(MODEL, "bfloat16").model
+    yield "stratlm-plain", plain.make_cache, lambda cache: (lambda t: plain(t, cache))
+    fused = bench_model(MODEL, "bfloat16").model
+    fused.optimize_for_inference()  # what the Engine does on CUDA: the fused kernels
+    yield "stratlm", fused.make_cache, lambda cache: (lambda t: fused(t, cache))
     yield "mlx-lm", lambda: make_prompt_cache(theirs), lambda cache: (lambda t: theirs(t, cache=cache))
 
 
-def profile(name, step, prompt):
+def profile(name, step, prompt) -> str:
+    """Times one engine's decode steps; prints and returns the line."""
     mx.eval(step(prompt))
     tok = mx.array([[5]], dtype=mx.int32)
     for _ in range(8):
@@ -59,8 +63,9 @@ def profile(name, step, prompt):
         cur.item()
     piped = (time.perf_counter() - t0) / N
     nxt.item()
-    print(f"{name:<10} build {build / N * 1e3:.2f}  encode {enc / N * 1e3:.2f}  wait {wait / N * 1e3:.2f}  "
-          f"pipelined {piped * 1e3:.2f} ms ({1 / piped:.0f}/s)", flush=True)
+    line = f"build {build / N * 1e3:.2f}  encode {enc / N * 1e3:.2f}  wait {wait / N * 1e3:.2f}  pipelined {piped * 1e3:.2f} ms ({1 / piped:.0f}/s)"
+    print(f"{name:<13} {line}", flush=True)
+    return line
 
 
 def kernel_overhead():
@@ -152,7 +157,7 @@ def main():
     loaded = bench_model(MODEL, "bfloat16")
     folder = model_folder(loaded)
     prompt = mx.array([prompt_tokens(loaded, 64)], dtype=mx.int32)
-    for name, make_cache, make_step in steps(loaded, folder):
+    for name, make_cache, make_step in steps(folder):
         profile(name, make_step(make_cache()), prompt)
     if "--quick" not in sys.argv:
         kernel_overhead()
