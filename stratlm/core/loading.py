@@ -209,7 +209,7 @@ def assemble(
     # on the CPU, scales/biases stay fp32 whatever the dtype: stratlm's kernels need them so (and
     # MLX's CPU quantized matmul with half scales is slow and inexact: 0.4 tok/s for SmolLM2 in bf16)
     scale_dtype = mx.float32 if quantized and mx.default_device() == mx.cpu else dtype
-    weights = {k: (v.astype(scale_dtype if k.endswith((".scales", ".biases")) and quantized else dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+    weights = {k: (v.astype(scale_dtype if k.endswith((".scales", ".biases")) else dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
                for k, v in weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)

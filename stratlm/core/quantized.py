@@ -74,7 +74,7 @@ def use_cpu_kernels(model: nn.Module, dtype: mx.Dtype = mx.float32) -> int:
         return 0
     swaps = [(path, adopt(KERNEL_LAYERS[type(layer)], layer)) for path, layer in model.named_modules() if type(layer) in KERNEL_LAYERS and supported(layer)]
     for _, layer in swaps:
-        if isinstance(layer, KernelQuantizedEmbedding) and dtype != mx.float32:
+        if isinstance(layer, KernelQuantizedEmbedding):
             layer.activation_dtype = dtype
     if swaps:
         model.update_modules(tree_unflatten(swaps))

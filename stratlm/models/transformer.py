@@ -321,7 +321,7 @@ class Block(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def fused_plan(self) -> tuple | None:
+    def fused_plan(self) -> BlockPlan | None:
         """What `DecoderLM.fused_forward` needs from this block, or None when the block is not in
         the fused layout (optimize_for_inference not run, or since changed: adapters, training)."""
         attn, mlp = self.get("self_attn"), self.get("mlp")
@@ -399,9 +399,14 @@ class DecoderLM(Model):
     def fused_plans(self) -> tuple | None:
         """Per block what `fused_forward` needs (Block.fused_plan), and the final norm and head;
         None unless every block is in the fused layout."""
-        plans = [block.fused_plan() if type(block) is Block else None for block in self.layers]
+        plans = []
+        for block in self.layers:  # stops at the first block out of the layout
+            plan = block.fused_plan() if type(block) is Block else None
+            if plan is None:
+                return None
+            plans.append(plan)
         final_norm, head = self.model.get("norm"), self.get("lm_head", self.model.get("embed_tokens"))
-        if not plans or any(p is None for p in plans) or type(final_norm) is not nn.RMSNorm:
+        if not plans or type(final_norm) is not nn.RMSNorm:
             return None
         if type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:
             return None
