@@ -386,3 +386,26 @@ def test_smollm2_in_bfloat16_on_the_cpu_still_runs_on_stratlm_kernels(smollm2_qu
     assert block.input_layernorm.weight.dtype == mx.bfloat16
     assert half.model(mx.array([chat_ids])).dtype == mx.bfloat16
     assert greedy(half, chat_ids, 12) == greedy(smollm2_quantized, chat_ids, 12)
+
+
+@pytest.mark.slow
+def test_smollm2_on_the_cpu_kernels_collapses_into_its_own_exact_draft(smollm2_quantized):
+    """Transforms deep-copy the model they are given: the default CPU load (quantized layers on
+    the kernels, fp32 or bf16) copies and collapses; the fp32 copy drafts for the original with
+    greedy's exact output (in bf16 a one-token and a several-token forward round differently,
+    and this prompt has an exact bf16 tie at its 7th token)."""
+    from stratlm import Engine
+    from stratlm.transforms.collapse import collapse
+
+    prompt = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+    for loaded in (smollm2_quantized, load_model(None, dtype="bfloat16")):
+        draft = collapse(loaded, n=7, start=12)
+        assert (len(draft.model.layers), len(loaded.model.layers)) == (23, 30)
+        embed = draft.model.model.embed_tokens
+        assert type(embed) is type(loaded.model.model.embed_tokens) and embed.activation_dtype == loaded.model.model.embed_tokens.activation_dtype
+        spec_out = Engine(loaded, strategy="speculative", draft=draft, num_draft=3).generate(prompt, chat_template=False, max_tokens=12, ignore_eos=True)
+        assert len(spec_out.token_ids) == 12 and spec_out.extra["drafted"] > 0
+    greedy_out = Engine(smollm2_quantized).generate(prompt, chat_template=False, max_tokens=12, ignore_eos=True)
+    spec_out = Engine(smollm2_quantized, strategy="speculative", draft=collapse(smollm2_quantized, n=7, start=12), num_draft=3).generate(
+        prompt, chat_template=False, max_tokens=12, ignore_eos=True)
+    assert spec_out.token_ids == greedy_out.token_ids

@@ -30,13 +30,15 @@ class KernelQuantizedLinear(nn.QuantizedLinear):
 
 
 class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
-    #: the model's activation dtype: rows are dequantized with the fp32 scales the kernels need,
-    #: then given the dtype the rest of the model computes in (set by use_cpu_kernels)
-    activation_dtype: mx.Dtype = mx.float32
+    #: the model's activation dtype, by name: rows are dequantized with the fp32 scales the kernels
+    #: need, then given the dtype the rest of the model computes in (set by use_cpu_kernels).
+    #: A name, not an mx.Dtype: transforms deep-copy models, and a Dtype cannot be copied.
+    activation_dtype: str = "float32"
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = super().__call__(x)
-        return rows if rows.dtype == self.activation_dtype else rows.astype(self.activation_dtype)
+        dtype = getattr(mx, self.activation_dtype)
+        return rows if rows.dtype == dtype else rows.astype(dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
         if not kernel_takes(x):
@@ -75,7 +77,7 @@ def use_cpu_kernels(model: nn.Module, dtype: mx.Dtype = mx.float32) -> int:
     swaps = [(path, adopt(KERNEL_LAYERS[type(layer)], layer)) for path, layer in model.named_modules() if type(layer) in KERNEL_LAYERS and supported(layer)]
     for _, layer in swaps:
         if isinstance(layer, KernelQuantizedEmbedding):
-            layer.activation_dtype = dtype
+            layer.activation_dtype = str(dtype).rpartition(".")[2]  # "mlx.core.bfloat16" -> "bfloat16"
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     return len(swaps)
