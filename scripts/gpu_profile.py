@@ -87,6 +87,22 @@ def kernel_overhead():
         y = a + 1
     plain = (time.perf_counter() - t0) / 1000
     print(f"cuda_kernel: first call {first * 1e3:.0f} ms, build a node {custom * 1e6:.1f} us (mx add: {plain * 1e6:.1f} us)", flush=True)
+    # MLX copies a kernel's whole source into each node it builds and hashes it at each encode:
+    # what a longer source (ours are 1-5 KB with the shared header) costs per node
+    src = "auto i = cooperative_groups::this_grid().thread_rank(); if (i < a_shape[0]) out[i] = a[i] + (T)1;"
+    for pad in (0, 4000):
+        kp = mx.fast.cuda_kernel(name=f"plus_one_pad{pad}", input_names=["a"], output_names=["out"], source=f"/*{'x' * pad}*/\n" + src)
+        mx.eval(kp(inputs=[a], **args)[0])
+        builds, evals = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            y = a
+            for _ in range(200):
+                y = kp(inputs=[y], **args)[0]
+            t1 = time.perf_counter()
+            mx.eval(y)
+            builds.append(t1 - t0); evals.append(time.perf_counter() - t1)
+        print(f"cuda_kernel, source {len(src) + pad + 5} bytes: a chain of 200 nodes: build {min(builds) / 200 * 1e6:.1f} us/node, eval {min(evals) / 200 * 1e6:.1f} us/node", flush=True)
 
 
 def check_fused():

@@ -41,8 +41,9 @@ def _has_cuda() -> bool:
 
 _CUDA_TYPES = frozenset({mx.float32, mx.float16, mx.bfloat16})  # what the kernels are instantiated for
 
-# A block's sum, broadcast to every thread (blockDim.x a multiple of 32).
-_BLOCK_SUM = """
+# Device functions every kernel below shares (each rounding step written once).
+_DEVICE = """
+// a block's sum, broadcast to every thread (blockDim.x a multiple of 32)
 __device__ inline float stratlm_block_sum(float v, float* partial) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -51,6 +52,35 @@ __device__ inline float stratlm_block_sum(float v, float* partial) {
   v = lane < warps ? partial[lane] : 0.f;
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
   return v;
+}
+
+// one RMS-normed value rounded as mx.fast.rms_norm rounds it: T(w * T(x * inv_rms))
+template <typename T>
+__device__ inline float stratlm_normed(float x, float inv_rms, T w) {
+  return static_cast<float>(static_cast<T>(static_cast<float>(w) * static_cast<float>(static_cast<T>(x * inv_rms))));
+}
+
+// silu(gate) * up rounded as nn.silu(gate) * up: the sigmoid, the activation, the product
+template <typename T>
+__device__ inline T stratlm_swiglu(float gate, float up) {
+  const T sig = static_cast<T>(1.f / (1.f + expf(-gate)));
+  const T act = static_cast<T>(gate * static_cast<float>(sig));
+  return static_cast<T>(static_cast<float>(act) * up);
+}
+
+// the pair (i, i + D/2) of a q or k head: RMS-normed with norm_w when NORM, then rotated by
+// RoPE (Hugging Face half-split layout) at angle (scale * position) * inv_freq_i, into out
+template <bool NORM, typename T>
+__device__ inline void stratlm_norm_rope(float x1, float x2, float inv_rms, const T* norm_w, int i, int half,
+                                         float scale, int position, float inv_freq_i, T* out) {
+  if (NORM) {
+    x1 = stratlm_normed(x1, inv_rms, norm_w[i]);
+    x2 = stratlm_normed(x2, inv_rms, norm_w[i + half]);
+  }
+  const float theta = (scale * static_cast<float>(position)) * inv_freq_i;
+  const float c = cos(theta), s = sin(theta);
+  out[i] = static_cast<T>(x1 * c - x2 * s);
+  out[i + half] = static_cast<T>(x1 * s + x2 * c);
 }
 """
 
@@ -82,12 +112,9 @@ def _add_rms_norm_kernel(eps: float):
     squares += f * f;
   }}
   const float n = rsqrtf(stratlm_block_sum(squares, partial) / D + {_float_literal(eps)});
-  for (int j = threadIdx.x; j < D; j += blockDim.x) {{
-    T normed = static_cast<T>(static_cast<float>(h[base + j]) * n);
-    y[base + j] = static_cast<T>(static_cast<float>(w[j]) * static_cast<float>(normed));
-  }}
+  for (int j = threadIdx.x; j < D; j += blockDim.x) y[base + j] = static_cast<T>(stratlm_normed(static_cast<float>(h[base + j]), n, w[j]));
 """
-    return _cuda_kernel("stratlm_add_rms_norm", ["x", "delta", "w"], ["h", "y"], source, _BLOCK_SUM)
+    return _cuda_kernel("stratlm_add_rms_norm", ["x", "delta", "w"], ["h", "y"], source, _DEVICE)
 
 
 @lru_cache(maxsize=256)
@@ -129,21 +156,14 @@ def _attention_heads_kernel(eps: float, rope_scale: float):
     dst[i + HALF] = src[i + HALF];
     return;
   }}
-  float x1 = static_cast<float>(src[i]), x2 = static_cast<float>(src[i + HALF]);
+  const float x1 = static_cast<float>(src[i]), x2 = static_cast<float>(src[i + HALF]);
   const bool is_q = head < HQ;
   T* dst = is_q ? q + (((size_t)b * HQ + head) * L + l) * D : k + (((size_t)b * HK + (head - HQ)) * L + l) * D;
-  if constexpr (NORM) {{
-    const T* w = is_q ? q_norm : k_norm;
-    const float n = rsqrtf(stratlm_block_sum(x1 * x1 + x2 * x2, partial) / D + {_float_literal(eps)});
-    x1 = static_cast<float>(static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(static_cast<T>(x1 * n))));
-    x2 = static_cast<float>(static_cast<T>(static_cast<float>(w[i + HALF]) * static_cast<float>(static_cast<T>(x2 * n))));
-  }}
-  const float theta = ({_float_literal(rope_scale)} * static_cast<float>(offsets[b] + l)) * inv_freq[i];
-  const float c = cos(theta), s = sin(theta);
-  dst[i] = static_cast<T>(x1 * c - x2 * s);
-  dst[i + HALF] = static_cast<T>(x1 * s + x2 * c);
+  float n = 1.f;
+  if constexpr (NORM) n = rsqrtf(stratlm_block_sum(x1 * x1 + x2 * x2, partial) / D + {_float_literal(eps)});
+  stratlm_norm_rope<NORM>(x1, x2, n, is_q ? q_norm : k_norm, i, HALF, {_float_literal(rope_scale)}, offsets[b] + l, inv_freq[i], dst);
 """
-    return _cuda_kernel("stratlm_attention_heads", ["qkv", "q_norm", "k_norm", "inv_freq", "offsets"], ["q", "k", "v"], source, _BLOCK_SUM)
+    return _cuda_kernel("stratlm_attention_heads", ["qkv", "q_norm", "k_norm", "inv_freq", "offsets"], ["q", "k", "v"], source, _DEVICE)
 
 
 @lru_cache(maxsize=256)
@@ -217,12 +237,9 @@ def _swiglu_kernel():
   const size_t rows = (size_t)gate_up_shape[0] * gate_up_shape[1];
   if (idx >= rows * I) return;
   const size_t r = idx / I, j = idx - r * I;
-  const float g = static_cast<float>(gate_up[r * 2 * I + j]);
-  const T sig = static_cast<T>(1.f / (1.f + expf(-g)));
-  const T act = static_cast<T>(g * static_cast<float>(sig));
-  out[idx] = static_cast<T>(static_cast<float>(act) * static_cast<float>(gate_up[r * 2 * I + I + j]));
+  out[idx] = stratlm_swiglu<T>(static_cast<float>(gate_up[r * 2 * I + j]), static_cast<float>(gate_up[r * 2 * I + I + j]));
 """
-    return _cuda_kernel("stratlm_swiglu", ["gate_up"], ["out"], source)
+    return _cuda_kernel("stratlm_swiglu", ["gate_up"], ["out"], source, _DEVICE)
 
 
 @lru_cache(maxsize=256)
@@ -269,7 +286,7 @@ def _norm_prologue(add: bool, eps: float) -> str:
     }}
     const float n = rsqrtf(stratlm_block_sum(squares, partial) / K + {_float_literal(eps)});
     for (int k = threadIdx.x; k < K; k += blockDim.x) {{
-      ys[m * K + k] = static_cast<float>(static_cast<T>(static_cast<float>(norm_w[k]) * static_cast<float>(static_cast<T>(ys[m * K + k] * n))));
+      ys[m * K + k] = stratlm_normed(ys[m * K + k], n, norm_w[k]);
     }}
     __syncthreads();
   }}
@@ -300,10 +317,7 @@ def _gemv_source(norm: bool, add: bool, swiglu: bool, eps: float) -> str:
       const T* uw = reinterpret_cast<const T*>(&uraw);""" if swiglu else ""
     up_acc = "for (int v = 0; v < VEC; ++v) acc_up[m] += static_cast<float>(uw[v]) * xs[v];" if swiglu else ""
     store = """
-      const float g = static_cast<float>(static_cast<T>(acc[m])), u = static_cast<float>(static_cast<T>(acc_up[m]));
-      const T sig = static_cast<T>(1.f / (1.f + expf(-g)));
-      const T act = static_cast<T>(g * static_cast<float>(sig));
-      out[m * ROWS_OUT + j] = static_cast<T>(static_cast<float>(act) * u);""" if swiglu else """
+      out[m * ROWS_OUT + j] = stratlm_swiglu<T>(static_cast<float>(static_cast<T>(acc[m])), static_cast<float>(static_cast<T>(acc_up[m])));""" if swiglu else """
       out[m * ROWS_OUT + j] = static_cast<T>(acc[m]);"""
     return f"""
   constexpr int VEC = 16 / sizeof(T);
@@ -341,7 +355,7 @@ def _gemv_kernel(norm: bool, add: bool, swiglu: bool, eps: float):
     inputs = ["x"] + (["delta"] if add else []) + (["norm_w"] if norm else []) + ["w"]
     outputs = (["h"] if add else []) + ["out"]
     name = "stratlm_gemv" + ("_norm" if norm else "") + ("_add" if add else "") + ("_swiglu" if swiglu else "")
-    return _cuda_kernel(name, inputs, outputs, _gemv_source(norm, add, swiglu, eps), _BLOCK_SUM)
+    return _cuda_kernel(name, inputs, outputs, _gemv_source(norm, add, swiglu, eps), _DEVICE)
 
 
 def _gemv_heads_source(add: bool, eps: float, qk_eps: float, rope_scale: float) -> str:
@@ -393,21 +407,12 @@ def _gemv_heads_source(add: bool, eps: float, qk_eps: float, rope_scale: float) 
     }}
     __syncthreads();
   }}
-  const T* nw = is_q ? q_norm : k_norm;
   T* dst = is_q ? q : k;
   const int heads = is_q ? HQ : HK, hh = is_q ? head : head - HQ;
   for (int t = threadIdx.x; t < M * HALF; t += blockDim.x) {{
     const int m = t / HALF, i = t - m * HALF, b = m / LEN, l = m - b * LEN;
-    float x1 = res[m * D + i], x2 = res[m * D + i + HALF];
-    if (NORM) {{
-      x1 = static_cast<float>(static_cast<T>(static_cast<float>(nw[i]) * static_cast<float>(static_cast<T>(x1 * inv_rms[m]))));
-      x2 = static_cast<float>(static_cast<T>(static_cast<float>(nw[i + HALF]) * static_cast<float>(static_cast<T>(x2 * inv_rms[m]))));
-    }}
-    const float theta = ({_float_literal(rope_scale)} * static_cast<float>(offsets[b] + l)) * inv_freq[i];
-    const float c = cos(theta), s = sin(theta);
-    T* out = dst + (((size_t)b * heads + hh) * LEN + l) * D;
-    out[i] = static_cast<T>(x1 * c - x2 * s);
-    out[i + HALF] = static_cast<T>(x1 * s + x2 * c);
+    stratlm_norm_rope<NORM>(res[m * D + i], res[m * D + i + HALF], NORM ? inv_rms[m] : 1.f, is_q ? q_norm : k_norm, i, HALF,
+                            {_float_literal(rope_scale)}, offsets[b] + l, inv_freq[i], dst + (((size_t)b * heads + hh) * LEN + l) * D);
   }}
 """
 
@@ -416,7 +421,7 @@ def _gemv_heads_source(add: bool, eps: float, qk_eps: float, rope_scale: float) 
 def _gemv_heads_kernel(add: bool, eps: float, qk_eps: float, rope_scale: float):
     inputs = ["x"] + (["delta"] if add else []) + ["norm_w", "w", "q_norm", "k_norm", "inv_freq", "offsets"]
     outputs = (["h"] if add else []) + ["q", "k", "v"]
-    return _cuda_kernel("stratlm_gemv_heads" + ("_add" if add else ""), inputs, outputs, _gemv_heads_source(add, eps, qk_eps, rope_scale), _BLOCK_SUM)
+    return _cuda_kernel("stratlm_gemv_heads" + ("_add" if add else ""), inputs, outputs, _gemv_heads_source(add, eps, qk_eps, rope_scale), _DEVICE)
 
 
 @lru_cache(maxsize=256)
