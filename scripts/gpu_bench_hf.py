@@ -1,8 +1,11 @@
 """Hugging Face transformers on a model folder: greedy, static cache, which makes generate()
 torch.compile the decode step (mode reduce-overhead: CUDA graphs).
 
-Usage: gpu_bench_hf.py FOLDER PROMPT_IDS_JSON NEW_TOKENS -> one JSON line: decode tok/s
+Usage: gpu_bench_hf.py FOLDER PROMPT_IDS_JSON NEW_TOKENS [--serve] -> one JSON line: decode tok/s
 (tokens after the first over the time after the first, from runs of 1 and NEW tokens).
+--serve: after the warm-up, print {"ready": true}, then one JSON line (one timed round: a run of
+1 and a run of NEW tokens) for each "run" line read from stdin, until "quit" or its end, so the
+caller can interleave these rounds with its own engine's.
 """
 
 import json
@@ -36,6 +39,15 @@ def generate(n):
 
 for _ in range(3):  # compilation and CUDA graph capture
     generate(new)
+if "--serve" in sys.argv:
+    print(json.dumps({"ready": True, "compiled": getattr(model, "_compiled_call", None) is not None}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        first_s = generate(1)[0]
+        total_s, tokens = generate(new)
+        print(json.dumps({"decode_tps": (new - 1) / (total_s - first_s), "tokens": tokens[:16]}), flush=True)
+    sys.exit(0)
 first = statistics.median(generate(1)[0] for _ in range(3))
 runs = [generate(new) for _ in range(3)]
 total = statistics.median(t for t, _ in runs)
