@@ -33,6 +33,13 @@ def steps(folder):
     fused = bench_model(MODEL, "bfloat16").model
     fused.optimize_for_inference()  # what the Engine does on CUDA: the fused kernels
     yield "stratlm", fused.make_cache, lambda cache: (lambda t: fused(t, cache))
+    if os.environ.get("GPU_PROFILE_COMPILED"):
+        # the opt-in compiled step (STRATLM_COMPILE=on) over the fused model: static caches
+        from stratlm.core.cache import StaticKVCache
+        from stratlm.core.generation import DECODE_RESERVE, CompiledStep
+
+        yield ("stratlm-compiled", lambda: [StaticKVCache(64 + DECODE_RESERVE) for _ in fused.layers],
+               lambda cache: (lambda t, step=CompiledStep(fused, cache): step(t)[:, None, :]))
     yield "mlx-lm", lambda: make_prompt_cache(theirs), lambda cache: (lambda t: theirs(t, cache=cache))
 
 
