@@ -242,8 +242,10 @@ def fuse_linears(module: nn.Module, names: tuple[str, ...]) -> None:
     mx.eval(views, fused_t)
     for layer, view in zip(layers, views):
         layer.weight = view
-    # "_": not a parameter. fused_t is an evaluated view: `x @ fused_t` is one graph node
-    module._fused = (fused_t, tuple(views), tuple(v.shape[0] for v in views), fused)
+    # "_": not a parameter. fused_t is an evaluated view: `x @ fused_t` is one graph node;
+    # the split points cut its output back into the layers' outputs
+    splits = tuple(int(sum(v.shape[0] for v in views[: i + 1])) for i in range(len(views) - 1))
+    module._fused = (fused_t, tuple(views), splits, fused)
 
 
 def fused_intact(module: nn.Module, names: tuple[str, ...]) -> bool:
@@ -273,10 +275,9 @@ def project(module: nn.Module, x: mx.array, names: tuple[str, ...]) -> list[mx.a
     """The named projections of x: one matmul while the fused layout is intact, else one each."""
     fused = module.get("_fused")
     if fused is not None:
-        weight_t, views, rows, _ = fused
+        weight_t, _, splits, _ = fused
         if fused_intact(module, names):
-            splits = [sum(rows[: i + 1]) for i in range(len(rows) - 1)]
-            return mx.split(x @ weight_t, splits, axis=-1)
+            return mx.split(x @ weight_t, list(splits), axis=-1)
         module.pop("_fused")  # a weight was replaced (training, set_dtype, a transform): drop the stale copy
     return [getattr(module, n)(x) for n in names]
 
