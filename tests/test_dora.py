@@ -5,13 +5,15 @@ import json
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stratlm import Engine
 from stratlm.core.errors import ConfigError, ModelLoadError
+from stratlm.core import kernels
 from stratlm.core.loading import save_model
+from stratlm.core.quantized import KernelQuantizedLinear, adopt
 from stratlm.testing import tiny_model
 from stratlm.transforms.dora import (
     AdapterConfig,
@@ -131,7 +133,14 @@ def test_qdora_over_a_quantized_base():
     dense = fuse(adapted, dequantize=True)
     assert mx.allclose(dense.model(TOKENS), adapted.model(TOKENS), atol=1e-4)
     requantized = fuse(adapted)  # stays 4-bit: close, not equal
-    assert any(isinstance(m, nn.QuantizedLinear) for _, m in requantized.model.named_modules())
+    quantized = [m for _, m in requantized.model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert quantized
+    if kernels.available():  # on the CPU the re-quantized layers run on stratlm's kernels again, as loaded ones do
+        assert all(isinstance(m, KernelQuantizedLinear) for m in quantized)
+        on_mlx = copy_loaded(requantized)
+        on_mlx.model.update_modules(tree_unflatten([(p, adopt(nn.QuantizedLinear, m)) for p, m in on_mlx.model.named_modules()
+                                                    if isinstance(m, KernelQuantizedLinear)]))
+        assert mx.allclose(requantized.model(TOKENS), on_mlx.model(TOKENS), atol=1e-4)
 
 
 def test_bad_adapter_settings_name_the_value(tmp_path):
