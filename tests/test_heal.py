@@ -70,6 +70,26 @@ def test_self_draft_speculative_equals_greedy(sharp):
     assert len(speculative.strategy.draft.model.layers) < len(sharp.model.layers)
 
 
+def test_self_draft_takes_transform_options(sharp):
+    speculative = Engine(sharp, strategy="speculative", draft="self:collapse:n=3,start=1")
+    assert len(speculative.strategy.draft.model.layers) == len(sharp.model.layers) - 3
+    greedy = Engine(sharp).generate("tell me", max_tokens=12, ignore_eos=True)
+    assert speculative.generate("tell me", max_tokens=12, ignore_eos=True).token_ids == greedy.token_ids
+    with pytest.raises(ConfigError, match="'n=3' comes before any transform name"):
+        Engine(sharp, strategy="speculative", draft="self:n=3,collapse")
+
+
+def test_transform_specs_parse_names_options_and_their_values():
+    from stratlm.core.engine import parse_transform_specs
+
+    assert parse_transform_specs("collapse,heal") == [("collapse", {}), ("heal", {})]
+    assert parse_transform_specs("collapse:n=24,mode=drop, heal:steps=30,learning-rate=1e-4") == [
+        ("collapse", {"n": 24, "mode": "drop"}), ("heal", {"steps": 30, "learning_rate": 1e-4})]
+    assert parse_transform_specs("collapse:layers=2:5") == [("collapse", {"layers": "2:5"})]
+    with pytest.raises(ConfigError, match="transform option of collapse 'n' is not KEY=VALUE"):
+        parse_transform_specs("collapse:n")
+
+
 def test_cli_transform_collapse_heal_report(teacher, tmp_path, capsys):
     from stratlm.cli.main import main
 

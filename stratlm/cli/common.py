@@ -8,6 +8,7 @@ import shutil
 import sys
 from typing import Any
 
+from stratlm.core.engine import parse_options, parse_transform_specs  # noqa: F401  (parse_options: for the commands)
 from stratlm.core.errors import ConfigError
 
 BOX_WIDTH = 73
@@ -40,30 +41,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template-kwargs", default=None, metavar="JSON", help='e.g. \'{"enable_thinking": false}\'')
 
 
-def parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_options(pairs: list[str], what: str = "option") -> dict[str, Any]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{what} {pair!r} is not KEY=VALUE (e.g. n=4)")
-        options[key.strip().replace("-", "_")] = parse_value(value)
-    return options
-
-
 def parse_transforms(specs: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    """"collapse:n=4,method=drop" -> ("collapse", {"n": 4, "method": "drop"})."""
-    out = []
-    for spec in specs:
-        name, _, rest = spec.partition(":")
-        out.append((name, parse_options([p for p in rest.split(",") if p], what=f"transform option of {name}")))
-    return out
+    """Command-line transform arguments, e.g. "collapse:n=4,mode=drop" "heal" (see parse_transform_specs)."""
+    return [parsed for spec in specs for parsed in parse_transform_specs(spec)]
 
 
 def engine_from_args(args: argparse.Namespace):

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from stratlm.core.engine import apply_transforms
+from stratlm.core.engine import apply_transforms, parse_transform_specs
 from stratlm.core.hookspecs import hookimpl
 from stratlm.core.registry import get_registry
 from stratlm.transforms.collapse import collapse
@@ -38,8 +38,8 @@ def register_draft_sources(register):
 
 def self_draft(target, spec):
     """Draft source "self:T1,T2": the target transformed by the named transforms (default
-    collapse,heal), used as a draft model, so no second pretrained model is needed."""
+    collapse,heal), used as a draft model, so no second pretrained model is needed. Options as
+    on the command line: "self:collapse:n=24,heal:steps=30"."""
     registry = get_registry()
-    names = [name.strip() for name in (spec or "collapse,heal").split(",") if name.strip()]
-    draft = apply_transforms(target, names, registry)
+    draft = apply_transforms(target, parse_transform_specs(spec or "collapse,heal"), registry)
     return registry.get("draft source", "model")(target, draft)
