@@ -3,6 +3,7 @@
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 from stratlm import Engine
@@ -10,6 +11,7 @@ from stratlm.cli.main import main
 from stratlm.core.errors import ConfigError
 from stratlm.core.loading import load_model, save_model
 from stratlm.testing import tiny_model
+from stratlm.transforms.dora import copy_loaded
 from stratlm.transforms.collapse import angular_distance, choose_run, collapse, collapse_report, footprint, origin_of, run_distances
 
 TOKENS = mx.array([[5, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]])
@@ -84,6 +86,10 @@ def test_report_counts_parameters_blocks_kv_bytes_and_compute(six):
     tied = collapse(six, mode="tie", start=2, n=3)
     assert footprint(tied.model).parameters == b["parameters"] - 2 * (per_block + 2 * 64)
     assert footprint(tied.model).flops_per_token == b["flops_per_token"]
+    # a quantized copy has as many parameters (its weights counted as the values they pack)
+    quantized = copy_loaded(six)
+    nn.quantize(quantized.model, group_size=32, bits=4)
+    assert footprint(quantized.model) == footprint(six.model)
 
 
 def test_bad_ranges_and_modes_name_the_value(six):

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from stratlm.core.errors import ConfigError
 from stratlm.core.loading import LoadedModel
@@ -182,11 +182,27 @@ class Footprint:
         return attrs.asdict(self)
 
 
+def logical_parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied one counted once), a quantized weight as the values it packs:
+    the same count for a model and its quantized copy (the quantization's scales and biases are
+    not counted)."""
+    seen: set[int] = set()
+    total = 0
+    for _, module in model.named_modules():
+        bits = getattr(module, "bits", None) if "scales" in module else None
+        for key, value in module.items():
+            if not isinstance(value, mx.array) or key.startswith("_") or id(value) in seen:
+                continue
+            seen.add(id(value))
+            if bits is None:
+                total += value.size
+            elif key == "weight":
+                total += value.size * 32 // bits
+    return total
+
+
 def footprint(model: Model) -> Footprint:
-    unique: dict[int, Any] = {}
-    for _, p in tree_flatten(model.parameters()):
-        unique[id(p)] = p
-    parameters = sum(p.size for p in unique.values())
+    parameters = logical_parameters(model)
     cfg = model.config
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
