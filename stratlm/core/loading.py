@@ -431,7 +431,7 @@ def load_model(
     log.debug("loading model", source=source, kind=kind, path=str(path), dtype=str(mx_dtype), keep_quantized=keep)
     loader = load_gguf if kind == "gguf" else load_folder
     model, tokenizer, family = loader(path, registry, mx_dtype, keep)
-    if keep and on_cpu:
+    if keep:
         use_cpu_kernels(model, mx_dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source or str(path), path=path)
 

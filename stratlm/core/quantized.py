@@ -70,9 +70,10 @@ def adopt(cls: type, layer: nn.Module) -> nn.Module:
 
 
 def use_cpu_kernels(model: nn.Module, dtype: mx.Dtype = mx.float32) -> int:
-    """Make the model's quantized layers that the kernels support run on them; returns how many.
-    dtype: the model's activation dtype (the quantized embedding's lookups are given it)."""
-    if not kernels.available():
+    """On the CPU, make the model's quantized layers that the kernels support run on them;
+    returns how many (none on another device). dtype: the model's activation dtype (the
+    quantized embedding's lookups are given it)."""
+    if mx.default_device() != mx.cpu or not kernels.available():
         return 0
     swaps = [(path, adopt(KERNEL_LAYERS[type(layer)], layer)) for path, layer in model.named_modules() if type(layer) in KERNEL_LAYERS and supported(layer)]
     for _, layer in swaps:

@@ -309,8 +309,7 @@ def fuse_model(model: nn.Module, dequantize: bool = False) -> nn.Module:
     fused = [(p, layer.fuse(dequantize)) for p, layer in adapter_layers(model)]
     if fused:
         model.update_modules(tree_unflatten(fused))
-        if mx.default_device() == mx.cpu:
-            use_cpu_kernels(model)
+        use_cpu_kernels(model)
     model.unfreeze()
     mx.eval(model.parameters())
     return model
