@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -24,7 +23,7 @@ import mlx.core as mx
 
 from stratlm.bench.engines import MlxLmEngine, StratlmEngine
 from stratlm.bench.models import bench_model, model_folder, prompt_tokens
-from stratlm.bench.runner import BenchConfig, first_difference, format_report, run_bench
+from stratlm.bench.runner import BenchConfig, Worker, first_difference, format_report, interleaved, run_bench
 from stratlm.core.generation import decode_forward, prefill
 
 # overridable for a dry run on the CPU with a small model folder
@@ -104,23 +103,23 @@ def batch1():
 def batch1_variants(folder, loaded):
     """stratlm's opt-in compiled step (STRATLM_COMPILE=on) against the default and mlx-lm."""
     ours, theirs = StratlmEngine(loaded), MlxLmEngine(str(folder))
-    variants = {"default": (ours, "off"), "compiled": (ours, "on"), "mlx-lm": (theirs, None)}
     prompt = prompt_tokens(loaded, PROMPT)
-    speeds: dict[str, list[float]] = {name: [] for name in variants}
-    tokens: dict[str, list[int]] = {}
-    names = list(variants)
-    for rep in range(-1, REPS):  # round -1: warm-up
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
-            engine, compiled = variants[name]
+
+    def variant(engine, compiled, tokens):
+        def run():
             os.environ["STRATLM_COMPILE"] = compiled or "off"
-            result = engine.run(prompt, NEW if rep >= 0 else 32)
-            if rep >= 0:
-                speeds[name].append(result.decode_tps)
-                tokens[name] = result.token_ids
+            return engine.run(prompt, tokens)
+        return run
+
+    variants = {"default": (ours, "off"), "compiled": (ours, "on"), "mlx-lm": (theirs, None)}
+    for engine, compiled in variants.values():  # warm-up
+        variant(engine, compiled, 32)()
+    results = interleaved({name: variant(engine, compiled, NEW) for name, (engine, compiled) in variants.items()}, REPS)
     os.environ.pop("STRATLM_COMPILE")
-    diff = first_difference(tokens["compiled"], tokens["default"])
+    speeds = {name: [r.decode_tps for r in runs] for name, runs in results.items()}
+    diff = first_difference(results["compiled"][-1].token_ids, results["default"][-1].token_ids)
     table.append(("b1 compiled tokens == default (bf16)", "all" if diff is None else f"first {diff}"))
-    for name in names:
+    for name in variants:
         ratios = [a / b for a, b in zip(speeds[name], speeds["mlx-lm"])]
         print(f"{name:<16} {statistics.median(speeds[name]):8.1f} tok/s ({min(speeds[name]):.0f}-{max(speeds[name]):.0f})  /mlx-lm {statistics.median(ratios):.2f}x")
         if name != "mlx-lm":
@@ -152,34 +151,22 @@ def batch64():
 
 @section("transformers + torch.compile, static cache")
 def transformers_compiled(folder, loaded):
-    """Its own process (its own Python environment), kept running: its rounds are interleaved with
-    stratlm's in this process, the order alternating, and the ratio taken per round."""
+    """Its own process (its own Python environment) as a benchmark worker: its rounds are
+    interleaved with stratlm's in this process, and the ratio taken per round."""
     prompt = prompt_tokens(loaded, PROMPT)
     script = os.path.join(os.path.dirname(__file__), "gpu_bench_hf.py")
-    worker = subprocess.Popen([sys.executable, script, str(folder), json.dumps(prompt), str(NEW), "--serve"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    worker = Worker(str(folder), {}, command=[sys.executable, script, str(folder), json.dumps(prompt), str(NEW), "--serve"])
     try:
-        ready = json.loads(worker.stdout.readline())
         ours = StratlmEngine(loaded)
         ours.run(prompt, 32)  # warm-up
-
-        def theirs() -> float:
-            worker.stdin.write("run\n")
-            worker.stdin.flush()
-            return json.loads(worker.stdout.readline())["decode_tps"]
-
-        speeds: dict[str, list[float]] = {"stratlm": [], "torch": []}
-        for rep in range(REPS):
-            for name in (("stratlm", "torch") if rep % 2 == 0 else ("torch", "stratlm")):
-                speeds[name].append(ours.run(prompt, NEW).decode_tps if name == "stratlm" else theirs())
-        worker.stdin.write("quit\n")
-        worker.stdin.flush()
+        results = interleaved({"stratlm": lambda: ours.run(prompt, NEW), "torch": lambda: worker.run(prompt, NEW)}, REPS)
     finally:
-        worker.wait(timeout=60)
+        worker.close()
+    speeds = {name: [r.decode_tps for r in runs] for name, runs in results.items()}
     ratios = [a / b for a, b in zip(speeds["stratlm"], speeds["torch"])]
     for name, values in speeds.items():
         print(f"{name:<8} decode {statistics.median(values):.0f} tok/s ({min(values):.0f}-{max(values):.0f}) rounds: {[round(v) for v in values]}")
-    print(f"compiled: {ready['compiled']}; stratlm / transformers per round: {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+    print(f"compiled: {worker.hello['compiled']}; stratlm / transformers per round: {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
     table.append(("b1 transformers+compile decode tok/s", f"{statistics.median(speeds['torch']):.0f} ({min(speeds['torch']):.0f}-{max(speeds['torch']):.0f})"))
     table.append(("b1 stratlm, interleaved with it", f"{statistics.median(speeds['stratlm']):.0f} ({min(speeds['stratlm']):.0f}-{max(speeds['stratlm']):.0f})"))
     table.append(("b1 ratio stratlm/transformers+compile", f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})x"))

@@ -7,6 +7,7 @@ these machines are noisy: ratios are taken per round, between runs made side by 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -15,7 +16,7 @@ import statistics
 import subprocess
 import sys
 from importlib import metadata
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import attrs
 import mlx.core as mx
@@ -26,6 +27,7 @@ from .engines import Measurement, MlxLmEngine, StratlmEngine, measure_bandwidth
 from .models import bench_model, model_folder, prompt_tokens, weight_bytes_per_token
 
 Runner = Callable[[Sequence[int], int, int], Measurement]
+T = TypeVar("T")
 SINGLE_ROW = ("greedy", "sample")
 
 
@@ -127,19 +129,25 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
             for _ in range(config.warmup):
                 progress(f"warm-up: {name}")
                 run(prompt, warm_tokens, rows)
-        measured: dict[str, list[Measurement]] = {name: [] for name in engines}
-        names = list(engines)
-        for rep in range(config.reps):
-            order = names[rep % len(names) :] + names[: rep % len(names)]
-            for name in order:
-                progress(f"round {rep + 1}/{config.reps}: {name}")
-                measured[name].append(engines[name](prompt, config.max_tokens, rows))
+        measured = interleaved({name: functools.partial(run, prompt, config.max_tokens, rows) for name, run in engines.items()}, config.reps, progress)
     finally:
         for worker in workers:
             worker.close()
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     return summarize(config, measured, weight_bytes_per_token(loaded), bandwidth)
+
+
+def interleaved(runs: dict[str, Callable[[], T]], reps: int, progress: Callable[[str], None] = lambda _: None) -> dict[str, list[T]]:
+    """Every run once a round for `reps` rounds, the one going first rotating: on these noisy
+    machines only results taken side by side, round by round, compare."""
+    measured: dict[str, list[T]] = {name: [] for name in runs}
+    names = list(runs)
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            progress(f"round {rep + 1}/{reps}: {name}")
+            measured[name].append(runs[name]())
+    return measured
 
 
 def summarize(config: BenchConfig, measured: dict[str, list[Measurement]], weight_bytes: int, bandwidth: float) -> BenchReport:
@@ -187,19 +195,23 @@ def cpu_baselines() -> dict[str, dict[str, str]]:
 
 
 class Worker:
-    """mlx-lm in a subprocess (stratlm.bench.worker), one JSON line per run."""
+    """An engine in a subprocess: by default mlx-lm (stratlm.bench.worker). The process prints a
+    JSON line when ready, then answers each request line ({"prompt", "max_tokens", "batch"}) with
+    a Measurement's fields as one JSON line."""
 
-    def __init__(self, folder: str, env: dict[str, str]):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "stratlm.bench.worker", folder],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **env},
-        )
+    def __init__(self, folder: str, env: dict[str, str], command: Sequence[str] | None = None):
+        if command is None:
+            command, self.what = [sys.executable, "-m", "stratlm.bench.worker", folder], "the mlx-lm benchmark worker"
+            self.hint = "; is mlx-lm installed? (pip install 'stratlm[bench]')"
+        else:
+            self.what, self.hint = f"the benchmark worker {' '.join(command[:2])}", ""
+        self.process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
         self.hello = self._read()
 
     def _read(self) -> dict[str, Any]:
         line = self.process.stdout.readline() if self.process.stdout else ""
         if not line:
-            raise ConfigError(f"the mlx-lm benchmark worker exited (code {self.process.poll()}); is mlx-lm installed? (pip install 'stratlm[bench]')")
+            raise ConfigError(f"{self.what} exited (code {self.process.poll()}){self.hint}")
         return json.loads(line)
 
     def run(self, prompt: Sequence[int], max_tokens: int, batch: int = 1) -> Measurement:
