@@ -86,7 +86,7 @@ def test_resume_after_an_interruption_continues_at_the_same_step_with_the_same_s
     straight = finetune(base, data, valid_fraction=0, adapter=adapter, train=config, out=tmp_path / "straight", on_progress=None)
 
     class Killed(Exception):
-        pass
+        """The simulated interruption (a test helper, not a test)."""
 
     def kill_at_step_5(step):
         if step == 5:
