@@ -112,6 +112,33 @@ def kernel_overhead():
         print(f"cuda_kernel, source {len(src) + pad + 5} bytes: a chain of 200 nodes: build {min(builds) / 200 * 1e6:.1f} us/node, eval {min(evals) / 200 * 1e6:.1f} us/node", flush=True)
 
 
+def attention_timing():
+    """attention_cached over a cache's storage vs MLX's attention over slices of it (what the
+    fused path did before), batch 1, bf16, 320 cached positions of 512: a chain of 200 layers'
+    worth, build and evaluation per call."""
+    if not mx.cuda.is_available():
+        return
+    from stratlm.core import fused as F
+    kb, vb = mx.random.normal((1, 8, 512, 128)).astype(mx.bfloat16), mx.random.normal((1, 8, 512, 128)).astype(mx.bfloat16)
+    offs, starts = mx.array([319], dtype=mx.int32), mx.array([0], dtype=mx.int32)
+    q = mx.random.normal((1, 16, 1, 128)).astype(mx.bfloat16)
+    mx.eval(kb, vb, q)
+    ways = {"attention_cached": lambda q: F.attention_cached(q, kb, vb, offs, starts, 0.088).reshape(1, 16, 1, 128),
+            "slices + sdpa": lambda q: mx.fast.scaled_dot_product_attention(q, kb[:, :, :320], vb[:, :, :320], scale=0.088)}
+    for name, attend in ways.items():
+        mx.eval(attend(q))
+        builds, evals = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            y = q
+            for _ in range(200):
+                y = attend(y)
+            t1 = time.perf_counter()
+            mx.eval(y)
+            builds.append(t1 - t0); evals.append(time.perf_counter() - t1)
+        print(f"{name:<17} build {min(builds) / 200 * 1e6:.1f} us/call, eval {min(evals) / 200 * 1e6:.1f} us/call", flush=True)
+
+
 def check_fused():
     """The CUDA kernels against the plain MLX ops they replace, and the fused forward against
     the model's ordinary forward, fp32 and bf16, prompt then decode steps, with left padding."""
@@ -130,6 +157,8 @@ def check_fused():
         W = (0.03 * mx.random.normal((6144, 1024))).astype(dtype)
         W2 = (0.03 * mx.random.normal((3072, 2048))).astype(dtype)
         x1, d1 = x[:, :1], d[:, :1]  # 3 rows: the gemv kernels
+        kb, vb = mx.random.normal((3, 8, 512, 128)).astype(dtype), mx.random.normal((3, 8, 512, 128)).astype(dtype)
+        q1, q4, starts = mx.random.normal((3, 16, 1, 128)).astype(dtype), mx.random.normal((3, 16, 4, 128)).astype(dtype), mx.array([0, 2, 5], dtype=mx.int32)
 
         def run_all():
             return (F.add_rms_norm(x, d, w, 1e-6), F.attention_heads(qkv, 16, 8, 128, inv, offs, q_norm=qn, k_norm=kn, rope_scale=0.5),
@@ -138,14 +167,16 @@ def check_fused():
                     F.gemv(x1, W, (3, 1, 6144)), F.gemv(gu[:, :1, :2048], W2, (3, 1, 3072)),
                     F.norm_gemv_heads(x1, d1, w, 1e-6, W[:4096], 16, 8, 128, inv, offs, q_norm=qn, k_norm=kn, rope_scale=0.5),
                     F.norm_gemv_heads(x1, None, w, 1e-6, W[:4096], 16, 8, 128, inv, offs)[1:],
-                    F.norm_gemv_heads(x[:1, :4], d[:1, :4], w, 1e-6, W[:4096], 16, 8, 128, inv, offs[:1], q_norm=qn, k_norm=kn))
+                    F.norm_gemv_heads(x[:1, :4], d[:1, :4], w, 1e-6, W[:4096], 16, 8, 128, inv, offs[:1], q_norm=qn, k_norm=kn),
+                    F.attention_cached(q1, kb, vb, offs, starts, 128 ** -0.5),
+                    F.attention_cached(q4, kb[:, :, 1:], vb[:, :, 1:], offs, starts, 128 ** -0.5))  # a view of the storage
 
         cuda = run_all()
         active, F.cuda_active = F.cuda_active, lambda: False
         plain = run_all()
         F.cuda_active = active
         names = ("add_rms_norm", "attention_heads+norm", "attention_heads", "swiglu", "norm_gemv add", "norm_gemv", "norm_gemv add swiglu", "gemv", "gemv K=2048",
-                 "norm_gemv_heads add+qk norm", "norm_gemv_heads", "norm_gemv_heads 1x4 positions")
+                 "norm_gemv_heads add+qk norm", "norm_gemv_heads", "norm_gemv_heads 1x4 positions", "attention_cached", "attention_cached 4 pos, view")
         for name, a, b in zip(names, cuda, plain):
             a, b = (a if isinstance(a, (tuple, list)) else [a]), (b if isinstance(b, (tuple, list)) else [b])
             err = max(float(mx.abs(u.astype(mx.float32) - v.astype(mx.float32)).max()) for u, v in zip(a, b))
@@ -206,6 +237,7 @@ def main():
         profile(name, make_step(make_cache()), prompt)
     if "--quick" not in sys.argv:
         kernel_overhead()
+        attention_timing()
     if "--engine-loop" in sys.argv:
         engine_loop()
 

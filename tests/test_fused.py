@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stratlm.core import fused
+from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.core.model import Model
 from stratlm.models.transformer import RoPE
 from stratlm.testing import tiny_model
@@ -130,6 +131,23 @@ def test_fused_forward_gives_the_ordinary_forwards_logits(family, scaling, rows,
     assert decode_both_ways(model, prompts, padding, steps=3, ops=GEMV_ROUTE if gemv else None) < 2e-5
 
 
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_fused_decode_over_a_static_cache_reads_it_up_to_the_position(family):
+    """The compiled step's cache (StaticKVCache: fixed storage, the position an array) through the
+    gemv route's attention over the storage: the ordinary forward's logits, also after a trim."""
+    model = tiny_model(family, seed=3).model
+    model.optimize_for_inference()
+    plain, static = model.make_cache(), [StaticKVCache(8) for _ in model.layers]
+    prompt = mx.array([[5, 3, 8, 1]])
+    close(model.fused_forward(prompt, static, GEMV_ROUTE), Model.__call__(model, prompt, plain), 2e-5)
+    for step, token in enumerate((7, 2, 9, 4)):
+        if step == 2:
+            for c in plain + static:
+                c.trim(1)
+        x = mx.array([[token]])
+        close(model.fused_forward(x, static, GEMV_ROUTE), Model.__call__(model, x, plain), 2e-5)
+
+
 def test_norm_gemv_and_gemv_are_the_norm_and_the_products():
     x, delta = mx.random.normal((2, 1, 64), key=mx.random.key(7)), mx.random.normal((2, 1, 64), key=mx.random.key(8))
     norm_w = mx.random.uniform(0.5, 1.5, (64,), key=mx.random.key(9))
@@ -149,6 +167,33 @@ def test_norm_gemv_and_gemv_are_the_norm_and_the_products():
         close(a, b, 1e-5)
     heads = mx.random.normal((2, 4, 1, 16), key=mx.random.key(11))  # attention's (B, H, 1, D) output
     close(fused.gemv(heads, w[:, :64], (2, 1, 96)), heads.reshape(2, 1, 64) @ w[:, :64].T, 1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 3), new=st.integers(1, 4), cached=st.integers(0, 9), pad=st.integers(0, 3), shift=st.booleans(), seed=st.integers(0, 50))
+def test_attention_over_the_cache_storage_is_attention_over_its_slices(rows, new, cached, pad, shift, seed):
+    """attention_cached over KVCache.update's whole storage (the last row left-padded; after
+    `filter` dropped common padding the storage is a view) equals attention over
+    update_and_fetch's slices with the cache's own mask, in (B, L, H, D) layout."""
+    keys = iter(mx.random.split(mx.random.key(seed), 8))
+    n_heads, n_kv, dim = 4, 2, 32
+    padding = [pad if r == rows - 1 else 0 for r in range(rows)]
+    padding = [p + 1 for p in padding] if shift else padding  # every row padded: filter shifts the storage
+    caches = [fused_cache, sliced_cache] = [KVCache(padding), KVCache(padding)]
+    first = cached + max(padding) + 1
+    k0, v0 = (mx.random.normal((rows, n_kv, first, dim), key=next(keys)) for _ in range(2))
+    for c in caches:
+        c.update_and_fetch(k0, v0)
+        c.filter(list(range(rows)))
+    q = mx.random.normal((rows, n_heads, new, dim), key=next(keys))
+    k, v = (mx.random.normal((rows, n_kv, new, dim), key=next(keys)) for _ in range(2))
+    offsets = mx.broadcast_to(mx.array(fused_cache.rope_offset), (rows,)).astype(mx.int32)
+    starts = fused_cache.left_padding if fused_cache.left_padding is not None else mx.zeros((rows,), mx.int32)
+    mask = sliced_cache.make_mask(new)
+    expected = mx.fast.scaled_dot_product_attention(q, *sliced_cache.update_and_fetch(k, v), scale=0.3, mask=mask)
+    got = fused.attention_cached(q, *fused_cache.update(k, v), offsets, starts, 0.3)
+    assert got.shape == (rows, new, n_heads, dim)
+    close(got, expected.transpose(0, 2, 1, 3), 1e-5)
 
 
 def test_gemv_kernels_take_whole_vectors_and_few_rows():

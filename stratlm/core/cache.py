@@ -25,14 +25,21 @@ class KVCache:
     # -- the protocol ----------------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (B, heads, L, dim) keys/values; return everything cached so far."""
+        self.update(keys, values)
+        # (B, heads, positions, dim): indexing without an Ellipsis costs the host ~2 us less a call
+        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append as update_and_fetch does, but return the whole storage (B, heads, capacity, dim):
+        positions from `offset` on hold nothing meaningful. For attention that reads the cache up
+        to a length it is given (no slice of the storage: two graph nodes fewer a layer)."""
         start, n = self.offset, keys.shape[2]
         if self.keys is None or start + n > self.keys.shape[2]:
             self._grow(keys, values, start + n)
         self.offset = start + n
-        # (B, heads, positions, dim): indexing without an Ellipsis costs the host ~2 us less a call
         self.keys[:, :, start : self.offset] = keys
         self.values[:, :, start : self.offset] = values
-        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+        return self.keys, self.values
 
     def trim(self, n: int) -> int:
         """Forget the last n positions (rejected draft tokens); returns how many were trimmed."""
@@ -115,6 +122,9 @@ class StaticKVCache(KVCache):
         self.position = mx.array(0, dtype=mx.int32)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return self.update(keys, values)  # the whole buffer, its unwritten tail masked (make_mask)
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         n = keys.shape[2]
         if self.keys is None:
             self._grow(keys, values, self._size_for(n))

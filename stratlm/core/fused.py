@@ -85,12 +85,14 @@ __device__ inline void stratlm_norm_rope(float x1, float x2, float inv_rms, cons
 """
 
 
-def _cuda_kernel(name: str, inputs: list[str], outputs: list[str], source: str, header: str = ""):
+def _cuda_kernel(name: str, inputs: list[str], outputs: list[str], source: str, header: str = "", contiguous: bool = True):
     """mx.fast.cuda_kernel, named after a hash of its code: MLX keys its compiled kernels (and its
     on-disk PTX cache) by name, so constants baked into the source (eps, scales) or a changed
-    kernel must not share one."""
-    digest = hashlib.sha1((header + source + ",".join(inputs) + ";" + ",".join(outputs)).encode()).hexdigest()[:12]
-    return mx.fast.cuda_kernel(name=f"{name}_{digest}", input_names=inputs, output_names=outputs, source=source, header=header)
+    kernel must not share one. `contiguous=False`: inputs are passed as they lie (the kernel
+    indexes them by their strides) instead of copied row-contiguous first."""
+    digest = hashlib.sha1((header + source + ",".join(inputs) + ";" + ",".join(outputs) + str(contiguous)).encode()).hexdigest()[:12]
+    return mx.fast.cuda_kernel(name=f"{name}_{digest}", input_names=inputs, output_names=outputs, source=source, header=header,
+                               ensure_row_contiguous=contiguous)
 
 
 def _float_literal(x: float) -> str:
@@ -510,6 +512,111 @@ def gemv(x: mx.array, w: mx.array, out_shape: tuple[int, ...]) -> mx.array:
     return ops_for(x.dtype).gemv(x, w, out_shape)
 
 
+# -- attention of a few query positions over the cache's storage -----------------------------
+_ATTENTION_WARPS = 16  # keys are spread over the warps of one block per (row, query head, position)
+_ATTENTION_CHUNK = 4  # consecutive keys a warp loads before reducing: several loads in flight
+
+
+@lru_cache(maxsize=None)
+def _attention_cached_kernel(scale: float):
+    # each warp runs an online softmax over its chunks of keys (each lane D / 32 of the head's
+    # values), then the warps' partial sums are merged; scores and sums in fp32, as MLX's
+    # attention computes them, the output rounded to T once
+    source = f"""
+  constexpr int E = D / 32, W = {_ATTENTION_WARPS}, C = {_ATTENTION_CHUNK};
+  __shared__ float warp_max[W], warp_sum[W];
+  __shared__ float warp_acc[W * D];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int hq = blockIdx.x, l = blockIdx.y, b = blockIdx.z, h = hq / (HQ / HK);
+  // causal, past the row's padding
+  const int start = starts[b * starts_strides[0]], end = start + offsets[b * offsets_strides[0]] + l + 1;
+  const T* qrow = q + b * q_strides[0] + hq * q_strides[1] + l * q_strides[2] + lane * E * q_strides[3];
+  float qs[E], acc[E];
+  for (int e = 0; e < E; ++e) {{ qs[e] = {_float_literal(scale)} * static_cast<float>(qrow[e * q_strides[3]]); acc[e] = 0.f; }}
+  const T* kb = keys + b * keys_strides[0] + h * keys_strides[1] + lane * E * keys_strides[3];
+  const T* vb = values + b * values_strides[0] + h * values_strides[1] + lane * E * values_strides[3];
+  float m = -INFINITY, sum = 0.f;
+  for (int j0 = start + warp * C; j0 < end; j0 += W * C) {{
+    float s[C], vs[C][E];
+    for (int c = 0; c < C; ++c) {{
+      const int j = j0 + c;
+      s[c] = 0.f;
+      if (j < end) {{
+        for (int e = 0; e < E; ++e) {{
+          s[c] += qs[e] * static_cast<float>(kb[j * keys_strides[2] + e * keys_strides[3]]);
+          vs[c][e] = static_cast<float>(vb[j * values_strides[2] + e * values_strides[3]]);
+        }}
+      }}
+    }}
+    for (int o = 16; o > 0; o >>= 1)
+      for (int c = 0; c < C; ++c) s[c] += __shfl_xor_sync(0xffffffff, s[c], o);
+    float chunk_max = s[0];  // key j0 is always in range
+    for (int c = 1; c < C; ++c) if (j0 + c < end) chunk_max = fmaxf(chunk_max, s[c]);
+    const float m_new = fmaxf(m, chunk_max), correction = expf(m - m_new);
+    sum *= correction;
+    for (int e = 0; e < E; ++e) acc[e] *= correction;
+    for (int c = 0; c < C; ++c) {{
+      if (j0 + c < end) {{
+        const float p = expf(s[c] - m_new);
+        sum += p;
+        for (int e = 0; e < E; ++e) acc[e] += p * vs[c][e];
+      }}
+    }}
+    m = m_new;
+  }}
+  if (lane == 0) {{ warp_max[warp] = m; warp_sum[warp] = sum; }}
+  for (int e = 0; e < E; ++e) warp_acc[warp * D + lane * E + e] = acc[e];
+  __syncthreads();
+  for (int t = threadIdx.x; t < D; t += blockDim.x) {{
+    float top = -INFINITY;
+    for (int w = 0; w < W; ++w) top = fmaxf(top, warp_max[w]);
+    float num = 0.f, den = 0.f;
+    for (int w = 0; w < W; ++w) {{
+      if (warp_max[w] == -INFINITY) continue;  // a warp that had no keys
+      const float f = expf(warp_max[w] - top);
+      num += f * warp_acc[w * D + t];
+      den += f * warp_sum[w];
+    }}
+    out[(((size_t)b * LEN + l) * HQ + hq) * D + t] = static_cast<T>(num / den);
+  }}
+"""
+    # the cache's storage as it lies (a view after KVCache.filter, too): no copy of it a step
+    return _cuda_kernel("stratlm_attention_cached", ["q", "keys", "values", "offsets", "starts"], ["out"], source, contiguous=False)
+
+
+@lru_cache(maxsize=256)
+def _attention_cached_launch(B: int, L: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype) -> dict:
+    return dict(template=[("T", dtype), ("HQ", n_heads), ("HK", n_kv_heads), ("D", head_dim), ("LEN", L)],
+                grid=(n_heads * 32 * _ATTENTION_WARPS, L, B), threadgroup=(32 * _ATTENTION_WARPS, 1, 1),
+                output_shapes=[(B, L, n_heads, head_dim)], output_dtypes=[dtype])
+
+
+def attention_cached(q: mx.array, keys: mx.array, values: mx.array, offsets: mx.array, starts: mx.array, scale: float) -> mx.array:
+    """Attention of q (B, n_heads, L, D), L new positions, over a cache's whole storage keys, values
+    (B, n_kv_heads, capacity, D) as KVCache.update returns it (the new positions written): row b's
+    query l sees positions starts[b] (its left padding) up to starts[b] + offsets[b] + l, offsets
+    being the rows' RoPE offsets before the new positions. Returns (B, L, n_heads, D): for a
+    projection, B * L rows of n_heads * D as they lie. On CUDA one kernel (no slice of the cache)."""
+    return ops_for(q.dtype).attention_cached(q, keys, values, offsets, starts, scale)
+
+
+def _attention_cached_cuda(q, keys, values, offsets, starts, scale):
+    B, n_heads, L, head_dim = q.shape
+    if head_dim % 32 or q.dtype != keys.dtype:
+        return _attention_cached_mlx(q, keys, values, offsets, starts, scale)
+    launch = _attention_cached_launch(B, L, n_heads, keys.shape[1], head_dim, q.dtype)
+    return _attention_cached_kernel(scale)(inputs=[q, keys, values, offsets, starts], **launch)[0]
+
+
+def _attention_cached_mlx(q, keys, values, offsets, starts, scale):
+    L = q.shape[2]
+    position = mx.arange(keys.shape[2], dtype=mx.int32)  # (capacity,)
+    start = starts[:, None, None, None]
+    end = (starts + offsets)[:, None, None, None] + mx.arange(1, L + 1, dtype=mx.int32)[None, None, :, None]
+    mask = (position >= start) & (position < end)  # (B, 1, L, capacity)
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask).transpose(0, 2, 1, 3)
+
+
 class FusedOps(NamedTuple):
     """One implementation of each op; `ops_for` picks once, callers skip the per-call checks."""
 
@@ -519,12 +626,15 @@ class FusedOps(NamedTuple):
     norm_gemv: Callable
     norm_gemv_heads: Callable
     gemv: Callable
+    attention_cached: Callable
     gemv_fits: Callable  # (rows, inner dims, dtype, head_dim) -> whether a forward takes the gemv ops
 
 
-CUDA_OPS = FusedOps(_add_rms_norm_cuda, _attention_heads_cuda, _swiglu_cuda, _norm_gemv_cuda, _norm_gemv_heads_cuda, _gemv_cuda, gemv_fits)
+CUDA_OPS = FusedOps(_add_rms_norm_cuda, _attention_heads_cuda, _swiglu_cuda, _norm_gemv_cuda, _norm_gemv_heads_cuda, _gemv_cuda,
+                    _attention_cached_cuda, gemv_fits)
 # elsewhere MLX's matmul does better than a norm_gemv emulated with plain ops
-MLX_OPS = FusedOps(_add_rms_norm_mlx, _attention_heads_mlx, _swiglu_mlx, _norm_gemv_mlx, _norm_gemv_heads_mlx, _gemv_mlx, lambda rows, dims, dtype, head_dim: False)
+MLX_OPS = FusedOps(_add_rms_norm_mlx, _attention_heads_mlx, _swiglu_mlx, _norm_gemv_mlx, _norm_gemv_heads_mlx, _gemv_mlx,
+                   _attention_cached_mlx, lambda rows, dims, dtype, head_dim: False)
 
 
 def ops_for(dtype: mx.Dtype) -> FusedOps:

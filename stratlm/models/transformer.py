@@ -7,6 +7,7 @@ the same names mlx-lm uses, so checkpoints and adapters move between them and st
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import attrs
@@ -433,7 +434,6 @@ class DecoderLM(Model):
         B, L = tokens.shape
         if L > FUSED_MAX_POSITIONS or B * L > FUSED_MAX_ROWS:
             return None
-        mask = cache[0].make_mask(L)
         offset = cache[0].rope_offset
         offsets = mx.array([offset] * B, dtype=mx.int32) if isinstance(offset, int) else mx.broadcast_to(offset, (B,)).astype(mx.int32)
         inv_freq, rope_scale = rope.inv_freq(), rope.scale
@@ -442,6 +442,11 @@ class DecoderLM(Model):
         hidden, inter = h.shape[-1], plans[0].down.shape[1]
         # a few rows (decoding): the norm, the projection and SwiGLU each in one gemv kernel
         few = ops.gemv_fits(B * L, (hidden, n_heads * head_dim, inter), h.dtype, head_dim)
+        if few:  # attention reads the cache's storage up to each row's length: no mask, no slices
+            padding = cache[0].left_padding
+            starts = padding if padding is not None else _zeros_int32(B)
+        else:
+            mask = cache[0].make_mask(L)
         delta = None
         for (in_w, in_eps, qkv_t, qkv_w, (q_w, k_w, qk_eps), o_t, o_w, post_w, post_eps, gate_up_t, gate_up_w, down_t, down_w), layer_cache in zip(plans, cache):
             if few:
@@ -449,14 +454,15 @@ class DecoderLM(Model):
             else:
                 h, y = (h, mx.fast.rms_norm(h, in_w, in_eps)) if delta is None else ops.add_rms_norm(h, delta, in_w, in_eps)
                 q, k, v = ops.attention_heads(y @ qkv_t, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
-            k, v = layer_cache.update_and_fetch(k, v)
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
             if few:
-                # (B, H, 1, D) is laid out as B rows of H * D: the kernel reads it as it is
-                out = ops.gemv(out if L == 1 else out.transpose(0, 2, 1, 3), o_w, (B, L, hidden))
+                keys, values = layer_cache.update(k, v)
+                # (B, L, H, D): B * L rows of H * D, as the projection reads them
+                out = ops.gemv(ops.attention_cached(q, keys, values, offsets, starts, scale), o_w, (B, L, hidden))
                 h, act = ops.norm_gemv(h, out, post_w, post_eps, gate_up_w, True)
                 delta = ops.gemv(act, down_w, (B, L, hidden))
             else:
+                k, v = layer_cache.update_and_fetch(k, v)
+                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
                 out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
                 h, y = ops.add_rms_norm(h, out @ o_t, post_w, post_eps)
                 delta = ops.swiglu(y @ gate_up_t) @ down_t
@@ -468,6 +474,14 @@ class DecoderLM(Model):
         if "lm_head" in self:
             return self.lm_head(hidden)
         return self.model.embed_tokens.as_linear(hidden)
+
+
+@lru_cache(maxsize=64)
+def _zeros_int32(n: int) -> mx.array:
+    """No left padding for n rows (shared: arrays are immutable, and one made per step costs a node)."""
+    zeros = mx.zeros((n,), dtype=mx.int32)
+    mx.eval(zeros)
+    return zeros
 
 
 def drop_unused(weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
