@@ -3,7 +3,7 @@
 1. correctness on a random model of the real Qwen3-0.6B shape: stratlm's greedy tokens equal
    mlx-lm's (fp32), the compiled decode step's logits equal the plain forward's;
 2. timings, bf16, prompt 64, 256 new tokens: stratlm vs mlx-lm batch 1 and batch 64 (the
-   `batch` strategy vs mlx-lm's batch_generate), stratlm's compiled step (opt-in), and
+   `batch` strategy vs mlx-lm's batch_generate), the plain forward instead of the compiled step (STRATLM_COMPILE=off), and
    Hugging Face transformers with a static cache and torch.compile;
 3. a short table, printed last. Full reports go to $OUT.
 """
@@ -65,8 +65,9 @@ def correctness():
     tokens = mx.array([prompt], dtype=mx.int32)
     os.environ["STRATLM_COMPILE"] = "on"
     cache_c, step_c = decode_forward(model, len(prompt))
-    os.environ.pop("STRATLM_COMPILE")
+    os.environ["STRATLM_COMPILE"] = "off"
     cache_p, step_p = decode_forward(model, len(prompt))
+    os.environ.pop("STRATLM_COMPILE")
     worst = float(mx.abs(prefill(model, tokens, cache_c) - prefill(model, tokens, cache_p)).max())
     for t in ours[:32]:
         x = mx.array([[t]], dtype=mx.int32)
@@ -101,24 +102,27 @@ def batch1():
 
 @section("batch 1 variants, interleaved")
 def batch1_variants(folder, loaded):
-    """stratlm's opt-in compiled step (STRATLM_COMPILE=on) against the default and mlx-lm."""
+    """stratlm's default decode step (on CUDA the compiled one) against the plain forward
+    (STRATLM_COMPILE=off) and mlx-lm."""
     ours, theirs = StratlmEngine(loaded), MlxLmEngine(str(folder))
     prompt = prompt_tokens(loaded, PROMPT)
 
     def variant(engine, compiled, tokens):
         def run():
-            os.environ["STRATLM_COMPILE"] = compiled or "off"
+            os.environ.pop("STRATLM_COMPILE", None)
+            if compiled:
+                os.environ["STRATLM_COMPILE"] = compiled
             return engine.run(prompt, tokens)
         return run
 
-    variants = {"default": (ours, "off"), "compiled": (ours, "on"), "mlx-lm": (theirs, None)}
+    variants = {"default": (ours, None), "plain forward": (ours, "off"), "mlx-lm": (theirs, None)}
     for engine, compiled in variants.values():  # warm-up
         variant(engine, compiled, 32)()
     results = interleaved({name: variant(engine, compiled, NEW) for name, (engine, compiled) in variants.items()}, REPS)
-    os.environ.pop("STRATLM_COMPILE")
+    os.environ.pop("STRATLM_COMPILE", None)
     speeds = {name: [r.decode_tps for r in runs] for name, runs in results.items()}
-    diff = first_difference(results["compiled"][-1].token_ids, results["default"][-1].token_ids)
-    table.append(("b1 compiled tokens == default (bf16)", "all" if diff is None else f"first {diff}"))
+    diff = first_difference(results["plain forward"][-1].token_ids, results["default"][-1].token_ids)
+    table.append(("b1 plain-forward tokens == default (bf16)", "all" if diff is None else f"first {diff}"))
     for name in variants:
         ratios = [a / b for a, b in zip(speeds[name], speeds["mlx-lm"])]
         print(f"{name:<16} {statistics.median(speeds[name]):8.1f} tok/s ({min(speeds[name]):.0f}-{max(speeds[name]):.0f})  /mlx-lm {statistics.median(ratios):.2f}x")
@@ -156,20 +160,31 @@ def transformers_compiled(folder, loaded):
     prompt = prompt_tokens(loaded, PROMPT)
     script = os.path.join(os.path.dirname(__file__), "gpu_bench_hf.py")
     worker = Worker(str(folder), {}, command=[sys.executable, script, str(folder), json.dumps(prompt), str(NEW), "--serve"])
+    def stratlm(compiled):
+        def run():
+            os.environ.pop("STRATLM_COMPILE", None)
+            if compiled:
+                os.environ["STRATLM_COMPILE"] = compiled
+            return ours.run(prompt, NEW)
+        return run
+
     try:
         ours = StratlmEngine(loaded)
         ours.run(prompt, 32)  # warm-up
-        results = interleaved({"stratlm": lambda: ours.run(prompt, NEW), "torch": lambda: worker.run(prompt, NEW)}, REPS)
+        stratlm("off")()
+        results = interleaved({"stratlm": stratlm(None), "stratlm plain forward": stratlm("off"), "torch": lambda: worker.run(prompt, NEW)}, REPS)
     finally:
         worker.close()
+        os.environ.pop("STRATLM_COMPILE", None)
     speeds = {name: [r.decode_tps for r in runs] for name, runs in results.items()}
-    ratios = [a / b for a, b in zip(speeds["stratlm"], speeds["torch"])]
     for name, values in speeds.items():
-        print(f"{name:<8} decode {statistics.median(values):.0f} tok/s ({min(values):.0f}-{max(values):.0f}) rounds: {[round(v) for v in values]}")
-    print(f"compiled: {worker.hello['compiled']}; stratlm / transformers per round: {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+        print(f"{name:<22} decode {statistics.median(values):.0f} tok/s ({min(values):.0f}-{max(values):.0f}) rounds: {[round(v) for v in values]}")
     table.append(("b1 transformers+compile decode tok/s", f"{statistics.median(speeds['torch']):.0f} ({min(speeds['torch']):.0f}-{max(speeds['torch']):.0f})"))
-    table.append(("b1 stratlm, interleaved with it", f"{statistics.median(speeds['stratlm']):.0f} ({min(speeds['stratlm']):.0f}-{max(speeds['stratlm']):.0f})"))
-    table.append(("b1 ratio stratlm/transformers+compile", f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})x"))
+    for name in ("stratlm", "stratlm plain forward"):
+        ratios = [a / b for a, b in zip(speeds[name], speeds["torch"])]
+        print(f"compiled: {worker.hello['compiled']}; {name} / transformers per round: {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+        table.append((f"b1 {name}, interleaved with it", f"{statistics.median(speeds[name]):.0f} ({min(speeds[name]):.0f}-{max(speeds[name]):.0f})"))
+        table.append((f"b1 ratio {name}/transformers+compile", f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})x"))
 
 
 def main() -> int:

@@ -32,14 +32,16 @@ def steps(folder):
     yield "stratlm-plain", plain.make_cache, lambda cache: (lambda t: plain(t, cache))
     fused = bench_model(MODEL, "bfloat16").model
     fused.optimize_for_inference()  # what the Engine does on CUDA: the fused kernels
-    yield "stratlm", fused.make_cache, lambda cache: (lambda t: fused(t, cache))
-    if os.environ.get("GPU_PROFILE_COMPILED"):
-        # the opt-in compiled step (STRATLM_COMPILE=on) over the fused model: static caches
-        from stratlm.core.cache import StaticKVCache
-        from stratlm.core.generation import DECODE_RESERVE, CompiledStep
+    yield "stratlm-fused", fused.make_cache, lambda cache: (lambda t: fused(t, cache))
+    # what the Engine decodes with on CUDA: the compiled step over the fused model, static caches
+    from stratlm.core.cache import StaticKVCache
+    from stratlm.core.generation import DECODE_RESERVE, CompiledStep
 
-        yield ("stratlm-compiled", lambda: [StaticKVCache(64 + DECODE_RESERVE) for _ in fused.layers],
-               lambda cache: (lambda t, step=CompiledStep(fused, cache): step(t)[:, None, :]))
+    def compiled_cache():
+        fused.make_cache()  # takes the fused plan, as decode_forward does
+        return [StaticKVCache(64 + DECODE_RESERVE) for _ in fused.layers]
+
+    yield "stratlm", compiled_cache, lambda cache: (lambda t, step=CompiledStep(fused, cache): step(t)[:, None, :])
     yield "mlx-lm", lambda: make_prompt_cache(theirs), lambda cache: (lambda t: theirs(t, cache=cache))
 
 
@@ -206,7 +208,8 @@ def check_fused():
 
 def engine_loop():
     """The Engine's own decode loop (core.generation.decode, async one step ahead) on the model as
-    loaded (ordinary graph) and fused, 256 tokens after a 64-token prompt, twice each: whether the
+    loaded (ordinary graph), fused with the plain forward, and fused with the compiled step (the
+    default on CUDA; its first token includes the trace), 256 tokens after a 64-token prompt, twice each: whether the
     ordinary graph's slow pipelined steps in profile() are the harness or the engine."""
     import itertools
     from stratlm.core.generation import decode
@@ -217,13 +220,17 @@ def engine_loop():
     prompt = prompt_tokens(loaded, 64)
     fused = bench_model(MODEL, "bfloat16").model
     fused.optimize_for_inference()
-    for name, model in (("ordinary", loaded.model), ("fused", fused)) * 2:
+    for name, model, setting in (("ordinary", loaded.model, None), ("fused, plain", fused, "off"), ("fused, compiled", fused, None)) * 2:
+        os.environ.pop("STRATLM_COMPILE", None)
+        if setting:
+            os.environ["STRATLM_COMPILE"] = setting
         t0 = time.perf_counter()
         tokens = decode(model, prompt, Sampler(SamplingParams()))
         next(tokens)
         t1 = time.perf_counter()
         list(itertools.islice(tokens, 255))
-        print(f"decode loop, {name:<9} {255 / (time.perf_counter() - t1):.0f} tok/s (first token {1e3 * (t1 - t0):.0f} ms)", flush=True)
+        print(f"decode loop, {name:<15} {255 / (time.perf_counter() - t1):.0f} tok/s (first token {1e3 * (t1 - t0):.0f} ms)", flush=True)
+    os.environ.pop("STRATLM_COMPILE", None)
 
 
 def main():

@@ -19,7 +19,7 @@ from stratlm.bench.models import prompt_tokens, weight_bytes_per_token
 from stratlm.bench.runner import Worker
 from stratlm.cli.main import main
 from stratlm.core.blas import status
-from stratlm.core.cache import StaticKVCache
+from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.core.errors import ConfigError
 from stratlm.core.generation import decode_forward, prefill, run_single
 from stratlm.core.loading import load_model
@@ -105,6 +105,21 @@ def test_compiled_decoding_gives_the_plain_tokens_and_logprobs(family, monkeypat
         results[mode] = list(run_single(loaded.model, loaded.tokenizer, loaded.eos_token_ids, [p % 256 for p in prompt], params))[-1]
     assert results["on"].token_ids == results["off"].token_ids
     np.testing.assert_allclose(results["on"].logprobs, results["off"].logprobs, atol=1e-4)
+
+
+def test_the_model_decides_compiled_decoding_unless_stratlm_compile_is_set(monkeypatch):
+    model = separated("qwen3", seed=6).model
+    model.optimize_for_inference()
+    monkeypatch.delenv("STRATLM_COMPILE", raising=False)
+    cache, _ = decode_forward(model, 4)
+    assert type(cache[0]) is KVCache  # the fused layout pays off compiled on CUDA only
+    monkeypatch.setattr(model, "compiled_decoding_pays", lambda: True)
+    assert isinstance(decode_forward(model, 4)[0][0], StaticKVCache)
+    monkeypatch.setenv("STRATLM_COMPILE", "off")
+    assert type(decode_forward(model, 4)[0][0]) is KVCache
+    monkeypatch.setattr(model, "compiled_decoding_pays", lambda: False)
+    monkeypatch.setenv("STRATLM_COMPILE", "on")
+    assert isinstance(decode_forward(model, 4)[0][0], StaticKVCache)
 
 
 def test_compiled_step_logits_match_and_trim_rewinds(monkeypatch):

@@ -527,7 +527,7 @@ def _attention_cached_kernel(scale: float):
   __shared__ float warp_max[W], warp_sum[W];
   __shared__ float warp_acc[W * D];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int hq = blockIdx.x, l = blockIdx.y, b = blockIdx.z, h = hq / (HQ / HK);
+  const int hq = blockIdx.x, l = blockIdx.y, b = blockIdx.z, h = hq / (HQ / HK), LEN = q_shape[2];
   // causal, past the row's padding
   const int start = starts[b * starts_strides[0]], end = start + offsets[b * offsets_strides[0]] + l + 1;
   const T* qrow = q + b * q_strides[0] + hq * q_strides[1] + l * q_strides[2] + lane * E * q_strides[3];
@@ -586,7 +586,8 @@ def _attention_cached_kernel(scale: float):
 
 @lru_cache(maxsize=256)
 def _attention_cached_launch(B: int, L: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype: mx.Dtype) -> dict:
-    return dict(template=[("T", dtype), ("HQ", n_heads), ("HK", n_kv_heads), ("D", head_dim), ("LEN", L)],
+    # the number of positions is read from q's shape, not a template constant: one kernel for all
+    return dict(template=[("T", dtype), ("HQ", n_heads), ("HK", n_kv_heads), ("D", head_dim)],
                 grid=(n_heads * 32 * _ATTENTION_WARPS, L, B), threadgroup=(32 * _ATTENTION_WARPS, 1, 1),
                 output_shapes=[(B, L, n_heads, head_dim)], output_dtypes=[dtype])
 

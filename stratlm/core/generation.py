@@ -41,11 +41,16 @@ def token_logprobs(logits: mx.array, tokens: mx.array) -> mx.array:
     return picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
 
 
-def compiled_decoding() -> bool:
-    """Whether `decode` uses the compiled step (STRATLM_COMPILE=on). Off by default: measured no
-    faster than the plain forward on the CPU (memory-bound) and slower on an H100 (attention over
-    the whole preallocated buffer), and on the CPU its first use JIT-compiles kernels for minutes."""
-    return os.environ.get("STRATLM_COMPILE", "").lower() in ("on", "1", "yes", "true")
+def compiled_decoding(model: Model) -> bool:
+    """Whether `decode` uses the compiled step: STRATLM_COMPILE=on or off decides; unset, the model
+    does (Model.compiled_decoding_pays: on CUDA in the fused layout). On the CPU it is measured no
+    faster than the plain forward (memory-bound), and its first use JIT-compiles kernels for minutes."""
+    setting = os.environ.get("STRATLM_COMPILE", "").lower()
+    if setting in ("on", "1", "yes", "true"):
+        return True
+    if setting in ("off", "0", "no", "false"):
+        return False
+    return model.compiled_decoding_pays()
 
 
 class CompiledStep:
@@ -82,12 +87,13 @@ class CompiledStep:
 def decode_forward(model: Model, prompt_length: int, cache: list[KVCache] | None = None) -> tuple[list[KVCache], Callable[[mx.array], mx.array]]:
     """A cache for decoding one prompt and the step function over it: tokens (B, L) -> logits (B, vocab).
 
-    With STRATLM_COMPILE=on, no given cache, and a model that makes the standard cache, the cache
-    is preallocated and the step compiled; otherwise the step is the plain forward.
+    With compiled decoding (`compiled_decoding`), no given cache, and a model that makes the
+    standard cache, the cache is preallocated and the step compiled; otherwise the step is the
+    plain forward.
     """
     if cache is None:
         cache = model.make_cache()
-        if compiled_decoding() and all(type(c) is KVCache for c in cache):  # the standard cache, not a model's own
+        if compiled_decoding(model) and all(type(c) is KVCache for c in cache):  # the standard cache, not a model's own
             static = [StaticKVCache(prompt_length + DECODE_RESERVE) for _ in model.layers]
             return static, CompiledStep(model, static)
     return cache, lambda tokens: model(tokens, cache)[:, -1, :]

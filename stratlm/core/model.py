@@ -41,6 +41,12 @@ class Model(nn.Module):
     def optimize_for_inference(self) -> None:
         """Rearrange weights for faster inference, keeping parameter names and values (default: nothing)."""
 
+    def compiled_decoding_pays(self) -> bool:
+        """Whether decoding with the cache this model just made (make_cache) runs faster as one
+        compiled step over a preallocated cache (core.generation.CompiledStep) than as the plain
+        forward; used when STRATLM_COMPILE is not set. Default: no."""
+        return False
+
     @property
     def vocab_size(self) -> int:
         return int(self.config["vocab_size"])

@@ -398,6 +398,12 @@ class DecoderLM(Model):
         self._fused_plans = self.fused_plans()
         return super().make_cache(left_padding)
 
+    def compiled_decoding_pays(self) -> bool:
+        # on CUDA in the fused layout: the trace replays the fused graph without Python building
+        # it, and attention reads the static cache up to the position held in an array (measured
+        # in docs/benchmarks.md); elsewhere the plain forward is as fast or faster
+        return self.get("_fused_plans") is not None and fused_ops.cuda_active()
+
     def fused_plans(self) -> tuple | None:
         """Per block what `fused_forward` needs (Block.fused_plan), and the final norm and head;
         None unless every block is in the fused layout."""
