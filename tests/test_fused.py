@@ -172,9 +172,10 @@ def test_norm_gemv_and_gemv_are_the_norm_and_the_products():
 @settings(max_examples=20, deadline=None)
 @given(rows=st.integers(1, 3), new=st.integers(1, 4), cached=st.integers(0, 9), pad=st.integers(0, 3), shift=st.booleans(), seed=st.integers(0, 50))
 def test_attention_over_the_cache_storage_is_attention_over_its_slices(rows, new, cached, pad, shift, seed):
-    """attention_cached over KVCache.update's whole storage (the last row left-padded; after
+    """attention_cached over KVCache.make_room's whole storage (the last row left-padded; after
     `filter` dropped common padding the storage is a view) equals attention over
-    update_and_fetch's slices with the cache's own mask, in (B, L, H, D) layout."""
+    update_and_fetch's slices with the cache's own mask, in (B, L, H, D) layout, and the storage
+    it gives back holds what update_and_fetch wrote."""
     keys = iter(mx.random.split(mx.random.key(seed), 8))
     n_heads, n_kv, dim = 4, 2, 32
     padding = [pad if r == rows - 1 else 0 for r in range(rows)]
@@ -191,9 +192,12 @@ def test_attention_over_the_cache_storage_is_attention_over_its_slices(rows, new
     starts = fused_cache.left_padding if fused_cache.left_padding is not None else mx.zeros((rows,), mx.int32)
     mask = sliced_cache.make_mask(new)
     expected = mx.fast.scaled_dot_product_attention(q, *sliced_cache.update_and_fetch(k, v), scale=0.3, mask=mask)
-    got = fused.attention_cached(q, *fused_cache.update(k, v), offsets, starts, 0.3)
+    got, fused_cache.keys, fused_cache.values = fused.attention_cached(q, k, v, *fused_cache.make_room(k, v), offsets, starts, 0.3)
     assert got.shape == (rows, new, n_heads, dim)
     close(got, expected.transpose(0, 2, 1, 3), 1e-5)
+    assert fused_cache.offset == sliced_cache.offset
+    for a, b in ((fused_cache.keys, sliced_cache.keys), (fused_cache.values, sliced_cache.values)):
+        close(a[:, :, : fused_cache.offset], b[:, :, : sliced_cache.offset], 0)
 
 
 def test_gemv_kernels_take_whole_vectors_and_few_rows():

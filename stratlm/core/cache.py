@@ -25,20 +25,22 @@ class KVCache:
     # -- the protocol ----------------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (B, heads, L, dim) keys/values; return everything cached so far."""
-        self.update(keys, values)
+        start = self.offset
+        self.make_room(keys, values)
         # (B, heads, positions, dim): indexing without an Ellipsis costs the host ~2 us less a call
-        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
-
-    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append as update_and_fetch does, but return the whole storage (B, heads, capacity, dim):
-        positions from `offset` on hold nothing meaningful. For attention that reads the cache up
-        to a length it is given (no slice of the storage: two graph nodes fewer a layer)."""
-        start, n = self.offset, keys.shape[2]
-        if self.keys is None or start + n > self.keys.shape[2]:
-            self._grow(keys, values, start + n)
-        self.offset = start + n
         self.keys[:, :, start : self.offset] = keys
         self.values[:, :, start : self.offset] = values
+        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+
+    def make_room(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Room for these (B, heads, L, dim) keys/values, the offset advanced past them, but not
+        written: the whole storage (B, heads, capacity, dim), for an op that writes the new
+        positions itself (fused.attention_cached, whose returned storage then replaces `keys`
+        and `values`)."""
+        n = keys.shape[2]
+        if self.keys is None or self.offset + n > self.keys.shape[2]:
+            self._grow(keys, values, self.offset + n)
+        self.offset += n
         return self.keys, self.values
 
     def trim(self, n: int) -> int:
@@ -122,16 +124,17 @@ class StaticKVCache(KVCache):
         self.position = mx.array(0, dtype=mx.int32)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        return self.update(keys, values)  # the whole buffer, its unwritten tail masked (make_mask)
+        at = self.position.reshape(1)
+        self.make_room(keys, values)
+        self.keys = mx.slice_update(self.keys, keys, at, axes=(2,))
+        self.values = mx.slice_update(self.values, values, at, axes=(2,))
+        return self.keys, self.values  # the whole buffer, its unwritten tail masked (make_mask)
 
-    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+    def make_room(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         n = keys.shape[2]
         if self.keys is None:
             self._grow(keys, values, self._size_for(n))
         self.reserve(n)
-        at = self.position.reshape(1)
-        self.keys = mx.slice_update(self.keys, keys, at, axes=(2,))
-        self.values = mx.slice_update(self.values, values, at, axes=(2,))
         self.position = self.position + n
         self.offset += n
         return self.keys, self.values

@@ -519,22 +519,36 @@ _ATTENTION_CHUNK = 4  # consecutive keys a warp loads before reducing: several l
 
 @lru_cache(maxsize=None)
 def _attention_cached_kernel(scale: float):
-    # each warp runs an online softmax over its chunks of keys (each lane D / 32 of the head's
-    # values), then the warps' partial sums are merged; scores and sums in fp32, as MLX's
-    # attention computes them, the output rounded to T once
+    # One block per (query head, position, row). The block of each KV head's first query head at
+    # position 0 writes the new keys/values into the cache's storage, in place (MLX passes inputs
+    # as const; the storage belongs to the cache alone and every later reader depends on this
+    # step's output); every block reads the past from the storage and the new positions from k
+    # and v, so no block reads what another writes. Each warp runs an online softmax over its
+    # chunks of keys (each lane D / 32 of the head's values), then the warps' partial sums are
+    # merged; scores and sums in fp32, as MLX's attention computes them, the output rounded once.
     source = f"""
-  constexpr int E = D / 32, W = {_ATTENTION_WARPS}, C = {_ATTENTION_CHUNK};
+  constexpr int E = D / 32, W = {_ATTENTION_WARPS}, C = {_ATTENTION_CHUNK}, G = HQ / HK;
   __shared__ float warp_max[W], warp_sum[W];
   __shared__ float warp_acc[W * D];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int hq = blockIdx.x, l = blockIdx.y, b = blockIdx.z, h = hq / (HQ / HK), LEN = q_shape[2];
-  // causal, past the row's padding
-  const int start = starts[b * starts_strides[0]], end = start + offsets[b * offsets_strides[0]] + l + 1;
-  const T* qrow = q + b * q_strides[0] + hq * q_strides[1] + l * q_strides[2] + lane * E * q_strides[3];
+  const int hq = blockIdx.x, l = blockIdx.y, b = blockIdx.z, h = hq / G, LEN = q_shape[2];
+  // storage positions [start, past) hold the row's past (start: its left padding); the new
+  // positions follow, causal: query l sees up to past + l
+  const int start = starts[b * starts_strides[0]], past = start + offsets[b * offsets_strides[0]], end = past + l + 1;
+  const T* k_new = k + b * k_strides[0] + h * k_strides[1];
+  const T* v_new = v + b * v_strides[0] + h * v_strides[1];
+  const T* k_old = keys + b * keys_strides[0] + h * keys_strides[1];
+  const T* v_old = values + b * values_strides[0] + h * values_strides[1];
+  if (hq % G == 0 && l == 0) {{
+    for (int t = threadIdx.x; t < LEN * D; t += blockDim.x) {{
+      const int i = t / D, d = t - i * D;
+      const_cast<T*>(k_old)[(past + i) * keys_strides[2] + d * keys_strides[3]] = k_new[i * k_strides[2] + d * k_strides[3]];
+      const_cast<T*>(v_old)[(past + i) * values_strides[2] + d * values_strides[3]] = v_new[i * v_strides[2] + d * v_strides[3]];
+    }}
+  }}
+  const T* qrow = q + b * q_strides[0] + hq * q_strides[1] + l * q_strides[2];
   float qs[E], acc[E];
-  for (int e = 0; e < E; ++e) {{ qs[e] = {_float_literal(scale)} * static_cast<float>(qrow[e * q_strides[3]]); acc[e] = 0.f; }}
-  const T* kb = keys + b * keys_strides[0] + h * keys_strides[1] + lane * E * keys_strides[3];
-  const T* vb = values + b * values_strides[0] + h * values_strides[1] + lane * E * values_strides[3];
+  for (int e = 0; e < E; ++e) {{ qs[e] = {_float_literal(scale)} * static_cast<float>(qrow[(lane * E + e) * q_strides[3]]); acc[e] = 0.f; }}
   float m = -INFINITY, sum = 0.f;
   for (int j0 = start + warp * C; j0 < end; j0 += W * C) {{
     float s[C], vs[C][E];
@@ -542,9 +556,13 @@ def _attention_cached_kernel(scale: float):
       const int j = j0 + c;
       s[c] = 0.f;
       if (j < end) {{
+        const bool old = j < past;
+        const T* kr = old ? k_old + j * keys_strides[2] : k_new + (j - past) * k_strides[2];
+        const T* vr = old ? v_old + j * values_strides[2] : v_new + (j - past) * v_strides[2];
+        const int64_t kd = old ? keys_strides[3] : k_strides[3], vd = old ? values_strides[3] : v_strides[3];
         for (int e = 0; e < E; ++e) {{
-          s[c] += qs[e] * static_cast<float>(kb[j * keys_strides[2] + e * keys_strides[3]]);
-          vs[c][e] = static_cast<float>(vb[j * values_strides[2] + e * values_strides[3]]);
+          s[c] += qs[e] * static_cast<float>(kr[(lane * E + e) * kd]);
+          vs[c][e] = static_cast<float>(vr[(lane * E + e) * vd]);
         }}
       }}
     }}
@@ -580,8 +598,8 @@ def _attention_cached_kernel(scale: float):
     out[(((size_t)b * LEN + l) * HQ + hq) * D + t] = static_cast<T>(num / den);
   }}
 """
-    # the cache's storage as it lies (a view after KVCache.filter, too): no copy of it a step
-    return _cuda_kernel("stratlm_attention_cached", ["q", "keys", "values", "offsets", "starts"], ["out"], source, contiguous=False)
+    # every input as it lies, by its strides: the storage must not be copied (it is written)
+    return _cuda_kernel("stratlm_attention_cached", ["q", "k", "v", "keys", "values", "offsets", "starts"], ["out"], source, contiguous=False)
 
 
 @lru_cache(maxsize=256)
@@ -592,30 +610,36 @@ def _attention_cached_launch(B: int, L: int, n_heads: int, n_kv_heads: int, head
                 output_shapes=[(B, L, n_heads, head_dim)], output_dtypes=[dtype])
 
 
-def attention_cached(q: mx.array, keys: mx.array, values: mx.array, offsets: mx.array, starts: mx.array, scale: float) -> mx.array:
-    """Attention of q (B, n_heads, L, D), L new positions, over a cache's whole storage keys, values
-    (B, n_kv_heads, capacity, D) as KVCache.update returns it (the new positions written): row b's
-    query l sees positions starts[b] (its left padding) up to starts[b] + offsets[b] + l, offsets
-    being the rows' RoPE offsets before the new positions. Returns (B, L, n_heads, D): for a
-    projection, B * L rows of n_heads * D as they lie. On CUDA one kernel (no slice of the cache)."""
-    return ops_for(q.dtype).attention_cached(q, keys, values, offsets, starts, scale)
+def attention_cached(q, k, v, keys, values, offsets, starts, scale) -> tuple[mx.array, mx.array, mx.array]:
+    """Attention of L new positions over a cache: q (B, n_heads, L, D) and the new k, v
+    (B, n_kv_heads, L, D); keys, values the cache's whole storage (B, n_kv_heads, capacity, D) as
+    KVCache.make_room gives it, the new positions not yet written. Row b's query l sees storage
+    positions starts[b] (its left padding) to starts[b] + offsets[b] + l, offsets being the rows'
+    RoPE offsets before the new positions. Returns (out, keys, values): out (B, L, n_heads, D),
+    B * L rows of n_heads * D for the output projection as they lie, and the storage with the new
+    positions written. On CUDA one kernel that writes them into the storage in place (the same
+    arrays come back: no slice or copy of the cache); elsewhere MLX ops and new storage arrays."""
+    return ops_for(q.dtype).attention_cached(q, k, v, keys, values, offsets, starts, scale)
 
 
-def _attention_cached_cuda(q, keys, values, offsets, starts, scale):
+def _attention_cached_cuda(q, k, v, keys, values, offsets, starts, scale):
     B, n_heads, L, head_dim = q.shape
-    if head_dim % 32 or q.dtype != keys.dtype:
-        return _attention_cached_mlx(q, keys, values, offsets, starts, scale)
+    if head_dim % 32 or not q.dtype == k.dtype == keys.dtype:
+        return _attention_cached_mlx(q, k, v, keys, values, offsets, starts, scale)
     launch = _attention_cached_launch(B, L, n_heads, keys.shape[1], head_dim, q.dtype)
-    return _attention_cached_kernel(scale)(inputs=[q, keys, values, offsets, starts], **launch)[0]
+    return _attention_cached_kernel(scale)(inputs=[q, k, v, keys, values, offsets, starts], **launch)[0], keys, values
 
 
-def _attention_cached_mlx(q, keys, values, offsets, starts, scale):
+def _attention_cached_mlx(q, k, v, keys, values, offsets, starts, scale):
     L = q.shape[2]
+    at = (starts[:1] + offsets[:1]).astype(mx.int32)  # the rows' new positions share storage columns
+    keys, values = mx.slice_update(keys, k, at, axes=(2,)), mx.slice_update(values, v, at, axes=(2,))
     position = mx.arange(keys.shape[2], dtype=mx.int32)  # (capacity,)
     start = starts[:, None, None, None]
     end = (starts + offsets)[:, None, None, None] + mx.arange(1, L + 1, dtype=mx.int32)[None, None, :, None]
     mask = (position >= start) & (position < end)  # (B, 1, L, capacity)
-    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask).transpose(0, 2, 1, 3)
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask).transpose(0, 2, 1, 3)
+    return out, keys, values
 
 
 class FusedOps(NamedTuple):

@@ -448,7 +448,7 @@ class DecoderLM(Model):
         hidden, inter = h.shape[-1], plans[0].down.shape[1]
         # a few rows (decoding): the norm, the projection and SwiGLU each in one gemv kernel
         few = ops.gemv_fits(B * L, (hidden, n_heads * head_dim, inter), h.dtype, head_dim)
-        if few:  # attention reads the cache's storage up to each row's length: no mask, no slices
+        if few:  # attention writes the cache's storage and reads it up to each row's length: no mask, no slices
             padding = cache[0].left_padding
             starts = padding if padding is not None else _zeros_int32(B)
         else:
@@ -461,9 +461,10 @@ class DecoderLM(Model):
                 h, y = (h, mx.fast.rms_norm(h, in_w, in_eps)) if delta is None else ops.add_rms_norm(h, delta, in_w, in_eps)
                 q, k, v = ops.attention_heads(y @ qkv_t, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
             if few:
-                keys, values = layer_cache.update(k, v)
-                # (B, L, H, D): B * L rows of H * D, as the projection reads them
-                out = ops.gemv(ops.attention_cached(q, keys, values, offsets, starts, scale), o_w, (B, L, hidden))
+                keys, values = layer_cache.make_room(k, v)
+                out, layer_cache.keys, layer_cache.values = ops.attention_cached(q, k, v, keys, values, offsets, starts, scale)
+                # out (B, L, H, D): B * L rows of H * D, as the projection reads them
+                out = ops.gemv(out, o_w, (B, L, hidden))
                 h, act = ops.norm_gemv(h, out, post_w, post_eps, gate_up_w, True)
                 delta = ops.gemv(act, down_w, (B, L, hidden))
             else:
