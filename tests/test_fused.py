@@ -138,6 +138,8 @@ def test_fused_decode_over_a_static_cache_reads_it_up_to_the_position(family):
     model = tiny_model(family, seed=3).model
     model.optimize_for_inference()
     plain, static = model.make_cache(), [StaticKVCache(8) for _ in model.layers]
+    for c in static:
+        c.tracing = True  # as inside the compiled step: the position an array
     prompt = mx.array([[5, 3, 8, 1]])
     close(model.fused_forward(prompt, static, GEMV_ROUTE), Model.__call__(model, prompt, plain), 2e-5)
     for step, token in enumerate((7, 2, 9, 4)):

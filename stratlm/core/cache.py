@@ -114,16 +114,22 @@ class KVCache:
 class StaticKVCache(KVCache):
     """A cache whose shapes stay fixed while decoding, so one traced step (mx.compile) serves
     every token: storage is preallocated for `capacity` positions, the write position is an
-    array (`position`), and attention runs over the whole buffer with the unwritten tail masked.
-    `offset` still counts positions on the host; `trim` works as for KVCache. No left padding.
+    array (`position`), and inside the trace (`tracing`, set by the compiled step) attention runs
+    over the whole buffer with the unwritten tail masked. Outside it (the prompt's pass) it is a
+    KVCache: slices and the causal mask, not a masked attention over the whole buffer (measured
+    on an H100: more memory and time for a prompt). `offset` still counts positions on the host;
+    `trim` works as for KVCache. No left padding.
     """
 
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = ((max(1, capacity) + self.step - 1) // self.step) * self.step
         self.position = mx.array(0, dtype=mx.int32)
+        self.tracing = False
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if not self.tracing:
+            return super().update_and_fetch(keys, values)
         at = self.position.reshape(1)
         self.make_room(keys, values)
         self.keys = mx.slice_update(self.keys, keys, at, axes=(2,))
@@ -152,10 +158,12 @@ class StaticKVCache(KVCache):
         return n
 
     @property
-    def rope_offset(self) -> mx.array:
-        return self.position
+    def rope_offset(self) -> int | mx.array:
+        return self.position if self.tracing else self.offset
 
-    def make_mask(self, n_new: int) -> mx.array:
+    def make_mask(self, n_new: int) -> mx.array | str | None:
+        if not self.tracing:
+            return super().make_mask(n_new)
         query_pos = self.position + mx.arange(n_new)
         return mx.arange(self._size_for(n_new))[None, :] <= query_pos[:, None]
 

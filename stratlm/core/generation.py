@@ -68,7 +68,12 @@ class CompiledStep:
     def _forward(self, tokens: mx.array, position: mx.array, state: list[tuple[mx.array, mx.array]]):
         for layer_cache, (keys, values) in zip(self.cache, state):
             layer_cache.keys, layer_cache.values, layer_cache.position = keys, values, position
-        logits = self.model(tokens, self.cache)[:, -1, :]
+            layer_cache.tracing = True
+        try:
+            logits = self.model(tokens, self.cache)[:, -1, :]
+        finally:
+            for layer_cache in self.cache:
+                layer_cache.tracing = False
         return logits, position + tokens.shape[1], [(c.keys, c.values) for c in self.cache]
 
     def __call__(self, tokens: mx.array) -> mx.array:
