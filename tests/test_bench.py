@@ -21,6 +21,7 @@ from stratlm.cli.main import main
 from stratlm.core.blas import status
 from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.core.errors import ConfigError
+from stratlm.core import generation
 from stratlm.core.generation import decode_forward, prefill, run_single
 from stratlm.core.loading import load_model
 from stratlm.testing import tiny_model
@@ -97,7 +98,8 @@ def test_a_loaded_fused_model_saves_the_same_checkpoint(tmp_path):
 def test_compiled_decoding_gives_the_plain_tokens_and_logprobs(family, monkeypatch):
     loaded = separated(family, seed=5)
     loaded.model.optimize_for_inference()
-    prompt = list(range(40, 290 - 40))  # 210 tokens: decoding crosses the 256-position block (growth, a new trace)
+    monkeypatch.setattr(generation, "DECODE_RESERVE", 16)  # 226 positions, 256 stored: decoding grows them (a new trace)
+    prompt = list(range(40, 290 - 40))  # 210 tokens
     params = GenerationParams(max_tokens=60, ignore_eos=True, logprobs=True)
     results = {}
     for mode in ("off", "on"):

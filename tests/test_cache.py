@@ -6,7 +6,7 @@ import numpy as np
 
 import mlx.core as mx
 
-from stratlm.core.cache import KVCache
+from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.testing import tiny_model
 
 
@@ -100,3 +100,17 @@ def test_filtered_batch_decodes_like_single_rows():
         model(mx.array([prompts[r]]), single)
         alone = [np.array(model(mx.array([[s]]), single))[0, 0] for s in steps[r][: len(batch_logits[r])]]
         assert np.abs(np.stack(batch_logits[r]) - np.stack(alone)).max() < 1e-4
+
+
+def test_a_static_cache_stores_the_capacity_asked_for_then_grows_by_a_block():
+    cache = StaticKVCache(300)  # rounded to 320, not to KVCache's 256-position blocks
+    k = mx.ones((1, 2, 4, 8))
+    for _ in range(80):
+        storage, _ = cache.make_room(k, k)
+        assert storage.shape[2] == 320
+    assert cache.offset == 320 and int(cache.position.item()) == 320
+    storage, _ = cache.make_room(k, k)
+    assert storage.shape[2] == 320 + StaticKVCache.growth  # one new shape (trace) per 256 positions, not per 64
+    assert cache.rope_offset == 324  # outside the compiled step the offset is the host's
+    cache.tracing = True
+    assert int(cache.rope_offset.item()) == 324

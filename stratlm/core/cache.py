@@ -121,6 +121,9 @@ class StaticKVCache(KVCache):
     `trim` works as for KVCache. No left padding.
     """
 
+    step = 64  # storage is the capacity asked for, rounded to this (KVCache's 256 would hold up to 255 more)
+    growth = 256  # positions added when full: each new shape is a new trace
+
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = ((max(1, capacity) + self.step - 1) // self.step) * self.step
@@ -168,9 +171,12 @@ class StaticKVCache(KVCache):
         return mx.arange(self._size_for(n_new))[None, :] <= query_pos[:, None]
 
     def _size_for(self, n_new: int) -> int:
-        """Buffer length once n_new more positions are written (grows in whole blocks)."""
+        """Buffer length once n_new more positions are written: the capacity at first, then
+        `growth` more at a time."""
         have = 0 if self.keys is None else self.keys.shape[2]
         needed = self.offset + n_new
         if needed <= have:
             return have
+        if have:
+            needed = max(needed, have + self.growth)
         return max(self.capacity, ((needed + self.step - 1) // self.step) * self.step)
