@@ -34,7 +34,9 @@ def test_grows_in_blocks_and_returns_everything_so_far():
 def test_a_long_prefill_allocates_enough_blocks():
     cache = KVCache()
     keys, _ = cache.update_and_fetch(*kv(600))
-    assert cache.keys.shape[2] == 768 and keys.shape[2] == 600
+    assert cache.keys.shape[2] == 640 and keys.shape[2] == 600  # whole blocks of 64 positions
+    cache.update_and_fetch(*kv(41, 600))
+    assert cache.keys.shape[2] == 832  # then a quarter more at least (800), in whole blocks
 
 
 def test_trim_forgets_the_last_positions_and_they_are_overwritten():
