@@ -423,10 +423,11 @@ class DecoderLM(Model):
         return tuple(plans), shapes, final_norm.weight, final_norm.eps, transposed_weight(head)
 
     def fused_forward(self, tokens: mx.array, cache: list[KVCache], ops: fused_ops.FusedOps | None = None) -> mx.array | None:
-        """The cached forward in 9 graph nodes a layer (a few rows: decoding) or 14 (more) instead
+        """The cached forward in 5 graph nodes a layer (a few rows: decoding) or 14 (more) instead
         of ~37 (core/fused.py: on CUDA the residual add, the norm, the q/k/v projection, q/k norm
-        and RoPE in one kernel; the other add, norm, gate/up projection and SwiGLU in another;
-        matmuls against evaluated transposed views for many rows). Same logits as __call__ up to
+        and RoPE in one kernel; the cache write and attention in one; the other add, norm,
+        gate/up projection and SwiGLU in another; matmuls against evaluated transposed views for
+        many rows). Same logits as __call__ up to
         float rounding. None when the model is not in the fused layout (optimize_for_inference).
         `ops`: the implementations (default: CUDA kernels on CUDA, plain MLX ops elsewhere).
         The plan is taken when the cache is made (make_cache), so a model changed during one
