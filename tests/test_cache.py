@@ -20,13 +20,13 @@ def kv(length: int, start: int = 0, batch: int = 1) -> tuple[mx.array, mx.array]
 def test_grows_in_blocks_and_returns_everything_so_far():
     cache = KVCache()
     keys, values = cache.update_and_fetch(*kv(5))
-    assert cache.offset == 5 and cache.keys.shape[2] == 256  # the first allocation
-    for i in range(5, 256):
+    assert cache.offset == 5 and cache.keys.shape[2] == KVCache.step
+    for i in range(5, KVCache.step):
         keys, values = cache.update_and_fetch(*kv(1, i))
-    assert cache.keys.shape[2] == 256  # one token at a time fills it in place
-    keys, values = cache.update_and_fetch(*kv(3, 256))
-    assert cache.keys.shape[2] == 320 and cache.offset == 259  # a quarter more, in 64-position blocks
-    expected = np.arange(259, dtype=np.float32)
+    assert cache.keys.shape[2] == KVCache.step  # one token at a time fills the block in place
+    keys, values = cache.update_and_fetch(*kv(3, KVCache.step))
+    assert cache.keys.shape[2] == 2 * KVCache.step and cache.offset == KVCache.step + 3
+    expected = np.arange(KVCache.step + 3, dtype=np.float32)
     assert (np.array(keys)[0, 1, :, 2] == expected).all() and (np.array(values)[0, 0, :, 0] == -expected).all()
     assert cache.nbytes == 2 * keys.nbytes
 

@@ -14,11 +14,10 @@ import mlx.core as mx
 
 
 class KVCache:
-    # storage holds whole blocks of `step` positions, at least `first` of them, and grows by at
-    # least a quarter: past `first`, at most 25% + 63 positions unused (256-position blocks left
-    # a 64-row batch 1.4 GB of unused cache at 320 positions), and few copies (each one syncs)
+    # storage holds whole blocks of `step` positions and grows by at least a quarter: at most
+    # 25% + 63 positions unused (256-position blocks left a 64-row batch 1.4 GB of unused cache
+    # at 320 positions), and on long runs few copies
     step = 64
-    first = 256
 
     def __init__(self, left_padding: Sequence[int] | None = None):
         self.keys: mx.array | None = None
@@ -44,7 +43,7 @@ class KVCache:
         n = keys.shape[2]
         have = 0 if self.keys is None else self.keys.shape[2]
         if self.offset + n > have:
-            self._grow(keys, values, max(self.offset + n, have + have // 4 if have else self.first))
+            self._grow(keys, values, max(self.offset + n, have + have // 4))
         self.offset += n
         return self.keys, self.values
 
