@@ -13,6 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from stratlm.core.device import cpu_active
 from stratlm.core.errors import ConfigError
 from stratlm.core.loading import LoadedModel, build_model, family_for, load_model, parse_dtype, save_model
 from stratlm.testing import byte_tokenizer
@@ -61,7 +62,7 @@ def model_folder(loaded: LoadedModel, root: str | Path | None = None, dtype: str
     On the CPU a quantized model is written dense (the same values, expanded to fp32): that is
     mlx-lm's fastest form there, its quantized matmul being slower than dense BLAS on the CPU."""
     out = Path(tempfile.mkdtemp(prefix="stratlm-bench-", dir=root))
-    if mx.default_device() == mx.cpu and is_quantized(loaded) and loaded.path is not None:
+    if cpu_active() and is_quantized(loaded) and loaded.path is not None:
         loaded = load_model(str(loaded.path), dtype=dtype, quantized="dequantize")
     return save_model(loaded, out)
 

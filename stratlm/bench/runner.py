@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import attrs
 import mlx.core as mx
 
+from stratlm.core.device import cpu_active
 from stratlm.core.errors import ConfigError
 
 from .engines import Measurement, MlxLmEngine, StratlmEngine, measure_bandwidth
@@ -116,7 +117,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: N
     try:
         if folder is not None:
             engines["mlx-lm, same process"] = MlxLmEngine(str(folder)).run
-        if folder is not None and config.baselines == "all" and mx.default_device() == mx.cpu:
+        if folder is not None and config.baselines == "all" and cpu_active():
             for name, env in cpu_baselines().items():
                 worker = Worker(str(folder), env)
                 workers.append(worker)

@@ -28,15 +28,7 @@ from typing import Callable, NamedTuple
 
 import mlx.core as mx
 
-
-def cuda_active() -> bool:
-    """Whether ops built now run on a CUDA GPU (where the kernels below apply)."""
-    return mx.default_device() == mx.gpu and _has_cuda()
-
-
-@lru_cache(maxsize=1)
-def _has_cuda() -> bool:
-    return mx.cuda.is_available()
+from .device import cuda_active  # where the kernels below apply; tests replace it here
 
 
 _CUDA_TYPES = frozenset({mx.float32, mx.float16, mx.bfloat16})  # what the kernels are instantiated for

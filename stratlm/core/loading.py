@@ -21,6 +21,7 @@ import mlx.nn as nn
 from .errors import ConfigError, ModelLoadError, UnknownNameError
 from .log import get_logger
 from . import kernels
+from .device import cpu_active
 from .model import Model, ModelFamily
 from .quantized import use_cpu_kernels
 from .registry import Registry, get_registry
@@ -208,7 +209,7 @@ def assemble(
         model.config = config
     # on the CPU, scales/biases stay fp32 whatever the dtype: stratlm's kernels need them so (and
     # MLX's CPU quantized matmul with half scales is slow and inexact: 0.4 tok/s for SmolLM2 in bf16)
-    scale_dtype = mx.float32 if quantized and mx.default_device() == mx.cpu else dtype
+    scale_dtype = mx.float32 if quantized and cpu_active() else dtype
     weights = {k: (v.astype(scale_dtype if k.endswith((".scales", ".biases")) else dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
                for k, v in weights.items()}
     try:
@@ -425,8 +426,7 @@ def load_model(
     mx_dtype = parse_dtype(dtype)
     if quantized not in (None, "keep", "dequantize"):
         raise ConfigError(f"quantized must be 'keep' or 'dequantize', got {quantized!r}")
-    on_cpu = mx.default_device() == mx.cpu
-    keep = (quantized == "keep") if quantized else (not on_cpu or kernels.available())
+    keep = (quantized == "keep") if quantized else (not cpu_active() or kernels.available())
     kind, path = resolve(source, registry)
     log.debug("loading model", source=source, kind=kind, path=str(path), dtype=str(mx_dtype), keep_quantized=keep)
     loader = load_gguf if kind == "gguf" else load_folder

@@ -14,11 +14,12 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from . import kernels
+from .device import cpu_active
 
 
 def kernel_takes(x: mx.array) -> bool:
     """fp32, or bf16/fp16 (the kernel sums in fp32 and rounds to x's dtype), on the CPU."""
-    return x.dtype in (mx.float32, mx.bfloat16, mx.float16) and mx.default_device() == mx.cpu
+    return x.dtype in (mx.float32, mx.bfloat16, mx.float16) and cpu_active()
 
 
 class KernelQuantizedLinear(nn.QuantizedLinear):
@@ -73,7 +74,7 @@ def use_cpu_kernels(model: nn.Module, dtype: mx.Dtype = mx.float32) -> int:
     """On the CPU, make the model's quantized layers that the kernels support run on them;
     returns how many (none on another device). dtype: the model's activation dtype (the
     quantized embedding's lookups are given it)."""
-    if mx.default_device() != mx.cpu or not kernels.available():
+    if not cpu_active() or not kernels.available():
         return 0
     swaps = [(path, adopt(KERNEL_LAYERS[type(layer)], layer)) for path, layer in model.named_modules() if type(layer) in KERNEL_LAYERS and supported(layer)]
     for _, layer in swaps:

@@ -16,6 +16,7 @@ import mlx.nn as nn
 
 from stratlm.core import fused as fused_ops
 from stratlm.core.cache import KVCache, StaticKVCache
+from stratlm.core.device import cpu_active
 from stratlm.core.errors import ModelLoadError
 from stratlm.core.model import Model
 
@@ -100,7 +101,7 @@ class RoPE(nn.Module):
         Python-side reuse would bake one call's tables into the trace."""
         if offset is None:
             return self._rope(x, 0)
-        if isinstance(offset, int) and on_cpu():
+        if isinstance(offset, int) and cpu_active():
             tables = self.tables(offset, x.shape[-2], x.dtype)
             if x.shape[-2] == 1:
                 return x @ tables
@@ -184,15 +185,11 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if L == 1 and not isinstance(mask, str) and on_cpu():
+        if L == 1 and not isinstance(mask, str) and cpu_active():
             out = decode_attention(q, k, v, self.scale, mask)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
