@@ -424,9 +424,9 @@ class DecoderLM(Model):
         of ~37 (core/fused.py: on CUDA the residual add, the norm, the q/k/v projection, q/k norm
         and RoPE in one kernel; the cache write and attention in one; the other add, norm,
         gate/up projection and SwiGLU in another; matmuls against evaluated transposed views for
-        many rows). Same logits as __call__ up to
-        float rounding. None when the model is not in the fused layout (optimize_for_inference).
-        `ops`: the implementations (default: CUDA kernels on CUDA, plain MLX ops elsewhere).
+        many rows). Same logits as __call__ up to float rounding. None when the model is not in
+        the fused layout (optimize_for_inference). `ops`: the implementations (default: CUDA
+        kernels on CUDA, plain MLX ops elsewhere).
         The plan is taken when the cache is made (make_cache), so a model changed during one
         generation (weights replaced, adapters added) is seen at the next."""
         if not cache or type(cache[0]) not in (KVCache, StaticKVCache):
@@ -455,10 +455,6 @@ class DecoderLM(Model):
         for (in_w, in_eps, qkv_t, qkv_w, (q_w, k_w, qk_eps), o_t, o_w, post_w, post_eps, gate_up_t, gate_up_w, down_t, down_w), layer_cache in zip(plans, cache):
             if few:
                 h, q, k, v = ops.norm_gemv_heads(h, delta, in_w, in_eps, qkv_w, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
-            else:
-                h, y = (h, mx.fast.rms_norm(h, in_w, in_eps)) if delta is None else ops.add_rms_norm(h, delta, in_w, in_eps)
-                q, k, v = ops.attention_heads(y @ qkv_t, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
-            if few:
                 keys, values = layer_cache.make_room(k, v)
                 out, layer_cache.keys, layer_cache.values = ops.attention_cached(q, k, v, keys, values, offsets, starts, scale)
                 # out (B, L, H, D): B * L rows of H * D, as the projection reads them
@@ -466,6 +462,8 @@ class DecoderLM(Model):
                 h, act = ops.norm_gemv(h, out, post_w, post_eps, gate_up_w, True)
                 delta = ops.gemv(act, down_w, (B, L, hidden))
             else:
+                h, y = (h, mx.fast.rms_norm(h, in_w, in_eps)) if delta is None else ops.add_rms_norm(h, delta, in_w, in_eps)
+                q, k, v = ops.attention_heads(y @ qkv_t, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
                 k, v = layer_cache.update_and_fetch(k, v)
                 out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
                 out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
