@@ -26,6 +26,8 @@ from stratlm.bench.models import bench_model, model_folder, prompt_tokens
 from stratlm.bench.runner import BenchConfig, Worker, first_difference, format_report, interleaved, run_bench
 from stratlm.core.generation import decode_forward, prefill
 
+from gpu_profile import with_compile  # this script's folder is on sys.path
+
 # overridable for a dry run on the CPU with a small model folder
 MODEL = os.environ.get("GPU_BENCH_MODEL", "qwen3-0.6b-random")
 OUT = os.environ.get("OUT", "/tmp/gpu_bench_out")
@@ -63,10 +65,8 @@ def correctness():
     # compiled step vs plain forward, teacher-forced on the same tokens
     model = loaded.model
     tokens = mx.array([prompt], dtype=mx.int32)
-    os.environ["STRATLM_COMPILE"] = "on"
-    cache_c, step_c = decode_forward(model, len(prompt))
-    os.environ["STRATLM_COMPILE"] = "off"
-    cache_p, step_p = decode_forward(model, len(prompt))
+    cache_c, step_c = with_compile("on", lambda: decode_forward(model, len(prompt)))()
+    cache_p, step_p = with_compile("off", lambda: decode_forward(model, len(prompt)))()
     os.environ.pop("STRATLM_COMPILE")
     worst = float(mx.abs(prefill(model, tokens, cache_c) - prefill(model, tokens, cache_p)).max())
     for t in ours[:32]:
@@ -108,12 +108,7 @@ def batch1_variants(folder, loaded):
     prompt = prompt_tokens(loaded, PROMPT)
 
     def variant(engine, compiled, tokens):
-        def run():
-            os.environ.pop("STRATLM_COMPILE", None)
-            if compiled:
-                os.environ["STRATLM_COMPILE"] = compiled
-            return engine.run(prompt, tokens)
-        return run
+        return with_compile(compiled, lambda: engine.run(prompt, tokens))
 
     variants = {"default": (ours, None), "plain forward": (ours, "off"), "mlx-lm": (theirs, None)}
     for engine, compiled in variants.values():  # warm-up
@@ -160,13 +155,9 @@ def transformers_compiled(folder, loaded):
     prompt = prompt_tokens(loaded, PROMPT)
     script = os.path.join(os.path.dirname(__file__), "gpu_bench_hf.py")
     worker = Worker(str(folder), {}, command=[sys.executable, script, str(folder), json.dumps(prompt), str(NEW), "--serve"])
+
     def stratlm(compiled):
-        def run():
-            os.environ.pop("STRATLM_COMPILE", None)
-            if compiled:
-                os.environ["STRATLM_COMPILE"] = compiled
-            return ours.run(prompt, NEW)
-        return run
+        return with_compile(compiled, lambda: ours.run(prompt, NEW))
 
     try:
         ours = StratlmEngine(loaded)

@@ -20,6 +20,16 @@ MODEL = os.environ.get("GPU_BENCH_MODEL", "qwen3-0.6b-random")
 N = int(os.environ.get("GPU_PROFILE_STEPS", 128))
 
 
+def with_compile(setting, run):
+    """run, called with STRATLM_COMPILE set to setting ("on", "off"; None: unset, the default)."""
+    def call():
+        os.environ.pop("STRATLM_COMPILE", None)
+        if setting:
+            os.environ["STRATLM_COMPILE"] = setting
+        return run()
+    return call
+
+
 def steps(folder):
     """(name, make_cache, step over a cache) for stratlm's ordinary graph, its fused one and mlx-lm
     on folder's weights; stratlm's models are built here (same seed, same weights), since an
@@ -216,8 +226,9 @@ def check_fused():
 def engine_loop():
     """The Engine's own decode loop (core.generation.decode, async one step ahead) on the model as
     loaded (ordinary graph), fused with the plain forward, and fused with the compiled step (the
-    default on CUDA; its first token includes the trace), 256 tokens after a 64-token prompt, twice each: whether the
-    ordinary graph's slow pipelined steps in profile() are the harness or the engine."""
+    default on CUDA; its first token includes the trace), 256 tokens after a 64-token prompt,
+    twice each: whether the ordinary graph's slow pipelined steps in profile() are the harness or
+    the engine."""
     import itertools
     from stratlm.core.generation import decode
     from stratlm.core.sampler import Sampler
@@ -227,16 +238,17 @@ def engine_loop():
     prompt = prompt_tokens(loaded, 64)
     fused = bench_model(MODEL, "bfloat16").model
     fused.optimize_for_inference()
-    for name, model, setting in (("ordinary", loaded.model, None), ("fused, plain", fused, "off"), ("fused, compiled", fused, None)) * 2:
-        os.environ.pop("STRATLM_COMPILE", None)
-        if setting:
-            os.environ["STRATLM_COMPILE"] = setting
+    def timed(model):  # (start, first token, end)
         t0 = time.perf_counter()
         tokens = decode(model, prompt, Sampler(SamplingParams()))
-        next(tokens)
+        next(tokens)  # the step (compiled or not) is chosen here, at the first token
         t1 = time.perf_counter()
         list(itertools.islice(tokens, 255))
-        print(f"decode loop, {name:<15} {255 / (time.perf_counter() - t1):.0f} tok/s (first token {1e3 * (t1 - t0):.0f} ms)", flush=True)
+        return t0, t1, time.perf_counter()
+
+    for name, model, setting in (("ordinary", loaded.model, None), ("fused, plain", fused, "off"), ("fused, compiled", fused, None)) * 2:
+        t0, t1, t2 = with_compile(setting, lambda: timed(model))()
+        print(f"decode loop, {name:<15} {255 / (t2 - t1):.0f} tok/s (first token {1e3 * (t1 - t0):.0f} ms)", flush=True)
     os.environ.pop("STRATLM_COMPILE", None)
 
 
