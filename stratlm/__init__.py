@@ -1,11 +1,11 @@
 """stratlm: a plugin-based LLM inference engine on MLX."""
 
-from stratlm.core.blas import use_optimized_blas
+from stratlm.backends.cpu.blas import use_optimized_blas
 
 use_optimized_blas()  # before mlx.core is imported anywhere: MLX binds cblas symbols at load
 
-from stratlm.core.engine import Engine  # noqa: E402
-from stratlm.core.loading import LoadedModel, load_model, save_model  # noqa: E402
+from stratlm.engine import Engine  # noqa: E402
+from stratlm.loaders.loading import LoadedModel, load_model, save_model  # noqa: E402
 from stratlm.core.types import GenerationParams, GenerationResult, GenerationStats, SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from stratlm.core.loading import LoadedModel, build_model, family_for
+from stratlm.loaders.loading import LoadedModel, build_model, family_for
 from stratlm.core.registry import Registry, get_registry
 from stratlm.core.tokenizer import Tokenizer
 

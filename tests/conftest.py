@@ -3,7 +3,7 @@ import stratlm  # noqa: F401  (first: loads the optimized BLAS before mlx.core)
 import pytest
 from hypothesis import HealthCheck, settings
 
-from stratlm.core.loading import embedded_model_path, load_model
+from stratlm.loaders.loading import embedded_model_path, load_model
 from stratlm.testing import tiny_model
 
 settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], derandomize=True)

@@ -18,12 +18,12 @@ from stratlm.bench.engines import MlxLmEngine
 from stratlm.bench.models import prompt_tokens, weight_bytes_per_token
 from stratlm.bench.runner import Worker
 from stratlm.cli.main import main
-from stratlm.core.blas import status
+from stratlm.backends.cpu.blas import status
 from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.core.errors import ConfigError
-from stratlm.core import generation
-from stratlm.core.generation import decode_forward, prefill, run_single
-from stratlm.core.loading import load_model
+from stratlm.decoding import loop as generation
+from stratlm.decoding.loop import decode_forward, prefill, run_single
+from stratlm.loaders.loading import load_model
 from stratlm.testing import tiny_model
 
 

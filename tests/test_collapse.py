@@ -9,7 +9,7 @@ import pytest
 from stratlm import Engine
 from stratlm.cli.main import main
 from stratlm.core.errors import ConfigError
-from stratlm.core.loading import load_model, save_model
+from stratlm.loaders.loading import load_model, save_model
 from stratlm.testing import tiny_model
 from stratlm.transforms.dora import copy_loaded
 from stratlm.transforms.collapse import angular_distance, choose_run, collapse, collapse_report, footprint, origin_of, run_distances

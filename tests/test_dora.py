@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from stratlm import Engine
 from stratlm.core.errors import ConfigError, ModelLoadError
-from stratlm.core import kernels
-from stratlm.core.loading import save_model
-from stratlm.core.quantized import KernelQuantizedLinear, adopt
+from stratlm.backends.cpu import kernels
+from stratlm.loaders.loading import save_model
+from stratlm.backends.cpu.quantized import KernelQuantizedLinear, adopt
 from stratlm.testing import tiny_model
 from stratlm.transforms.dora import (
     AdapterConfig,

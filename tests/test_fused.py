@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stratlm.core import fused
+from stratlm.backends.cuda import fused
 from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.core.model import Model
 from stratlm.models.transformer import RoPE

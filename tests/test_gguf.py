@@ -24,9 +24,9 @@ import mlx.core as mx  # noqa: E402
 from tokenizers import pre_tokenizers  # noqa: E402
 
 from stratlm.core.errors import ModelLoadError  # noqa: E402
-from stratlm.core.generation import decode  # noqa: E402
-from stratlm.core.loading import embedded_model_path, load_model  # noqa: E402
-from stratlm.core.sampler import Sampler  # noqa: E402
+from stratlm.decoding.loop import decode  # noqa: E402
+from stratlm.loaders.loading import embedded_model_path, load_model  # noqa: E402
+from stratlm.decoding.sampler import Sampler  # noqa: E402
 from stratlm.core.types import SamplingParams  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -213,7 +213,7 @@ def test_gguf_llama3_rope_factors_give_the_llama3_model(tmp_path):
     assert np.abs(np.array(loaded.model(mx.array(ids))) - ref).max() < 1e-4
     plain = tiny_hf("llama", rope_theta=500000.0, max_position_embeddings=131072)
     assert np.abs(hf_logits(plain, ids) - ref).max() > 1e-3  # the scaling matters at these positions
-    from stratlm.core.loading import llama3_rope_scaling
+    from stratlm.loaders.loading import llama3_rope_scaling
 
     with pytest.raises(ModelLoadError, match="not Llama 3's"):
         llama3_rope_scaling(mx.full((8,), 2.0), loaded.model.config, "odd.gguf")
@@ -340,7 +340,7 @@ def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smollm2, smollm2_
 def test_smollm2_quantized_saves_as_an_mlx_lm_checkpoint(smollm2_quantized, tmp_path):
     """Q4_1 layers and the Q8_0 embedding keep their widths through save_model, for mlx-lm and us."""
     mlx_lm = pytest.importorskip("mlx_lm")
-    from stratlm.core.loading import save_model
+    from stratlm.loaders.loading import save_model
 
     folder = save_model(smollm2_quantized, tmp_path)
     quantization = json.loads((folder / "config.json").read_text())["quantization"]
@@ -358,8 +358,8 @@ def test_smollm2_quantized_saves_as_an_mlx_lm_checkpoint(smollm2_quantized, tmp_
 def test_smollm2_on_the_cpu_runs_its_quantized_weights_on_stratlm_kernels(smollm2, smollm2_quantized, chat_ids):
     """The default CPU load keeps the GGUF's 4/8-bit weights and multiplies by them with the CPU
     kernels; greedy decoding matches the dense fp32 expansion of the same values."""
-    from stratlm.core import kernels
-    from stratlm.core.quantized import KernelQuantizedEmbedding, KernelQuantizedLinear
+    from stratlm.backends.cpu import kernels
+    from stratlm.backends.cpu.quantized import KernelQuantizedEmbedding, KernelQuantizedLinear
 
     if not kernels.available():
         pytest.skip(f"stratlm CPU kernels unavailable: {kernels.status}")
@@ -374,8 +374,8 @@ def test_smollm2_in_bfloat16_on_the_cpu_still_runs_on_stratlm_kernels(smollm2_qu
     """dtype=bfloat16 on the CPU: the scales stay fp32 (the kernels sum in fp32 and round to
     bf16), activations and logits are bf16, and greedy decoding follows the fp32 model. (With
     bf16 scales MLX's own CPU quantized matmul ran 0.4 tok/s against ~20.)"""
-    from stratlm.core import kernels
-    from stratlm.core.quantized import KernelQuantizedEmbedding, KernelQuantizedLinear
+    from stratlm.backends.cpu import kernels
+    from stratlm.backends.cpu.quantized import KernelQuantizedEmbedding, KernelQuantizedLinear
 
     if not kernels.available():
         pytest.skip(f"stratlm CPU kernels unavailable: {kernels.status}")

@@ -5,7 +5,7 @@ import pytest
 
 from stratlm import Engine
 from stratlm.core.errors import ConfigError
-from stratlm.core.loading import load_model, save_model
+from stratlm.loaders.loading import load_model, save_model
 from stratlm.testing import tiny_model
 from stratlm.transforms.collapse import collapse, origin_of
 from stratlm.transforms.dora import adapter_layers
@@ -80,7 +80,7 @@ def test_self_draft_takes_transform_options(sharp):
 
 
 def test_transform_specs_parse_names_options_and_their_values():
-    from stratlm.core.engine import parse_transform_specs
+    from stratlm.engine import parse_transform_specs
 
     assert parse_transform_specs("collapse,heal") == [("collapse", {}), ("heal", {})]
     assert parse_transform_specs("collapse:n=24,mode=drop, heal:steps=30,learning-rate=1e-4") == [

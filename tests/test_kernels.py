@@ -1,4 +1,4 @@
-"""stratlm.core.kernels.quantized_matmul against mx.dequantize + matmul (the definition)."""
+"""stratlm.backends.cpu.kernels.quantized_matmul against mx.dequantize + matmul (the definition)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import stratlm  # noqa: F401  (the optimized BLAS before mlx.core)
 import mlx.core as mx
 
-from stratlm.core import kernels
+from stratlm.backends.cpu import kernels
 
 HAS_COMPILER = any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++"))
 AVAILABLE = kernels.available()
@@ -233,7 +233,7 @@ def test_rejects_mismatched_shapes():
 
 def test_disabled_by_environment():
     code = (
-        "import stratlm; from stratlm.core import kernels; "
+        "import stratlm; from stratlm.backends.cpu import kernels; "
         "assert not kernels.available(); print(kernels.status)"
     )
     env = dict(os.environ, STRATLM_KERNELS="off")
@@ -241,17 +241,17 @@ def test_disabled_by_environment():
     assert done.returncode == 0, done.stderr
     assert "STRATLM_KERNELS" in done.stdout
     call = (
-        "import stratlm; from stratlm.core import kernels; import mlx.core as mx; "
+        "import stratlm; from stratlm.backends.cpu import kernels; import mlx.core as mx; "
         "kernels.quantized_matmul(mx.zeros((1, 32)), mx.zeros((1, 4), mx.uint32), mx.zeros((1, 1)), mx.zeros((1, 1)), "
         "group_size=32, bits=4)"
     )
     done = subprocess.run([sys.executable, "-c", call], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "RuntimeError: stratlm kernels unavailable" in done.stderr
     # without kernels the loader expands the embedded GGUF's weights to dense fp32 on the CPU
-    from stratlm.core.loading import embedded_model_path
+    from stratlm.loaders.loading import embedded_model_path
 
     if embedded_model_path() is not None:
-        load = "import stratlm; from stratlm.core.loading import load_model; print(type(load_model(None).model.layers[0].self_attn.q_proj).__name__)"
+        load = "import stratlm; from stratlm.loaders.loading import load_model; print(type(load_model(None).model.layers[0].self_attn.q_proj).__name__)"
         done = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "Linear"

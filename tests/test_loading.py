@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from stratlm.core.errors import ConfigError, ModelLoadError, UnknownNameError
-from stratlm.core.loading import load_model, save_model
+from stratlm.loaders.loading import load_model, save_model
 from stratlm.testing import tiny_model
 
 IDS = mx.array([[5, 72, 101, 108, 108, 111, 32, 258, 3]])
@@ -90,8 +90,8 @@ def test_mlx_lm_quantized_checkpoint(saved, tmp_path):
     assert np.abs(logits(dense) - reference).max() < 1e-3  # same values, dense fp32 matmul
 
     # the CPU default: quantized on stratlm's kernels when they are available, else dense
-    from stratlm.core import kernels
-    from stratlm.core.quantized import KernelQuantizedLinear
+    from stratlm.backends.cpu import kernels
+    from stratlm.backends.cpu.quantized import KernelQuantizedLinear
 
     default = load_model(str(out))
     assert type(default.model.model.layers[0].self_attn.q_proj) is (KernelQuantizedLinear if kernels.available() else nn.Linear)
@@ -110,7 +110,7 @@ OFFLINE_SCRIPT = textwrap.dedent(
     import os, sys, shutil
     import stratlm
     from stratlm.core.errors import ModelLoadError
-    from stratlm.core.loading import load_model
+    from stratlm.loaders.loading import load_model
     try:
         load_model("nobody-here/no-such-model")
     except ModelLoadError as exc:
@@ -202,7 +202,7 @@ def test_bad_load_options(saved):
 
 
 def test_default_and_its_alias_resolve_to_the_embedded_gguf():
-    from stratlm.core.loading import embedded_model_path, resolve
+    from stratlm.loaders.loading import embedded_model_path, resolve
     from stratlm.core.registry import get_registry
 
     if embedded_model_path() is None:

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import mlx.core as mx  # noqa: E402
 
-from stratlm.core.loading import load_model  # noqa: E402
+from stratlm.loaders.loading import load_model  # noqa: E402
 from stratlm.testing import byte_tokenizer  # noqa: E402
 
 VOCAB = 259  # the byte tokenizer's vocabulary

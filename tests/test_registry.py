@@ -33,9 +33,9 @@ class _StrategyPlugin:
 
     @hookimpl
     def register_strategies(self, register):
-        from stratlm.strategies.greedy import Greedy
+        from stratlm.strategies.single import SingleSequence
 
-        register(self.name, Greedy)
+        register(self.name, SingleSequence)
 
 
 def test_duplicate_names_are_an_error_naming_both_origins():

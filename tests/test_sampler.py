@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import mlx.core as mx
 
 from stratlm.core.errors import ConfigError
-from stratlm.core.sampler import Sampler
+from stratlm.decoding.sampler import Sampler
 from stratlm.core.types import SamplingParams
 
 V = 50

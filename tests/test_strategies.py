@@ -12,10 +12,10 @@ import pytest
 from strategy_models import assert_same_greedy, sharp_model, sharpen
 
 from stratlm.cli.main import main
-from stratlm.core.engine import Engine
+from stratlm.engine import Engine
 from stratlm.core.errors import ConfigError, UnknownNameError
-from stratlm.core.loading import save_model
-from stratlm.core.sampler import Sampler
+from stratlm.loaders.loading import save_model
+from stratlm.decoding.sampler import Sampler
 from stratlm.core.types import GenerationParams, GenerationResult, SamplingParams
 from stratlm.strategies.best_of_n import BestOfN
 from stratlm.strategies.speculative import LookupDraft, ModelDraft, SpeculativeCounts, speculative_decode

@@ -6,14 +6,14 @@ from __future__ import annotations
 import sys
 import textwrap
 
-from stratlm.core.engine import Engine
+from stratlm.engine import Engine
 from stratlm.core.registry import Registry
 
 PLUGIN = '''
 """A third-party plugin: a strategy that decodes greedily and reports the text reversed."""
 import attrs
 
-from stratlm.core.generation import run_single
+from stratlm.decoding.loop import run_single
 from stratlm.core.hookspecs import hookimpl
 from stratlm.core.strategy import Strategy
 

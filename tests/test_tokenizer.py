@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stratlm.core.generation import Completion
+from stratlm.decoding.loop import Completion
 from stratlm.core.types import GenerationParams
 from stratlm.testing import byte_tokenizer
 

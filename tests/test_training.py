@@ -8,10 +8,10 @@ import pytest
 from stratlm.cli.main import main
 from stratlm.core.errors import ConfigError
 from stratlm.testing import tiny_model
-from stratlm.transforms.data import DataError, batch_arrays, from_records, load_jsonl, micro_batch, write_jsonl
+from stratlm.training.data import DataError, batch_arrays, from_records, load_jsonl, micro_batch, write_jsonl
 from stratlm.transforms.dora import AdapterConfig, adapter_weights
-from stratlm.transforms.finetune import finetune
-from stratlm.transforms.training import TrainConfig
+from stratlm.training.finetune import finetune
+from stratlm.training.trainer import TrainConfig
 
 COLOURS = ["red", "blue", "green", "pink", "gray", "teal", "navy", "gold"]
 RECORDS = [{"prompt": f"colour {c}", "completion": f"<{c}>"} for c in COLOURS]
@@ -117,7 +117,7 @@ def test_bad_training_settings_name_the_value():
 
 def test_cli_train_dora(tmp_path, capsys):
     base = tiny_model("llama", seed=0)
-    from stratlm.core.loading import save_model
+    from stratlm.loaders.loading import save_model
 
     save_model(base, tmp_path / "model")
     write_jsonl(RECORDS, tmp_path / "train.jsonl")

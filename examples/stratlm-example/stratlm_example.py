@@ -13,7 +13,7 @@ import re
 import attrs
 
 from stratlm.core.errors import ConfigError
-from stratlm.core.generation import run_single
+from stratlm.decoding.loop import run_single
 from stratlm.core.hookspecs import hookimpl
 from stratlm.core.strategy import Strategy
 

@@ -38,7 +38,7 @@ class StratlmEngine:
     """stratlm's public API: a strategy from the registry over an already loaded model."""
 
     def __init__(self, loaded: Any, strategy: str = "greedy", **options: Any):
-        from stratlm.core.engine import Engine
+        from stratlm.engine import Engine
 
         self.engine = Engine(loaded, strategy, **options)
         self.weight_bytes = parameter_bytes(loaded.model)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import attrs
 import mlx.core as mx
 
-from stratlm.core.device import cpu_active
+from stratlm.device import cpu_active
 from stratlm.core.errors import ConfigError
 
 from .engines import Measurement, MlxLmEngine, StratlmEngine, measure_bandwidth
@@ -187,7 +187,7 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 def cpu_baselines() -> dict[str, dict[str, str]]:
     """mlx-lm in other processes: as a user installs it, and with plain OpenBLAS."""
-    from stratlm.core.blas import status
+    from stratlm.backends.cpu.blas import status
 
     baselines = {"mlx-lm, bundled BLAS": {"STRATLM_BLAS": "off"}}
     if status["library"] and status["gemv_routing"]:
@@ -231,7 +231,7 @@ class Worker:
 
 
 def machine_info() -> dict[str, Any]:
-    from stratlm.core.blas import status
+    from stratlm.backends.cpu.blas import status
 
     def version(dist: str) -> str:
         try:

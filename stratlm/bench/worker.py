@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     import attrs
 
     from stratlm.bench.engines import MlxLmEngine
-    from stratlm.core.blas import status
+    from stratlm.backends.cpu.blas import status
 
     engine = MlxLmEngine(argv[0])
     print(json.dumps({"ready": True, "blas": status["library"], "gemv_routing": status["gemv_routing"]}), flush=True)

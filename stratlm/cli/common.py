@@ -8,7 +8,7 @@ import shutil
 import sys
 from typing import Any
 
-from stratlm.core.engine import parse_options, parse_transform_specs
+from stratlm.engine import parse_options, parse_transform_specs
 from stratlm.core.errors import ConfigError
 
 BOX_WIDTH = 73
@@ -62,7 +62,7 @@ def engine_from_args(args: argparse.Namespace):
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Engine.generate/stream keyword arguments, validated before any model is loaded."""
-    from stratlm.core.engine import make_params
+    from stratlm.engine import make_params
 
     kwargs_json = None
     if args.chat_template_kwargs:

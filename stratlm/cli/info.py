@@ -44,9 +44,9 @@ def total_memory_gb() -> float | None:
 def gather() -> dict:
     import mlx.core as mx
 
-    from stratlm.core import kernels
-    from stratlm.core.blas import status
-    from stratlm.core.loading import default_dtype, embedded_model_path
+    from stratlm.backends.cpu import kernels
+    from stratlm.backends.cpu.blas import status
+    from stratlm.loaders.loading import default_dtype, embedded_model_path
 
     device = mx.default_device()
     info = {

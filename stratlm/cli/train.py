@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
 
 def configs(args: argparse.Namespace):
     from stratlm.transforms.dora import AdapterConfig
-    from stratlm.transforms.training import TrainConfig
+    from stratlm.training.trainer import TrainConfig
 
     adapter = AdapterConfig(rank=args.rank, scale=args.scale, dropout=args.dropout, num_layers=args.num_layers,
                             keys=args.targets.split(",") if args.targets else None, fine_tune_type="lora" if args.lora else "dora")
@@ -71,8 +71,8 @@ def configs(args: argparse.Namespace):
 
 
 def load(args: argparse.Namespace):
-    from stratlm.core.engine import apply_adapter, apply_transforms
-    from stratlm.core.loading import load_model
+    from stratlm.engine import apply_adapter, apply_transforms
+    from stratlm.loaders.loading import load_model
     from stratlm.core.registry import get_registry
 
     from .common import parse_transforms
@@ -84,7 +84,7 @@ def load(args: argparse.Namespace):
 
 
 def finish(result, args: argparse.Namespace) -> None:
-    from stratlm.core.loading import save_model
+    from stratlm.loaders.loading import save_model
     from stratlm.transforms.dora import fuse
 
     t = result.training
@@ -97,7 +97,7 @@ def finish(result, args: argparse.Namespace) -> None:
 
 
 def run_dora(args: argparse.Namespace) -> int:
-    from stratlm.transforms.finetune import finetune
+    from stratlm.training.finetune import finetune
 
     adapter, train = configs(args)
     loaded = load(args)
@@ -108,10 +108,10 @@ def run_dora(args: argparse.Namespace) -> int:
 
 
 def run_svg(args: argparse.Namespace) -> int:
-    from stratlm.transforms import svg_task
-    from stratlm.transforms.data import write_jsonl
+    from stratlm.training import svg_task
+    from stratlm.training.data import write_jsonl
     from stratlm.transforms.dora import fuse
-    from stratlm.transforms.finetune import finetune
+    from stratlm.training.finetune import finetune
 
     if args.heldout < 1:
         raise ConfigError(f"--heldout must be >= 1, got {args.heldout}")

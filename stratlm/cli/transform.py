@@ -21,13 +21,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stratlm.core.engine import apply_adapter, apply_transforms
-    from stratlm.core.loading import load_model, save_model
+    from stratlm.engine import apply_adapter, apply_transforms
+    from stratlm.loaders.loading import load_model, save_model
     from stratlm.core.registry import get_registry
     from stratlm.transforms.collapse import collapse_report, format_report
     from stratlm.transforms.heal import format_heal_report, heal_report, teacher_texts
     from stratlm.transforms.texts import heldout_prompts
-    from stratlm.transforms.training import print_progress
+    from stratlm.training.trainer import print_progress
 
     from .common import parse_transforms
 

@@ -14,9 +14,9 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from stratlm.core import fused as fused_ops
+from stratlm.backends.cuda import fused as fused_ops
 from stratlm.core.cache import KVCache, StaticKVCache
-from stratlm.core.device import cpu_active
+from stratlm.device import cpu_active
 from stratlm.core.errors import ModelLoadError
 from stratlm.core.model import Model
 

@@ -4,11 +4,11 @@ registered through the `stratlm` entry-point group."""
 from stratlm.core.hookspecs import hookimpl
 from stratlm.strategies.batched import Batch
 from stratlm.strategies.best_of_n import SCORERS, BestOfN
-from stratlm.strategies.greedy import Greedy, Sample
+from stratlm.strategies.single import Sample, SingleSequence
 from stratlm.strategies.speculative import DRAFT_SOURCES, Speculative
 from stratlm.strategies.vote import EXTRACTORS, Vote
 
-STRATEGIES = (Greedy, Sample, Batch, BestOfN, Vote, Speculative)
+STRATEGIES = (SingleSequence, Sample, Batch, BestOfN, Vote, Speculative)
 
 
 @hookimpl

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
-from stratlm.core.sampler import Sampler
+from stratlm.decoding.sampler import Sampler
 from stratlm.core.strategy import Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 

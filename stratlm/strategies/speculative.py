@@ -27,10 +27,10 @@ import attrs
 import mlx.core as mx
 
 from stratlm.core.errors import ConfigError
-from stratlm.core.generation import complete, prefill, token_logprobs
-from stratlm.core.loading import LoadedModel, load_model
+from stratlm.decoding.loop import complete, prefill, token_logprobs
+from stratlm.loaders.loading import LoadedModel, load_model
 from stratlm.core.registry import Registry
-from stratlm.core.sampler import Sampler
+from stratlm.decoding.sampler import Sampler
 from stratlm.core.strategy import Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 

@@ -21,9 +21,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from stratlm.core.errors import ConfigError, ModelLoadError
-from stratlm.core.loading import LoadedModel, read_json_object
+from stratlm.loaders.loading import LoadedModel, read_json_object
 from stratlm.core.log import get_logger
-from stratlm.core.quantized import use_cpu_kernels
+from stratlm.backends.cpu.quantized import use_cpu_kernels
 
 log = get_logger(__name__)
 

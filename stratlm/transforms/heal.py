@@ -20,16 +20,16 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from stratlm.core.engine import Engine
+from stratlm.engine import Engine
 from stratlm.core.errors import ConfigError
-from stratlm.core.loading import LoadedModel, load_model
+from stratlm.loaders.loading import LoadedModel, load_model
 from stratlm.core.log import get_logger
 
 from .collapse import Origin, origin_of
-from .data import Dataset, Example, batch_arrays, load_jsonl, micro_batch
+from stratlm.training.data import Dataset, Example, batch_arrays, load_jsonl, micro_batch
 from .dora import AdapterConfig, add_adapters, copy_loaded, fuse_model
 from .texts import heldout_prompts, varied_prompts
-from .training import Progress, TrainConfig, Trainer, batches_of, print_progress
+from stratlm.training.trainer import Progress, TrainConfig, Trainer, batches_of, print_progress
 
 log = get_logger(__name__)
 

@@ -11,11 +11,11 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import KVCache, StaticKVCache
-from .model import Model
-from .sampler import Sampler
-from .tokenizer import Tokenizer
-from .types import GenerationParams, GenerationResult, GenerationStats
+from stratlm.core.cache import KVCache, StaticKVCache
+from stratlm.core.model import Model
+from stratlm.decoding.sampler import Sampler
+from stratlm.core.tokenizer import Tokenizer
+from stratlm.core.types import GenerationParams, GenerationResult, GenerationStats
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds activation memory on long prompts
 DECODE_RESERVE = 256  # positions a decode cache holds beyond the prompt before it grows

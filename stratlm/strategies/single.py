@@ -1,15 +1,17 @@
-"""greedy and sample: one sequence at a time, the baseline every other strategy is measured against."""
+"""One sequence at a time, the baseline every other strategy is measured against. Registered twice:
+"greedy" (temperature 0 by default: argmax) and "sample" (temperature 0.7 by default); both take
+every sampler option."""
 
 from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from stratlm.core.generation import run_single
 from stratlm.core.strategy import Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
+from stratlm.decoding.loop import run_single
 
 
-class Greedy(Strategy):
+class SingleSequence(Strategy):
     """Decode each prompt alone with the sampler as given (temperature 0: argmax)."""
 
     name = "greedy"
@@ -23,8 +25,8 @@ class Greedy(Strategy):
         yield from run_single(t.model, t.tokenizer, t.eos_token_ids, prompt, params)
 
 
-class Sample(Greedy):
-    """Greedy's loop with a non-zero default temperature and the sampler options."""
+class Sample(SingleSequence):
+    """The same loop with a non-zero default temperature."""
 
     name = "sample"
     default_temperature = 0.7

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
-from .errors import ConfigError, ModelLoadError
-from .fused import cuda_active
-from .loading import LoadedModel, load_model
-from .log import get_logger
-from .registry import Registry, get_registry
-from .types import GenerationParams, GenerationResult, SamplingParams
+from stratlm.core.errors import ConfigError, ModelLoadError
+from stratlm.device import cuda_active
+from stratlm.loaders.loading import LoadedModel, load_model
+from stratlm.core.log import get_logger
+from stratlm.core.registry import Registry, get_registry
+from stratlm.core.types import GenerationParams, GenerationResult, SamplingParams
 
 log = get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """Timing of stratlm's quantized_matmul against dense fp32 matmuls on SmolLM2-135M's shapes.
 
-python -m stratlm.core.kernels.bench [--layers 30] [--reps 5]
+python -m stratlm.backends.cpu.kernels.bench [--layers 30] [--reps 5]
 
 Cold: 30 distinct layer weight sets (more than the caches hold), one token = every layer matrix
 once (q, k, v, o, gate, up, down; 4-bit, group 32), the 8-bit head separately.
@@ -14,7 +14,7 @@ import time
 import stratlm  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 
-from stratlm.core import kernels
+from stratlm.backends.cpu import kernels
 
 LAYER = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
 HEAD = (49152, 576)

@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 
 import mlx.core as mx
 
-from .device import cuda_active  # where the kernels below apply; tests replace it here
+from stratlm.device import cuda_active  # where the kernels below apply; tests replace it here
 
 
 _CUDA_TYPES = frozenset({mx.float32, mx.float16, mx.bfloat16})  # what the kernels are instantiated for

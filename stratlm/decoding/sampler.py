@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .types import SamplingParams
+from stratlm.core.types import SamplingParams
 
 
 class Sampler:

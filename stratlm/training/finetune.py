@@ -1,6 +1,6 @@
 """DoRA fine-tuning: a model, JSONL data -> an adapter folder mlx-lm and stratlm both load.
 
-    from stratlm.transforms.finetune import finetune
+    from stratlm.training.finetune import finetune
     result = finetune(loaded, "train.jsonl", out="adapters", train=TrainConfig(steps=200))
     Engine(model=..., adapter="adapters")
 
@@ -18,11 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from stratlm.core.errors import ConfigError
-from stratlm.core.loading import LoadedModel
+from stratlm.loaders.loading import LoadedModel
 
 from .data import Dataset, batch_arrays, load_jsonl, micro_batch
-from .dora import AdapterConfig, add_adapters, copy_loaded, save_adapter
-from .training import Progress, TrainConfig, Trainer, TrainResult, batches_of, masked_cross_entropy, print_progress
+from stratlm.transforms.dora import AdapterConfig, add_adapters, copy_loaded, save_adapter
+from .trainer import Progress, TrainConfig, Trainer, TrainResult, batches_of, masked_cross_entropy, print_progress
 
 
 @attrs.frozen

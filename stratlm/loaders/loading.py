@@ -18,14 +18,14 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import ConfigError, ModelLoadError, UnknownNameError
-from .log import get_logger
-from . import kernels
-from .device import cpu_active
-from .model import Model, ModelFamily
-from .quantized import use_cpu_kernels
-from .registry import Registry, get_registry
-from .tokenizer import Tokenizer
+from stratlm.core.errors import ConfigError, ModelLoadError, UnknownNameError
+from stratlm.core.log import get_logger
+from stratlm.backends.cpu import kernels
+from stratlm.device import cpu_active
+from stratlm.core.model import Model, ModelFamily
+from stratlm.backends.cpu.quantized import use_cpu_kernels
+from stratlm.core.registry import Registry, get_registry
+from stratlm.core.tokenizer import Tokenizer
 
 log = get_logger(__name__)
 

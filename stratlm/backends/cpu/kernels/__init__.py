@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from stratlm.core.blas import cache_dir
+from stratlm.backends.cpu.blas import cache_dir
 from stratlm.core.log import get_logger
 
 log = get_logger(__name__)

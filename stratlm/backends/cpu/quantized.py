@@ -1,4 +1,4 @@
-"""Quantized layers whose products run stratlm's CPU kernels (`stratlm.core.kernels`).
+"""Quantized layers whose products run stratlm's CPU kernels (`stratlm.backends.cpu.kernels`).
 
 MLX's own quantized matmul is slow on the CPU, so a quantized checkpoint (the embedded
 GGUF) used to be expanded to dense fp32 there. The kernels read the packed 4/8-bit weights
@@ -13,8 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from . import kernels
-from .device import cpu_active
+from stratlm.backends.cpu import kernels
+from stratlm.device import cpu_active
 
 
 def kernel_takes(x: mx.array) -> bool:

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import attrs
 
-from stratlm.core.engine import Engine
-from stratlm.core.loading import LoadedModel
+from stratlm.engine import Engine
+from stratlm.loaders.loading import LoadedModel
 
 SHAPES = ("circle", "square", "rectangle", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "pink")
