@@ -1,4 +1,5 @@
-"""Where ops built now run (MLX's default device): asked in one place."""
+"""Device policy, asked in one place: where ops built now run (MLX's default device) and the dtype
+that suits it."""
 
 from __future__ import annotations
 
@@ -20,3 +21,8 @@ def cuda_active() -> bool:
 @lru_cache(maxsize=1)
 def _has_cuda() -> bool:
     return mx.cuda.is_available()
+
+
+def default_dtype() -> mx.Dtype:
+    """bf16 on a GPU, fp32 on the CPU (bf16/fp16 matmuls are slow there)."""
+    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32

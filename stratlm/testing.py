@@ -10,7 +10,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from stratlm.loaders.loading import LoadedModel, build_model, family_for
+from stratlm.core.model import LoadedModel
+from stratlm.loaders.loading import build_model, family_for
 from stratlm.core.registry import Registry, get_registry
 from stratlm.core.tokenizer import Tokenizer
 

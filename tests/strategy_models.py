@@ -13,7 +13,7 @@ from typing import Sequence
 import mlx.core as mx
 from mlx.utils import tree_map, tree_map_with_path
 
-from stratlm.loaders.loading import LoadedModel
+from stratlm.core.model import LoadedModel
 from stratlm.core.tokenizer import Tokenizer
 from stratlm.testing import tiny_model
 

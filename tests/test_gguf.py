@@ -213,7 +213,7 @@ def test_gguf_llama3_rope_factors_give_the_llama3_model(tmp_path):
     assert np.abs(np.array(loaded.model(mx.array(ids))) - ref).max() < 1e-4
     plain = tiny_hf("llama", rope_theta=500000.0, max_position_embeddings=131072)
     assert np.abs(hf_logits(plain, ids) - ref).max() > 1e-3  # the scaling matters at these positions
-    from stratlm.loaders.loading import llama3_rope_scaling
+    from stratlm.models.llama import llama3_rope_scaling
 
     with pytest.raises(ModelLoadError, match="not Llama 3's"):
         llama3_rope_scaling(mx.full((8,), 2.0), loaded.model.config, "odd.gguf")

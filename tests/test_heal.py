@@ -80,7 +80,7 @@ def test_self_draft_takes_transform_options(sharp):
 
 
 def test_transform_specs_parse_names_options_and_their_values():
-    from stratlm.engine import parse_transform_specs
+    from stratlm.specs import parse_transform_specs
 
     assert parse_transform_specs("collapse,heal") == [("collapse", {}), ("heal", {})]
     assert parse_transform_specs("collapse:n=24,mode=drop, heal:steps=30,learning-rate=1e-4") == [

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stratlm.decoding.loop import Completion
+from stratlm.decoding.detokenizer import StreamingDetokenizer
+from stratlm.decoding.completion import Completion
 from stratlm.core.types import GenerationParams
 from stratlm.testing import byte_tokenizer
 
@@ -21,7 +22,7 @@ REPLACEMENT = "\ufffd"
 
 
 def stream(tokenizer, ids):
-    detok = tokenizer.detokenizer()
+    detok = StreamingDetokenizer(tokenizer)
     pieces = [detok.add(i) for i in ids]
     return pieces, detok.finish()
 

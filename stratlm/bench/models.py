@@ -15,7 +15,8 @@ import mlx.core as mx
 
 from stratlm.device import cpu_active
 from stratlm.core.errors import ConfigError
-from stratlm.loaders.loading import LoadedModel, build_model, family_for, load_model, parse_dtype, save_model
+from stratlm.core.model import LoadedModel
+from stratlm.loaders.loading import build_model, family_for, load_model, parse_dtype, save_model
 from stratlm.testing import byte_tokenizer
 
 #: The published Qwen3-0.6B config (Qwen/Qwen3-0.6B config.json).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stratlm.engine import parse_options
+from stratlm.specs import parse_options
 
 
 def add_parser(sub) -> None:

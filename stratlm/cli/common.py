@@ -8,7 +8,7 @@ import shutil
 import sys
 from typing import Any
 
-from stratlm.engine import parse_options, parse_transform_specs
+from stratlm.specs import parse_options, parse_transform_specs
 from stratlm.core.errors import ConfigError
 
 BOX_WIDTH = 73

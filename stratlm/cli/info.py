@@ -46,7 +46,8 @@ def gather() -> dict:
 
     from stratlm.backends.cpu import kernels
     from stratlm.backends.cpu.blas import status
-    from stratlm.loaders.loading import default_dtype, embedded_model_path
+    from stratlm.device import default_dtype
+    from stratlm.loaders.loading import embedded_model_path
 
     device = mx.default_device()
     info = {

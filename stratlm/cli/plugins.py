@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
 def describe(kind: str, obj) -> str:
     if kind == "model family":
-        return "model types: " + ", ".join(obj.model_types) + (f"; GGUF: {', '.join(obj.gguf_architectures)}" if obj.gguf_architectures else "")
+        return "model types: " + ", ".join(obj.model_types) + (f"; GGUF: {', '.join(obj.gguf.architectures)}" if obj.gguf else "")
     if kind == "model alias":
         return str(obj)
     doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()

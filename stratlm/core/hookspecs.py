@@ -53,6 +53,23 @@ def register_draft_sources(register: Register) -> None:
     """register(name: str, factory) - makes a draft for speculative decoding from a spec."""
 
 
+@hookspec
+def register_loaders(register: Register) -> None:
+    """register(loader: core.Loader) - reads one kind of model source (a folder, a .gguf file, ...)."""
+
+
+@hookspec
+def register_logits_processors(register: Register) -> None:
+    """register(name: str, factory) - factory(SamplingParams) -> a processor (history, logits) -> logits,
+    or None when the parameters do not ask for it; every strategy's sampler applies them in order."""
+
+
+@hookspec
+def register_commands(register: Register) -> None:
+    """register(name: str, command) - a `stratlm` subcommand: an object with add_parser(subparsers)
+    that sets `run` (args -> exit code) on its parser."""
+
+
 @hookspec(firstresult=True)
 def load_adapter(loaded, path):
     """Return `loaded` with the adapter in folder `path` applied, or None if this plugin does not read that kind."""

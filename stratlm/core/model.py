@@ -7,6 +7,7 @@ and read hidden states without knowing the family.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import attrs
@@ -14,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KVCache
+from .tokenizer import Tokenizer
 
 
 class Model(nn.Module):
@@ -43,7 +45,7 @@ class Model(nn.Module):
 
     def compiled_decoding_pays(self) -> bool:
         """Whether decoding with the cache this model just made (make_cache) runs faster as one
-        compiled step over a preallocated cache (core.generation.CompiledStep) than as the plain
+        compiled step over a preallocated cache (decoding.loop.CompiledStep) than as the plain
         forward; used when STRATLM_COMPILE is not set. Default: no."""
         return False
 
@@ -78,18 +80,78 @@ def attention_mask(n_new: int, cache: KVCache | None) -> mx.array | str | None:
     return "causal" if n_new > 1 else None
 
 
-@attrs.frozen
+@attrs.frozen(eq=False)
+class GGUFSpec:
+    """How a family reads a GGUF file (llama.cpp's layout), declared by the family so the GGUF
+    loader knows no family by name.
+
+    `architectures`: the `general.architecture` values it reads. `tensor_names`: llama.cpp's
+    tensor base names -> the model's parameter paths; tensors of block N ("blk.N.<base>") go under
+    `block_prefix.format(N)`. `config(metadata, tensors, model_type)`: the Hugging Face style
+    config. `rope_scaling(factors, config, file_name)`: the config's `rope_scaling` from a
+    `rope_freqs` tensor (None: such a file is refused). `unpermute_qk(tensors, config)`: undoes
+    the converter's Q/K row permutation (None: rows as stored). `tokenizer(metadata)`: the
+    tokenizer (None: byte-level BPE from the GGUF vocabulary and merges).
+    """
+
+    architectures: tuple[str, ...] = attrs.field(converter=tuple)
+    tensor_names: dict[str, str]
+    config: Callable[[dict[str, Any], dict[str, mx.array], str], dict[str, Any]]
+    block_prefix: str = "model.layers.{}"
+    rope_scaling: Callable[[mx.array, dict[str, Any], str], dict[str, Any]] | None = None
+    unpermute_qk: Callable[[dict[str, mx.array], dict[str, Any]], dict[str, mx.array]] | None = None
+    tokenizer: Callable[[dict[str, Any]], Tokenizer] | None = None
+
+    def parameter_name(self, gguf_name: str) -> str:
+        """A GGUF tensor name ("blk.3.attn_q.weight") -> the model's ("model.layers.3.self_attn.q_proj.weight")."""
+        parts = gguf_name.split(".")
+        if parts[0] == "blk":
+            base, suffix = parts[2], ".".join(parts[3:])
+            return f"{self.block_prefix.format(parts[1])}.{self.tensor_names.get(base, base)}.{suffix}"
+        base, suffix = parts[0], ".".join(parts[1:])
+        return f"{self.tensor_names.get(base, base)}.{suffix}"
+
+
+@attrs.frozen(eq=False)
 class ModelFamily:
     """What a model plugin registers: how to build a family's model from its config.
 
-    `model_types` are Hugging Face `model_type` values; `gguf_architectures` the GGUF
-    `general.architecture` values this family reads. GGUF converters store the Q/K rows
-    of some families (Llama) permuted for ggml's RoPE; `gguf_permute_qk` undoes that.
+    `model_types` are Hugging Face `model_type` values; `gguf` says how the family's GGUF files
+    read (None: the family has none).
     """
 
     name: str
     build: Callable[[dict[str, Any]], Model]
     model_types: tuple[str, ...] = attrs.field(converter=tuple)
-    gguf_architectures: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    gguf_permute_qk: bool = False
+    gguf: GGUFSpec | None = None
     sanitize: Callable[[dict[str, mx.array], dict[str, Any]], dict[str, mx.array]] | None = None
+
+
+@attrs.define
+class LoadedModel:
+    """A model ready to run: the network, its tokenizer and where it came from."""
+
+    model: Model
+    tokenizer: Tokenizer
+    family: ModelFamily
+    source: str = ""
+    path: Path | None = None
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.tokenizer.eos_token_ids
+
+    @property
+    def context_length(self) -> int | None:
+        """Longest prompt the model handles exactly. Attention here is always full, so a model
+        trained with a sliding window (Mistral v0.1, Qwen with use_sliding_window) is exact
+        only up to its window: prompts are limited to it."""
+        config = self.model.config
+        limit = config.get("max_position_embeddings")
+        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+        if window and (limit is None or window < limit):
+            return int(window)
+        return limit
+
+    def replace(self, **changes: Any) -> "LoadedModel":
+        return attrs.evolve(self, **changes)

@@ -29,6 +29,9 @@ KINDS = {
     "scorer": "register_scorers",
     "answer extractor": "register_answer_extractors",
     "draft source": "register_draft_sources",
+    "loader": "register_loaders",
+    "logits processor": "register_logits_processors",
+    "command": "register_commands",
 }
 
 
@@ -78,7 +81,7 @@ class Registry:
                 origin = self._origins.get(id(impl.plugin), impl.plugin_name)
 
                 def register(name_or_obj: Any, obj: Any = None, *, _kind=kind, _origin=origin) -> None:
-                    # families register themselves (they carry their name); others register(name, obj)
+                    # families and loaders register themselves (they carry their name); others register(name, obj)
                     name, value = (name_or_obj.name, name_or_obj) if obj is None else (name_or_obj, obj)
                     table = tables[_kind]
                     if name in table:

@@ -9,7 +9,7 @@ from .registry import Registry, get_registry
 from .types import GenerationParams, GenerationResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from stratlm.loaders.loading import LoadedModel
+    from .model import LoadedModel
 
 
 class Strategy:

@@ -1,11 +1,13 @@
-"""Qwen3 family: the Llama block plus RMSNorm on each head's queries and keys."""
+"""Qwen3 family: the Llama block plus RMSNorm on each head's queries and keys. Its GGUF files use
+Llama's tensor names and metadata; their Q/K rows are not permuted (Qwen uses the NeoX RoPE layout)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from stratlm.core.model import ModelFamily
+from stratlm.core.model import GGUFSpec, ModelFamily
 
+from .llama import GGUF_NAMES, gguf_config
 from .transformer import DecoderLM, TransformerArgs, drop_unused
 
 
@@ -17,8 +19,7 @@ FAMILY = ModelFamily(
     name="qwen3",
     build=build,
     model_types=("qwen3",),
-    gguf_architectures=("qwen3",),
-    gguf_permute_qk=False,  # Qwen uses the NeoX RoPE layout; its GGUF rows are not permuted
+    gguf=GGUFSpec(architectures=("qwen3",), tensor_names=GGUF_NAMES, config=gguf_config),
     sanitize=drop_unused,
 )
 

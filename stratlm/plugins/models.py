@@ -1,6 +1,10 @@
-"""Built-in model families, registered through the same entry-point group as any plugin."""
+"""Built-in model families and the loaders of the formats they come in, registered through the
+same entry-point group as any plugin."""
 
 from stratlm.core.hookspecs import hookimpl
+from stratlm.loaders.folder import FolderLoader
+from stratlm.loaders.gguf import GGUFLoader
+from stratlm.loaders.hub import HubLoader
 from stratlm.models import llama, qwen3
 
 FAMILIES = (llama, qwen3)
@@ -17,3 +21,9 @@ def register_model_aliases(register):
     for module in FAMILIES:
         for alias, source in module.ALIASES.items():
             register(alias, source)
+
+
+@hookimpl
+def register_loaders(register):
+    for loader in (GGUFLoader(), FolderLoader(), HubLoader()):
+        register(loader)

@@ -3,7 +3,8 @@
 import json
 from pathlib import Path
 
-from stratlm.engine import apply_transforms, parse_transform_specs
+from stratlm.engine import apply_transforms
+from stratlm.specs import parse_transform_specs
 from stratlm.core.hookspecs import hookimpl
 from stratlm.core.registry import get_registry
 from stratlm.transforms.collapse import collapse

@@ -13,7 +13,8 @@ from typing import Any, Iterator, Sequence
 import mlx.core as mx
 
 from stratlm.core.errors import ConfigError
-from stratlm.decoding.loop import Completion, Timer, prefill, token_logprobs
+from stratlm.decoding.completion import Completion, Timer
+from stratlm.decoding.loop import prefill, token_logprobs
 from stratlm.decoding.sampler import Sampler
 from stratlm.core.strategy import Strategy
 from stratlm.core.types import GenerationParams, GenerationResult

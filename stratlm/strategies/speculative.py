@@ -27,8 +27,10 @@ import attrs
 import mlx.core as mx
 
 from stratlm.core.errors import ConfigError
-from stratlm.decoding.loop import complete, prefill, token_logprobs
-from stratlm.loaders.loading import LoadedModel, load_model
+from stratlm.decoding.completion import complete
+from stratlm.decoding.loop import prefill, token_logprobs
+from stratlm.core.model import LoadedModel
+from stratlm.loaders.loading import load_model
 from stratlm.core.registry import Registry
 from stratlm.decoding.sampler import Sampler
 from stratlm.core.strategy import Strategy

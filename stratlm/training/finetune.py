@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from stratlm.core.errors import ConfigError
-from stratlm.loaders.loading import LoadedModel
+from stratlm.core.model import LoadedModel
 
 from .data import Dataset, batch_arrays, load_jsonl, micro_batch
 from stratlm.transforms.dora import AdapterConfig, add_adapters, copy_loaded, save_adapter

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import attrs
 
 from stratlm.engine import Engine
-from stratlm.loaders.loading import LoadedModel
+from stratlm.core.model import LoadedModel
 
 SHAPES = ("circle", "square", "rectangle", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "pink")

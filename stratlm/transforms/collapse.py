@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from stratlm.core.errors import ConfigError
-from stratlm.loaders.loading import LoadedModel
+from stratlm.core.model import LoadedModel
 from stratlm.core.log import get_logger
 from stratlm.core.model import Model
 

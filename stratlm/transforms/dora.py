@@ -21,7 +21,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from stratlm.core.errors import ConfigError, ModelLoadError
-from stratlm.loaders.loading import LoadedModel, read_json_object
+from stratlm.core.model import LoadedModel
+from stratlm.loaders.folder import read_json_object
 from stratlm.core.log import get_logger
 from stratlm.backends.cpu.quantized import use_cpu_kernels
 

@@ -22,7 +22,8 @@ import mlx.nn as nn
 
 from stratlm.engine import Engine
 from stratlm.core.errors import ConfigError
-from stratlm.loaders.loading import LoadedModel, load_model
+from stratlm.core.model import LoadedModel
+from stratlm.loaders.loading import load_model
 from stratlm.core.log import get_logger
 
 from .collapse import Origin, origin_of

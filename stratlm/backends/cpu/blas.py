@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from stratlm.env import flag
+
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",  # Debian libopenblas0-pthread
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
@@ -45,7 +47,7 @@ def use_optimized_blas() -> dict[str, str | None]:
     if status["library"] is not None or status["reason"] != "not attempted":
         return status
     choice = os.environ.get("STRATLM_BLAS", "")
-    if choice.lower() in ("off", "0", "none", "reference"):
+    if flag("STRATLM_BLAS") is False or choice.lower() == "reference":
         status["reason"] = "disabled by STRATLM_BLAS"
         return status
     if not sys.platform.startswith("linux"):
@@ -75,7 +77,7 @@ SHIM_SOURCE = Path(__file__).with_name("gemv_shim.c")
 
 def load_gemv_shim(library: str) -> str | None:
     """Build (once, cached) and load the sgemm->sgemv shim in front of `library`; None if unavailable."""
-    if os.environ.get("STRATLM_BLAS_GEMV", "").lower() in ("off", "0", "none"):
+    if flag("STRATLM_BLAS_GEMV") is False:
         return None
     try:
         built = build_gemv_shim()

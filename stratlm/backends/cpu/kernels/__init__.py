@@ -28,6 +28,7 @@ from pathlib import Path
 
 from stratlm.backends.cpu.blas import cache_dir
 from stratlm.core.log import get_logger
+from stratlm.env import flag
 
 log = get_logger(__name__)
 
@@ -80,7 +81,7 @@ def _load():
 
 
 def _try_load():
-    if os.environ.get("STRATLM_KERNELS", "").lower() in ("off", "0", "none", "false"):
+    if flag("STRATLM_KERNELS") is False:
         return None, "disabled by STRATLM_KERNELS"
     import mlx.core as mx
 
