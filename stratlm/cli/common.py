@@ -73,6 +73,7 @@ def engine_from_args(args: argparse.Namespace):
         adapter=args.adapter,
         dtype=args.dtype,
         quantized=args.quantized,
+        registry=getattr(args, "registry", None),
         **parse_options(getattr(args, "option", [])),
     )
 
