@@ -31,6 +31,12 @@ def test_generate_json_reports_tokens_logprobs_and_stats(model_dir, capsys):
     assert payload["stats"]["prompt_tokens"] > 0
 
 
+def test_logit_bias_and_penalties_from_the_command_line(model_dir, capsys):
+    argv = ["generate", "hello", "-m", model_dir, "--max-tokens", "4", "--ignore-eos", "--json", "--presence-penalty", "0.5"]
+    assert main(argv + ["--frequency-penalty", "0.2", "--logit-bias", "100=100"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == [100] * 4
+
+
 def test_several_prompts_decode_together(model_dir, capsys):
     assert main(["generate", "a", "bb", "-m", model_dir, "--max-tokens", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
@@ -47,6 +53,8 @@ def test_several_prompts_decode_together(model_dir, capsys):
         (["generate", "hi", "-m", "/nonexistent/model.gguf"], "GGUF file not found"),
         (["generate"], "no prompt given"),
         (["generate", "hi", "-o", "n"], "is not KEY=VALUE"),
+        (["generate", "hi", "--logit-bias", "5"], "--logit-bias takes TOKEN_ID=BIAS"),
+        (["generate", "hi", "--logit-bias", "5=200"], "logit_bias values must be numbers in [-100, 100]"),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(argv, message, capsys):
