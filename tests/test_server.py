@@ -139,6 +139,16 @@ def test_api_key_body_size_and_still_serving(tiny_server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
 
 
+def test_logit_bias_and_penalties_reach_the_sampler(tiny_server):
+    body = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, "logit_bias": {"65": 100}, "ignore_eos": True}
+    r = post(tiny_server, "/v1/chat/completions", body)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "AAAAAA"  # token 65 is the byte "A"
+    r = post(tiny_server, "/v1/chat/completions", {**body, "logit_bias": {"x": 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    r = post(tiny_server, "/v1/chat/completions", {**body, "logit_bias": {"65": 5}, "presence_penalty": 2.0, "frequency_penalty": 2.0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] != "AAAAAA"
+
+
 def test_models_and_metrics(tiny_server, tiny_dir):
     models = httpx.get(tiny_server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert models["data"][0]["id"] == tiny_dir

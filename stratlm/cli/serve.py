@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from stratlm.server.backend import make_backend
 
     source = args.model_arg or args.model
-    engine_args = dict(model=source, transforms=parse_transforms(args.transform), adapter=args.adapter, dtype=args.dtype, quantized=args.quantized)
+    engine_args = dict(model=source, transforms=parse_transforms(args.transform), adapter=args.adapter, fuse_adapter=not args.no_fuse_adapter,
+                       dtype=args.dtype, quantized=args.quantized, registry=getattr(args, "registry", None))
     backend = make_backend(engine_args, max_running=args.max_running, max_queue=args.max_queue, kv_budget=kv_budget)
     names = model_names(source, backend.loaded, backend.registry)
     app = create_app(backend, model_names=names, api_key=args.api_key, default_max_tokens=args.default_max_tokens, max_body_bytes=max_body)
