@@ -66,7 +66,8 @@ class Engine:
         return self.loaded.model
 
     # -- prompts ---------------------------------------------------------------------------------
-    def render(self, prompt: Prompt, *, chat_template: bool | None = None, chat_template_kwargs: dict | None = None, system: str | None = None) -> tuple[str, list[int]]:
+    def render(self, prompt: Prompt, *, chat_template: bool | None = None, chat_template_kwargs: dict | None = None,
+               system: str | None = None) -> tuple[str, list[int]]:
         """The prompt text the model sees and its token ids.
 
         chat_template None: apply the model's template when it has one (instruct models).
