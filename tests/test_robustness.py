@@ -2,6 +2,7 @@
 traceback, an "unexpected" line or a training run overwritten by another."""
 
 import json
+import math
 import shutil
 
 import mlx.core as mx
@@ -119,3 +120,89 @@ def test_invalid_utf8_in_jsonl_names_the_line(base, tmp_path):
     assert len(data) == len(RECORDS) and "line 7: not valid UTF-8 (byte 0xe9 at column 14)" in data.skipped[0]
     with pytest.raises(DataError, match="train.jsonl line 7: not valid UTF-8"):
         load_jsonl(path, base.tokenizer, on_error="stop")
+
+
+# -- the Python API: wrong types and values name the argument -------------------------------------
+@pytest.fixture(scope="module")
+def engine(base):
+    from stratlm import Engine
+
+    return Engine(base)
+
+
+BAD_GENERATE = [
+    (dict(temperature="hot"), "temperature must be a finite number, got 'hot'"),
+    (dict(temperature=math.inf), "temperature must be a finite number, got inf"),
+    (dict(temperature=math.nan), "temperature must be a finite number, got nan"),
+    (dict(temperature=True), "temperature must be a finite number, got True"),
+    (dict(top_k=2.5), "top_k must be an integer, got 2.5"),
+    (dict(top_k="5"), "top_k must be an integer, got '5'"),
+    (dict(top_p="x"), "top_p must be a finite number"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*64\)"),
+    (dict(seed=1.5), "seed must be an integer.*got 1.5"),
+    (dict(seed="42"), "seed must be an integer.*got '42'"),
+    (dict(seed=2**64), "seed must be an integer.*got 18446744073709551616"),
+    (dict(stop=5), "stop must be a string or a list of strings, got int"),
+    (dict(stop=[5]), "stop strings must be non-empty strings"),
+    (dict(max_tokens="5"), "max_tokens must be a positive integer, got '5'"),
+    (dict(repetition_penalty=math.inf), "repetition_penalty must be a finite number, got inf"),
+    (dict(presence_penalty=math.inf), "presence_penalty must be a finite number, got inf"),
+    (dict(frequency_penalty=math.nan), "frequency_penalty must be a finite number, got nan"),
+    (dict(logit_bias={0: math.inf}), r"logit_bias values must be numbers in \[-100, 100\]"),
+    (dict(logprobs="yes"), "logprobs must be True or False"),
+    (dict(temprature=0.5), "unknown generation argument 'temprature' \\(did you mean 'temperature'\\?\\)"),
+    (dict(chat_template_kwargs=[1]), "chat_template_kwargs must be a dict with string keys"),
+    (dict(chat_template="yes"), "chat_template must be True, False or None"),
+    (dict(system=5), "the system message must be a string, got int"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_GENERATE, ids=[next(iter(k)) + "=" + repr(v)[:12] for k, _ in BAD_GENERATE for v in k.values()])
+def test_bad_generation_arguments_name_the_argument(engine, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        engine.generate("hi", **kwargs)
+    with pytest.raises(ConfigError, match=message):  # the stream checks before the first piece is asked for
+        engine.stream("hi", **kwargs)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([{"role": "user", "content": 5}], "message 0's content must be a string, got int"),
+    ([{"role": "user", "content": None}], "message 0's content must be a string, got NoneType"),
+    ([{"role": 5, "content": "hi"}], "message 0's role must be a string"),
+    (b"hi", r"got bytes \(decode bytes first"),
+    (5, "a prompt is a string or a list of chat messages"),
+    ("caf\udce9", r"the prompt is not valid UTF-8 text \(byte 0xe9 at character 4\)"),
+    ([{"role": "user", "content": "caf\udce9"}], "message 0's content is not valid UTF-8 text"),
+])
+def test_bad_prompts_name_the_problem(engine, prompt, message):
+    with pytest.raises(ConfigError, match=message):
+        engine.generate(prompt, max_tokens=2)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((123,), {}, "model must be an alias, hub repo id, folder or .gguf path.*got int: 123"),
+    ((b"x",), {}, "model must be .*got bytes"),
+    ((None,), dict(strategy=5), "strategy must be a strategy's name"),
+    ((None,), dict(transforms="collapse"), r"transforms is a list, e.g. \['heal'\]"),
+    ((None,), dict(transforms=[5]), r"a transform is a name or \(name, options\)"),
+    ((None,), dict(transforms=[("collapse", {"foo": 1})]), "transform 'collapse' does not take option.s. foo; it accepts: mode, n, start"),
+    ((None,), dict(adapter=5), "adapter must be an adapter folder's path"),
+])
+def test_bad_engine_arguments_name_the_argument_before_loading(args, kwargs, message):
+    from stratlm import Engine
+
+    with pytest.raises(ConfigError, match=message):  # before any model is loaded: None would load the embedded one
+        Engine(*args, **kwargs)
+
+
+def test_generation_stops_at_the_context_with_finish_reason_length():
+    from stratlm import Engine
+
+    small = tiny_model("llama", seed=0, max_position_embeddings=24)
+    for strategy, options in [("greedy", {}), ("speculative", {"draft": "lookup"})]:
+        engine = Engine(small, strategy, **options)
+        _, ids = engine.render("hello", chat_template=False)
+        result = engine.generate("hello", chat_template=False, max_tokens=100, ignore_eos=True)
+        assert result.finish_reason == "length" and len(ids) + len(result.token_ids) == 24, (strategy, len(result.token_ids))
+        streamed = "".join(engine.stream("hello", chat_template=False, max_tokens=100, ignore_eos=True))
+        assert streamed == result.text and engine.last_result.finish_reason == "length"
