@@ -75,6 +75,7 @@ def engine_from_args(args: argparse.Namespace):
         fuse_adapter=not getattr(args, "no_fuse_adapter", False),
         dtype=args.dtype,
         quantized=args.quantized,
+        registry=getattr(args, "registry", None),
         **parse_options(getattr(args, "option", [])),
     )
 

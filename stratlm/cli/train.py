@@ -78,10 +78,11 @@ def load(args: argparse.Namespace):
 
     from .common import parse_transforms
 
-    loaded = load_model(args.model, dtype=args.dtype, quantized=args.quantized)
+    registry = getattr(args, "registry", None) or get_registry()
+    loaded = load_model(args.model, dtype=args.dtype, quantized=args.quantized, registry=registry)
     if args.adapter:
-        loaded = apply_adapter(loaded, Path(args.adapter), get_registry())
-    return apply_transforms(loaded, parse_transforms(args.transform), get_registry())
+        loaded = apply_adapter(loaded, Path(args.adapter), registry)
+    return apply_transforms(loaded, parse_transforms(args.transform), registry)
 
 
 def finish(result, args: argparse.Namespace) -> None:

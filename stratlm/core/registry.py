@@ -93,7 +93,7 @@ class Registry:
                 except Exception as exc:  # a plugin's bug must not break the engine
                     label = origin if impl.plugin_name.isdigit() else impl.plugin_name  # pluggy names anonymous plugins by id
                     self.failed[label] = f"{hook_name} raised {type(exc).__name__}: {exc} (package {origin}; the plugin is skipped)"
-                    log.warning("plugin hook raised; plugin skipped", plugin=label, package=origin, hook=hook_name, error=str(exc))
+                    log.warning("plugin hook failed; skipped", plugin=label, package=origin, hook=hook_name, error=f"{type(exc).__name__}: {exc}")
                     broken[id(impl.plugin)] = impl.plugin
                     continue
                 gathered.append((kind, impl.plugin, origin, found))
