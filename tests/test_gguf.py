@@ -223,7 +223,7 @@ def test_gguf_llama3_rope_factors_give_the_llama3_model(tmp_path):
 def test_corrupt_gguf_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
-    with pytest.raises(ModelLoadError, match="broken.gguf.*corrupt GGUF"):
+    with pytest.raises(ModelLoadError, match="broken.gguf.*corrupt"):
         load_model(str(path))
 
 
