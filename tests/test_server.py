@@ -20,6 +20,7 @@ import pytest
 
 from stratlm import Engine
 from stratlm.loaders.loading import embedded_model_path, save_model
+from stratlm.server.backend import supported_params
 from stratlm.testing import tiny_model
 
 KEY = "sk-test-key"
@@ -147,6 +148,26 @@ def test_logit_bias_and_penalties_reach_the_sampler(tiny_server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
     r = post(tiny_server, "/v1/chat/completions", {**body, "logit_bias": {"65": 5}, "presence_penalty": 2.0, "frequency_penalty": 2.0})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] != "AAAAAA"
+
+
+def test_n_choices_stream_like_they_answer_and_top_logprobs(tiny_server):
+    body = {"messages": MESSAGES, "max_tokens": 8, "temperature": 1.0, "seed": 3, "n": 2}
+    answer = post(tiny_server, "/v1/chat/completions", body).json()
+    texts = [c["message"]["content"] for c in answer["choices"]]
+    r = post(tiny_server, "/v1/chat/completions", {**body, "stream": True})
+    joined = ["", ""]
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                joined[choice["index"]] += choice["delta"].get("content") or ""
+    assert joined == texts and r.text.rstrip().endswith("data: [DONE]")
+    asked = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    r = post(tiny_server, "/v1/chat/completions", asked)
+    if "top_logprobs" in supported_params():
+        content = r.json()["choices"][0]["logprobs"]["content"]
+        assert all(len(t["top_logprobs"]) == 3 and t["top_logprobs"][0]["logprob"] >= t["logprob"] - 1e-6 for t in content)
+    else:  # said plainly, not ignored
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
 
 
 def test_models_and_metrics(tiny_server, tiny_dir):

@@ -429,6 +429,8 @@ def submit_error(exc: BaseException, prompt_param: str = "prompt") -> APIError:
     """The engine's errors as HTTP answers: bad input 400, a full queue 429 with Retry-After."""
     if isinstance(exc, APIError):
         return exc
+    if type(exc).__name__ == "RequestFailedError":  # the engine failed the request: our fault, not the client's
+        return APIError(500, str(exc), type="server_error", code="request_failed")
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), code="queue_full", type="rate_limit_error", headers={"Retry-After": "1"})
     if isinstance(exc, UnknownNameError):
