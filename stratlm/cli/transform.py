@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stratlm.engine import apply_adapter, apply_transforms
+    from stratlm.engine import apply_adapter, apply_transforms, check_transform_options
     from stratlm.loaders.loading import load_model, save_model
     from stratlm.core.registry import get_registry
     from stratlm.transforms.collapse import collapse_report, format_report
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if not items:
         raise ConfigError(f"name at least one transform after the model; known transforms: {', '.join(sorted(known))}")
     specs = [(name, {"on_progress": print_progress, **options} if name == "heal" else options) for name, options in parse_transforms(items)]
-    for name, _ in specs:
-        registry.get("transform", name)  # unknown names fail before the model loads
+    for name, options in specs:  # unknown names and options fail before the model loads
+        check_transform_options(name, registry.get("transform", name), options)
     original = load_model(model, dtype=args.dtype, quantized=args.quantized)
     if args.adapter:
         original = apply_adapter(original, Path(args.adapter), registry)
