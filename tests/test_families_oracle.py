@@ -50,6 +50,12 @@ CASES = {
         num_key_value_heads=4, tie_word_embeddings=True, original_max_position_embeddings=64,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                          "short_factor": [1.0, 1.5, 3.0, 7.0], "long_factor": [2.0, 5.0, 11.0, 19.0]}), 24),
+    # layer 0 routes each token to 2 of 4 experts (renormalized), layer 1 is dense; the long
+    # prompt sorts its (token, expert) pairs by expert, decoding does not
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=True), LONG),
+    "qwen3-moe-every-layer": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, norm_topk_prob=False, tie_word_embeddings=True), 24),
     "gemma3-untied-mha": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False, sliding_window=64), 24),
 }
 
@@ -77,7 +83,11 @@ def pairs(tmp_path_factory):
         hf.save_pretrained(folder)
         byte_tokenizer().save(folder)
         out[name] = (hf, load_model(str(folder), dtype="float32").model)
+        FOLDERS[name] = folder
     return out
+
+
+FOLDERS: dict = {}  # name -> the saved folder (filled by the fixture)
 
 
 def reference(hf, ids) -> np.ndarray:
@@ -184,3 +194,23 @@ def test_longrope_long_factors_past_the_original_context(pairs):
     ref = reference(hf, ids)
     assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
     assert np.abs(reference(hf, ids[:, :60]) - ref[:, :60]).max() > 1e-2  # short factors there: the switch is exercised
+
+
+def test_quantized_experts_run_through_gather_qmm(pairs, tmp_path):
+    """A 4-bit MoE model saved and loaded with its experts kept quantized (gather_qmm) gives the
+    logits of the same weights dequantized to fp32 at load."""
+    import mlx.nn as nn
+
+    from stratlm.loaders.loading import save_model
+    from stratlm.models.qwen3_moe import QuantizedSwitchLinear
+
+    folder = tmp_path / "q"
+    loaded = load_model(str(FOLDERS["qwen3-moe"]), dtype="float32")
+    nn.quantize(loaded.model, group_size=32, bits=4)
+    loaded.model.config = {**loaded.model.config, "quantization": {"group_size": 32, "bits": 4}}
+    save_model(loaded, folder)
+    kept = load_model(str(folder), dtype="float32", quantized="keep").model
+    dense = load_model(str(folder), dtype="float32", quantized="dequantize").model
+    assert isinstance(kept.layers[0].mlp.switch_mlp.gate_proj, QuantizedSwitchLinear)
+    ids = mx.array(ids_for("qwen3-moe"))
+    assert np.abs(np.array(kept(ids)) - np.array(dense(ids))).max() < TOL

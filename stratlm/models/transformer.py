@@ -304,8 +304,8 @@ class MLP(nn.Module):
     def __init__(self, a: TransformerArgs, intermediate_size: int | None = None):
         super().__init__()
         inter = intermediate_size or a.intermediate_size
-        self.act_name = a.hidden_act  # a plain attribute: the fused path computes SwiGLU only
-        self.act = activation(a.hidden_act)
+        activation(a.hidden_act)  # checked now
+        self.act_name = a.hidden_act  # the name, not the function (MLX's compiled functions do not deep-copy)
         self.make_projections(a, inter)
 
     def make_projections(self, a: TransformerArgs, inter: int) -> None:
@@ -321,7 +321,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = self.gate_up(x)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(ACTIVATIONS[self.act_name](gate) * up)
 
 
 # -- fused projections: an inference-time layout that keeps the Hugging Face names -------------
