@@ -49,8 +49,11 @@ def byte_vocab() -> list[str]:
     return alphabet + merged + [t for t, _ in SPECIALS]
 
 
-def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool = False, rope_scaling: tuple[str, float] | None = None, eot: str | None = None) -> None:
-    """A GGUF as llama.cpp's converter writes it: HF tensors renamed, Llama Q/K rows permuted."""
+def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool = False, rope_scaling: tuple[str, float] | None = None, eot: str | None = None,
+               quantizer=None, file_type: int | None | str = "auto") -> None:
+    """A GGUF as llama.cpp's converter writes it: HF tensors renamed, Llama Q/K rows permuted.
+    quantizer(gguf_name, fp32 values) -> (bytes, ggml type) or None overrides `qtype` per tensor;
+    file_type: general.file_type to write (None: left out)."""
     cfg = hf.config
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     w = gguf.GGUFWriter(str(path), arch)
@@ -69,7 +72,8 @@ def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool =
         w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
         w.add_rope_scaling_factor(rope_scaling[1])
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(FILE_TYPES[qtype])
+    if file_type is not None:
+        w.add_file_type(FILE_TYPES[qtype] if file_type == "auto" else file_type)
     tokens = byte_vocab()
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -109,7 +113,10 @@ def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool =
             if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
                 n = heads if module == "self_attn.q_proj" else kv_heads
                 data = data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
-        if data.ndim == 2 and qtype not in (Q.F32, Q.F16):
+        custom = quantizer(name, data) if quantizer is not None else None
+        if custom is not None:
+            w.add_tensor(name, custom[0], raw_dtype=custom[1])
+        elif data.ndim == 2 and qtype not in (Q.F32, Q.F16):
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         elif data.ndim == 2 and qtype == Q.F16:
             w.add_tensor(name, data.astype(np.float16))
@@ -223,7 +230,7 @@ def test_gguf_llama3_rope_factors_give_the_llama3_model(tmp_path):
 def test_corrupt_gguf_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
-    with pytest.raises(ModelLoadError, match="broken.gguf.*corrupt GGUF"):
+    with pytest.raises(ModelLoadError, match="broken.gguf.*corrupt"):
         load_model(str(path))
 
 

@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--reps", type=int, default=5, help="timed rounds (each engine once per round)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per engine first")
-    p.add_argument("--baselines", choices=("all", "same-process", "none"), default="all", help="which mlx-lm runs to include")
+    p.add_argument("--baselines", default="all", help="comma-separated: all (mlx-lm here and, on the CPU, in subprocesses), same-process "
+                   "(mlx-lm here), none, llama.cpp (llama-cpp-python on the same .gguf, 1 and 2 threads; needs the bench extra built from source)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 

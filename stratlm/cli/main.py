@@ -1,32 +1,45 @@
-"""The `stratlm` command. Each subcommand lives in its own module with add_parser(sub) and run(args)."""
+"""The `stratlm` command. Its subcommands come from the `register_commands` hook: the built-in
+ones (stratlm.plugins.commands, one module each with add_parser(sub) and run(args)) and any a
+plugin adds. A plugin whose hook or add_parser raises is skipped with a one-line warning."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 import stratlm  # noqa: F401  (loads the optimized BLAS before mlx.core)
 from stratlm.core.errors import StratlmError
-from stratlm.core.log import configure
+from stratlm.core.log import configure, get_logger
+from stratlm.core.registry import Registry, get_registry
 
-#: subcommand modules under stratlm.cli
-COMMANDS = ("generate", "chat", "plugins", "info", "train", "transform", "bench")
+log = get_logger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
+    registry = registry or get_registry()
     parser = argparse.ArgumentParser(prog="stratlm", description="A plugin-based LLM inference engine on MLX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"stratlm.cli.{name}").add_parser(sub)
+    # the built-in commands first, in their order; then the plugins'
+    for entry in sorted(registry.table("command").values(), key=lambda e: e.origin != "stratlm"):
+        try:
+            entry.obj.add_parser(sub)
+        except Exception as exc:  # one plugin's broken command must not take the others down
+            sub._name_parser_map.pop(entry.name, None)
+            sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != entry.name]
+            log.warning("plugin command failed to set up; skipped", command=entry.name, plugin=entry.origin, error=f"{type(exc).__name__}: {exc}")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, registry: Registry | None = None) -> int:
+    try:
+        parser = build_parser(registry)
+    except StratlmError as exc:  # e.g. two packages register the same command
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     configure(verbose=args.verbose)
+    args.registry = registry  # commands look names up in it (None: the process-wide registry)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

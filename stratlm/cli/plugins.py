@@ -25,7 +25,7 @@ def describe(kind: str, obj) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    registry = get_registry()
+    registry = getattr(args, "registry", None) or get_registry()
     listing = {kind: [{"name": e.name, "package": e.origin, "about": describe(kind, e.obj)} for e in sorted(registry.table(kind).values(), key=lambda e: e.name)] for kind in KINDS}
     if args.json:
         print(json.dumps({"plugins": listing, "failed": registry.failed}, indent=2))

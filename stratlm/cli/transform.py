@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .common import parse_transforms
 
-    registry = get_registry()
+    registry = getattr(args, "registry", None) or get_registry()
     known = set(registry.names("transform"))
     items = list(args.items)
     model = None if items[0].partition(":")[0] in known else items.pop(0)

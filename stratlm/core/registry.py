@@ -1,8 +1,9 @@
 """The plugin registry: a pluggy PluginManager fed by the `stratlm` entry-point group.
 
 Names live in one table per kind (model family, alias, strategy, ...). A plugin that fails
-to import is logged and skipped; the same name registered twice is an error naming both
-origins; an unknown name is an error listing the known ones.
+to import, or whose hook raises, is logged and skipped (what that hook registered is dropped);
+the same name registered twice is an error naming both origins; an unknown name is an error
+listing the known ones.
 """
 
 from __future__ import annotations
@@ -79,19 +80,29 @@ class Registry:
             hook = getattr(self.pm.hook, hook_name)
             for impl in hook.get_hookimpls():
                 origin = self._origins.get(id(impl.plugin), impl.plugin_name)
+                staged: dict[str, Entry] = {}
 
-                def register(name_or_obj: Any, obj: Any = None, *, _kind=kind, _origin=origin) -> None:
+                def register(name_or_obj: Any, obj: Any = None, *, _kind=kind, _origin=origin, _staged=staged) -> None:
                     # families and loaders register themselves (they carry their name); others register(name, obj)
                     name, value = (name_or_obj.name, name_or_obj) if obj is None else (name_or_obj, obj)
                     table = tables[_kind]
-                    if name in table:
+                    if name in table or name in _staged:
+                        first = table[name].origin if name in table else _origin
                         raise DuplicateNameError(
-                            f"{_kind} {name!r} is registered twice: by {table[name].origin} and by {_origin}; "
+                            f"{_kind} {name!r} is registered twice: by {first} and by {_origin}; "
                             "uninstall one of the packages or rename one"
                         )
-                    table[name] = Entry(name, value, _origin)
+                    _staged[name] = Entry(name, value, _origin)
 
-                impl.function(register=register)
+                try:
+                    impl.function(register=register)
+                except DuplicateNameError:
+                    raise
+                except Exception as exc:  # a broken plugin must not break the engine
+                    self.failed[impl.plugin_name] = f"{hook_name} raised {type(exc).__name__}: {exc}"
+                    log.warning("plugin hook failed; skipped", plugin=impl.plugin_name, hook=hook_name, error=f"{type(exc).__name__}: {exc}")
+                    continue
+                tables[kind].update(staged)
         return tables
 
     def table(self, kind: str) -> dict[str, Entry]:

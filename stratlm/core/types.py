@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -24,6 +25,10 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     repetition_context: int = 64  # how many recent tokens the penalty looks at
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token was generated
+    # token id -> bias added to its logit (-100 bans, 100 forces); not part of the hash
+    logit_bias: dict[int, float] = attrs.field(factory=dict, converter=lambda d: dict(d or {}), hash=False)
     seed: int | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -33,6 +38,14 @@ class SamplingParams:
         _check(0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}")
         _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
         _check(self.repetition_context >= 1, f"repetition_context must be >= 1, got {self.repetition_context}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
+        for token, bias in self.logit_bias.items():
+            _check(isinstance(token, int) and not isinstance(token, bool) and token >= 0,
+                   f"logit_bias keys must be token ids (ints >= 0), got {token!r}; convert JSON's string keys with int()")
+            _check(isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias) and -100 <= bias <= 100,
+                   f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:

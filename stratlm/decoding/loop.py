@@ -111,8 +111,7 @@ def decode(
     The next step is queued (async_eval) before the current token is handed over.
     """
     cache, step = decode_forward(model, len(prompt), cache)
-    needs_history = sampler.params.repetition_penalty != 1.0
-    history = mx.array([list(prompt)], dtype=mx.int32) if needs_history else None
+    history = sampler.start_history(mx.array([list(prompt)], dtype=mx.int32))
 
     def pick(logits: mx.array) -> tuple[mx.array, mx.array | None]:
         token = sampler.sample(logits, history)
@@ -121,8 +120,8 @@ def decode(
     token, lp = pick(prefill(model, mx.array([list(prompt)], dtype=mx.int32), cache))
     mx.async_eval(token, lp) if lp is not None else mx.async_eval(token)
     while True:
-        if needs_history:
-            history = mx.concatenate([history, token[:, None]], axis=1)
+        if history is not None:
+            history = history.append(token)
         next_token, next_lp = pick(step(token[:, None]))
         mx.async_eval(next_token, next_lp) if next_lp is not None else mx.async_eval(next_token)
         yield int(token.item()), (float(lp.item()) if lp is not None else None)
@@ -136,8 +135,10 @@ def run_single(
     prompt: Sequence[int],
     params: GenerationParams,
     sampler: Sampler | None = None,
+    registry=None,
 ) -> Iterator[str | GenerationResult]:
-    """Decode one prompt, yielding text pieces and finally the GenerationResult."""
-    sampler = sampler or Sampler(params.sampling)
+    """Decode one prompt, yielding text pieces and finally the GenerationResult (the logits
+    processors from `registry` unless a sampler is given)."""
+    sampler = sampler or Sampler(params.sampling, registry)
     tokens = decode(model, prompt, sampler, logprobs=params.logprobs)
     yield from complete(tokens, tokenizer, eos_token_ids, len(prompt), params)

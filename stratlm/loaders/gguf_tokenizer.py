@@ -22,6 +22,18 @@ GGUF_PRE_TOKENIZER_SPLITS = {
 }
 
 
+def gguf_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer `tokenizer.ggml.model` names: "gpt2" (byte-level BPE) or "llama" (SentencePiece)."""
+    kind = str(meta.get("tokenizer.ggml.model", ""))
+    builders = {"gpt2": bpe_tokenizer}
+    if kind not in builders:
+        raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not supported; supported: {', '.join(repr(k) for k in builders)}")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ModelLoadError("the GGUF has no valid tokenizer.ggml.tokens (a non-empty list of strings)")
+    return builders[kind](meta)
+
+
 def bpe_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """Byte-level BPE from the GGUF vocabulary and merges; same ids as transformers' GGUF loader.
 
