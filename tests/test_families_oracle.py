@@ -56,6 +56,10 @@ CASES = {
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=True), LONG),
     "qwen3-moe-every-layer": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, norm_topk_prob=False, tie_word_embeddings=True), 24),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(tie_word_embeddings=False), 24),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.5), 24),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(num_hidden_layers=4, no_rope_layer_interval=2), 24),
     "gemma3-untied-mha": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False, sliding_window=64), 24),
 }
 
@@ -214,3 +218,18 @@ def test_quantized_experts_run_through_gather_qmm(pairs, tmp_path):
     assert isinstance(kept.layers[0].mlp.switch_mlp.gate_proj, QuantizedSwitchLinear)
     ids = mx.array(ids_for("qwen3-moe"))
     assert np.abs(np.array(kept(ids)) - np.array(dense(ids))).max() < TOL
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen3-moe"])
+def test_strategies_over_the_new_caches(pairs, name):
+    """Greedy, batch and speculative decoding (a model draft: its cache and the target's trimmed
+    every step) give the same tokens on a windowed/MoE model, generating past the window."""
+    from stratlm.engine import Engine
+
+    loaded = load_model(str(FOLDERS[name]), dtype="float32")
+    prompts = ["a prompt longer than the window", "short"]
+    kwargs = dict(chat_template=False, max_tokens=20, ignore_eos=True)
+    greedy = [Engine(loaded, "greedy").generate(p, **kwargs).token_ids for p in prompts]
+    assert [r.token_ids for r in Engine(loaded, "batch").generate(prompts, **kwargs)] == greedy
+    speculative = Engine(loaded, "speculative", draft=loaded, num_draft=3)
+    assert [speculative.generate(p, **kwargs).token_ids for p in prompts] == greedy

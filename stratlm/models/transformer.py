@@ -49,6 +49,7 @@ class TransformerArgs:
     layer_types: tuple[str, ...] | None = None
     sliding_rope_theta: float | None = None
     sliding_rope_scaling: dict[str, Any] | None = None
+    rope_layers: tuple[bool, ...] | None = None  # per layer whether it rotates (SmolLM3's NoPE layers); None: all
 
     def window_of(self, layer: int) -> int | None:
         """The layer's attention window (None: full attention)."""
@@ -231,6 +232,7 @@ class RoPE(nn.Module):
 
 class Attention(nn.Module):
     norm = nn.RMSNorm  # the q/k norm's class (Gemma's scales by 1 + weight)
+    qk_norm_per_head = True  # q/k norms over each head (Qwen3, Gemma 3); OLMo 2's span all heads (in qkv)
 
     def __init__(self, a: TransformerArgs, layer: int = 0):
         super().__init__()
@@ -243,6 +245,7 @@ class Attention(nn.Module):
             self.k_norm = self.norm(a.head_dim, eps=a.rms_norm_eps)
         base, scaling = a.rope_of(layer)
         self.rope = RoPE(int(a.head_dim * a.partial_rotary_factor), base, scaling)
+        self.use_rope = a.rope_layers is None or bool(a.rope_layers[layer])  # a plain attribute
 
     def make_projections(self, a: TransformerArgs) -> None:
         qkv_bias = a.attention_bias if a.qkv_bias is None else a.qkv_bias
@@ -264,11 +267,12 @@ class Attention(nn.Module):
         q = q.reshape(B, L, self.n_heads, self.head_dim)
         k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
         v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        if "q_norm" in self:
+        if "q_norm" in self and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-        offset = cache.rope_offset if cache is not None else None
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        if self.use_rope:
+            offset = cache.rope_offset if cache is not None else None
+            q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if L == 1 and not isinstance(mask, str) and cpu_active():
@@ -436,7 +440,8 @@ class Block(nn.Module):
         if type(attn) is not Attention or type(mlp) is not MLP or "_fused" not in attn or "_fused" not in mlp:
             return None
         # the fused kernels compute full attention at the default scale, whole-head RoPE and SwiGLU
-        if attn.sliding_window is not None or attn.scale != attn.head_dim**-0.5 or attn.rope.dims != attn.head_dim or attn.rope.kind == "longrope" or mlp.act_name not in ("silu", "swish"):
+        if (attn.sliding_window is not None or attn.scale != attn.head_dim**-0.5 or not attn.use_rope or attn.rope.dims != attn.head_dim
+                or attn.rope.kind == "longrope" or mlp.act_name not in ("silu", "swish")):
             return None
         if not fused_intact(attn, ("q_proj", "k_proj", "v_proj")) or not fused_intact(mlp, ("gate_proj", "up_proj")):
             return None
