@@ -233,3 +233,29 @@ def test_strategies_over_the_new_caches(pairs, name):
     assert [r.token_ids for r in Engine(loaded, "batch").generate(prompts, **kwargs)] == greedy
     speculative = Engine(loaded, "speculative", draft=loaded, num_draft=3)
     assert [speculative.generate(p, **kwargs).token_ids for p in prompts] == greedy
+
+
+def test_qwen2_gguf_with_biases_loads_to_transformers_logits(tmp_path):
+    """A Qwen2 GGUF written as llama.cpp's converter does (Q/K rows as they are, biases kept)
+    loads to the logits of the transformers model it was written from."""
+    pytest.importorskip("gguf")
+    from test_gguf import byte_vocab, write_gguf  # the GGUF tests' writer
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**{**BASE, "vocab_size": len(byte_vocab()), "tie_word_embeddings": False})
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    path = tmp_path / "qwen2.gguf"
+    write_gguf(path, hf, "qwen2", gguf_quant_type("F32"))
+    ids = np.random.RandomState(0).randint(0, len(byte_vocab()), (2, 12))
+    ours = load_model(str(path), dtype="float32").model
+    assert np.abs(np.array(ours(mx.array(ids))) - reference(hf, ids)).max() < TOL
+
+
+def gguf_quant_type(name: str):
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, name)
