@@ -190,3 +190,87 @@ def tensor_arrays(tensor: TensorInfo, raw: np.ndarray, *, keep_quantized: bool) 
         w, scales, biases = mx.quantize(mx.array(dense), group_size=GROUP_SIZE, bits=8)
         return {"": w, "scales": scales, "biases": biases}
     return {"": mx.array(dense)}
+
+
+# -- quantizers (numpy): what `stratlm convert` and the tests write ---------------------------------
+def _to_f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _q4_k(x: np.ndarray) -> np.ndarray:
+    """Q4_K: per 32 values a 4-bit code with a scale and a min, both 6-bit multiples of the
+    super-block's fp16 d and dmin (a direct min/max fit, not llama.cpp's iterative search)."""
+    n = x.shape[0]
+    x = x.reshape(n, 8, 32)
+    lo = np.minimum(x.min(axis=2), 0)
+    scale = (x.max(axis=2) - lo) / 15
+    mins = -lo
+    d = (scale.max(axis=1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
+    dmin = (mins.max(axis=1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.clip(np.rint(np.where(d > 0, scale / d, 0)), 0, 63).astype(np.uint8)
+        m = np.clip(np.rint(np.where(dmin > 0, mins / dmin, 0)), 0, 63).astype(np.uint8)
+        step, offset = (d * sc)[..., None], (dmin * m)[..., None]
+        q = np.clip(np.rint(np.where(step > 0, (x + offset) / step, 0)), 0, 15).astype(np.uint8)
+    packed = np.empty((n, 12), np.uint8)
+    packed[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((m[:, 4:8] & 0x0F) << 4)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, 128)  # chunk c: sub-block 2c low nibbles, 2c+1 high
+    return np.concatenate([_to_f16_bytes(d), _to_f16_bytes(dmin), packed, qs], axis=1)
+
+
+def _q6_k(x: np.ndarray) -> np.ndarray:
+    """Q6_K: per 16 values a signed 6-bit code and an int8 scale times the super-block's fp16 d."""
+    n = x.shape[0]
+    x = x.reshape(n, 16, 16)
+    pick = np.take_along_axis(x, np.abs(x).argmax(axis=2)[..., None], axis=2)[..., 0]
+    scale = pick / -32  # the largest magnitude lands on -32 exactly, as ggml's make_qx_quants
+    d = (np.abs(scale).max(axis=1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.clip(np.rint(np.where(d > 0, scale / d, 0)), -128, 127).astype(np.int8)
+        step = (d * sc)[..., None]
+        q = (np.clip(np.rint(np.where(step != 0, x / step, 0)), -32, 31) + 32).astype(np.uint8).reshape(n, 2, 4, 32)
+    low, high = q & 0x0F, q >> 4
+    ql = np.concatenate([low[:, :, 0:2] | (low[:, :, 2:4] << 4)], axis=2).reshape(n, 128)
+    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(n, 64)
+    return np.concatenate([ql, qh, sc.view(np.uint8), _to_f16_bytes(d)], axis=1)
+
+
+def _q5_0(x: np.ndarray) -> np.ndarray:
+    """Q5_0: per 32 values an fp16 d and 5-bit codes, value = d * (code - 16) (ggml's rounding)."""
+    pick = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+    d = pick / -16
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, 1 / d, 0)
+    q = np.clip(np.trunc(x * inv + 16.5), 0, 31).astype(np.uint8)
+    qh = np.packbits((q >> 4).astype(np.uint8), axis=1, bitorder="little")
+    qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    return np.concatenate([_to_f16_bytes(d), qh, qs], axis=1)
+
+
+def _q8_0(x: np.ndarray) -> np.ndarray:
+    d = np.abs(x).max(axis=1, keepdims=True) / 127
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, 1 / d, 0)
+    q = np.rint(x * inv).astype(np.int8)
+    return np.concatenate([_to_f16_bytes(d), q.view(np.uint8)], axis=1)
+
+
+QUANTIZERS = {"Q4_K": _q4_k, "Q6_K": _q6_k, "Q5_0": _q5_0, "Q8_0": _q8_0}
+
+
+def quantize(values: np.ndarray, type_name: str) -> np.ndarray:
+    """fp32 values (rows, cols) -> the type's bytes (rows, cols / block * block bytes), as GGUF stores them."""
+    if type_name == "F32":
+        return np.ascontiguousarray(values, dtype=np.float32).view(np.uint8)
+    if type_name == "F16":
+        return np.ascontiguousarray(values, dtype=np.float16).view(np.uint8)
+    if type_name not in QUANTIZERS:
+        raise ModelLoadError(f"cannot quantize to {type_name}; stratlm writes {', '.join(('F32', 'F16', *QUANTIZERS))}")
+    _, block, type_size = next(v for v in GGML_TYPES.values() if v[0] == type_name)
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape[-1] % block:
+        raise ModelLoadError(f"{type_name} needs rows of a multiple of {block} values, not {values.shape[-1]}")
+    rows = values.reshape(-1, block)
+    return QUANTIZERS[type_name](rows).reshape(*values.shape[:-1], values.shape[-1] // block * type_size)

@@ -154,7 +154,8 @@ class Server:
     def check_model(self, req: CommonRequest) -> str:
         if req.model is None or req.model in self.names:
             return self.names[0]
-        raise APIError(404, f"the model {req.model!r} is not served here; this server serves {', '.join(repr(n) for n in self.names)}", param="model", code="model_not_found")
+        raise APIError(404, f"the model {req.model!r} is not served here; this server serves {', '.join(repr(n) for n in self.names)}",
+                       param="model", code="model_not_found")
 
     def strategy_of(self, req: CommonRequest) -> tuple[str | None, dict[str, Any], int]:
         """(strategy name or None for the server's default, its options, choices per prompt)."""
@@ -212,7 +213,8 @@ class Server:
                 params["top_logprobs"] = req.logprobs
         for field in params:
             if field not in self.supported:
-                raise APIError(400, f"{field} is not supported by this server's engine yet; leave it out (supported: {', '.join(sorted(self.supported))})", param=field, code="unsupported_parameter")
+                raise APIError(400, f"{field} is not supported by this server's engine yet; leave it out (supported: {', '.join(sorted(self.supported))})",
+                               param=field, code="unsupported_parameter")
         return params
 
     # -- one request -------------------------------------------------------------------------------
@@ -392,7 +394,8 @@ class Server:
             offsets.append(at)
             at += len(text)
         top_lists = [{self.token_text(t): float(v) for t, v in top.items()} if top is not None else None for top in tops]
-        return {"tokens": texts, "token_logprobs": [float(v) for v in result.logprobs], "top_logprobs": top_lists if any(t is not None for t in top_lists) else None,
+        return {"tokens": texts, "token_logprobs": [float(v) for v in result.logprobs],
+                "top_logprobs": top_lists if any(t is not None for t in top_lists) else None,
                 "text_offset": offsets}
 
 
