@@ -193,7 +193,8 @@ def main() -> None:
     print("| server | clients | requests | req/s | output tok/s | TTFT p50 (s) | TTFT p99 (s) | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['errors']} |")
+        print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['output_tok_per_s']:.1f} "
+              f"| {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['errors']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
