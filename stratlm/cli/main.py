@@ -15,10 +15,30 @@ from stratlm.core.registry import Registry, get_registry
 log = get_logger(__name__)
 
 
+#: optional packages a command may need, and the extra that installs them
+EXTRAS = {"mlx_lm": "bench", "llama_cpp": "bench", "torch": "test", "transformers": "test"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line, `error: ...` (exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def version_line() -> str:
+    import platform
+
+    import mlx.core as mx
+
+    return f"stratlm {stratlm.__version__} (mlx {mx.__version__}, Python {platform.python_version()})"
+
+
 def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
     registry = registry or get_registry()
-    parser = argparse.ArgumentParser(prog="stratlm", description="A plugin-based LLM inference engine on MLX.")
+    parser = Parser(prog="stratlm", description="A plugin-based LLM inference engine on MLX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # the built-in commands first, in their order; then the plugins'
     for entry in sorted(registry.table("command").values(), key=lambda e: e.origin != "stratlm"):
@@ -37,7 +57,10 @@ def main(argv: list[str] | None = None, registry: Registry | None = None) -> int
     except StratlmError as exc:  # e.g. two packages register the same command
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2, already printed as one line)
+        return exc.code if isinstance(exc.code, int) else 0
     configure(verbose=args.verbose)
     args.registry = registry  # commands look names up in it (None: the process-wide registry)
     if not getattr(args, "run", None):
@@ -51,6 +74,16 @@ def main(argv: list[str] | None = None, registry: Registry | None = None) -> int
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in EXTRAS:
+            if args.verbose:
+                raise
+            print(f"error: unexpected ModuleNotFoundError: {exc} (run `stratlm -v ...` for the traceback)", file=sys.stderr)
+            return 1
+        extra = EXTRAS[exc.name.split(".")[0]]
+        print(f"error: `stratlm {args.command}` needs the package {exc.name.split('.')[0]!r}, which is not installed: "
+              f"pip install 'stratlm[{extra}]'", file=sys.stderr)
+        return 1
     except Exception as exc:  # a bug, not bad input: still one line unless -v asks for the traceback
         if args.verbose:
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
 
+import attrs
 import mlx.core as mx
 
 from stratlm.core.cache import KVCache, StaticKVCache
@@ -128,6 +129,15 @@ def decode(
         token, lp = next_token, next_lp
 
 
+def within_context(params: GenerationParams, prompt_length: int, context_length: int | None) -> GenerationParams:
+    """`params` with max_tokens cut so prompt + generated tokens fit the model's context: the
+    completion then ends there with finish reason "length" (past it a model's positions are
+    ones it never saw in training: the text degrades)."""
+    if context_length is None or prompt_length + params.max_tokens <= context_length:
+        return params
+    return attrs.evolve(params, max_tokens=max(1, context_length - prompt_length))
+
+
 def run_single(
     model: Model,
     tokenizer: Tokenizer,
@@ -136,9 +146,12 @@ def run_single(
     params: GenerationParams,
     sampler: Sampler | None = None,
     registry=None,
+    context_length: int | None = None,
 ) -> Iterator[str | GenerationResult]:
     """Decode one prompt, yielding text pieces and finally the GenerationResult (the logits
-    processors from `registry` unless a sampler is given)."""
+    processors from `registry` unless a sampler is given). With `context_length`, generation
+    stops where the prompt and the tokens fill it (finish reason "length")."""
+    params = within_context(params, len(prompt), context_length)
     sampler = sampler or Sampler(params.sampling, registry)
     tokens = decode(model, prompt, sampler, logprobs=params.logprobs)
     yield from complete(tokens, tokenizer, eos_token_ids, len(prompt), params)

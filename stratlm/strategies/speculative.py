@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from stratlm.core.errors import ConfigError
 from stratlm.decoding.completion import complete
-from stratlm.decoding.loop import prefill, token_logprobs
+from stratlm.decoding.loop import prefill, token_logprobs, within_context
 from stratlm.core.model import LoadedModel
 from stratlm.loaders.loading import load_model
 from stratlm.core.registry import Registry
@@ -297,6 +297,7 @@ class Speculative(Strategy):
     def stream(self, prompt: Sequence[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
         check_prompts([prompt])
         t = self.target
+        params = within_context(params, len(prompt), t.context_length)
         sampler = Sampler(params.sampling, self.registry)
         counts = SpeculativeCounts()
         tokens = speculative_decode(t.model, prompt, sampler, self.draft, self.num_draft, params.max_tokens, counts, params.logprobs)
