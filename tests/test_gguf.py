@@ -49,8 +49,8 @@ def byte_vocab() -> list[str]:
     return alphabet + merged + [t for t, _ in SPECIALS]
 
 
-def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool = False, rope_scaling: tuple[str, float] | None = None, eot: str | None = None,
-               quantizer=None, file_type: int | None | str = "auto") -> None:
+def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool = False, rope_scaling: tuple[str, float] | None = None,
+               eot: str | None = None, quantizer=None, file_type: int | None | str = "auto") -> None:
     """A GGUF as llama.cpp's converter writes it: HF tensors renamed, Llama Q/K rows permuted.
     quantizer(gguf_name, fp32 values) -> (bytes, ggml type) or None overrides `qtype` per tensor;
     file_type: general.file_type to write (None: left out)."""
@@ -92,7 +92,8 @@ def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool =
         smooth = (old / wavelens - low) / (high - low)
         factors = np.where(wavelens < old / high, 1.0, np.where(wavelens > old / low, factor, 1 / ((1 - smooth) / factor + smooth)))
         w.add_tensor("rope_freqs.weight", factors.astype(np.float32))
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
@@ -129,7 +130,8 @@ def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool =
 
 
 def tiny_hf(arch: str, seed: int = 0, **overrides):
-    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM), "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
     config = dict(vocab_size=len(byte_vocab()), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=True)
     torch.manual_seed(seed)
@@ -143,7 +145,8 @@ def hf_logits(model, ids) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "arch,qtype,overrides",
-    [("llama", Q.F32, {}), ("llama", Q.F16, {"tie_word_embeddings": False}), ("qwen3", Q.F32, {"tie_word_embeddings": False}), ("qwen3", Q.F16, {}), ("llama", Q.Q8_0, {})],
+    [("llama", Q.F32, {}), ("llama", Q.F16, {"tie_word_embeddings": False}), ("qwen3", Q.F32, {"tie_word_embeddings": False}),
+     ("qwen3", Q.F16, {}), ("llama", Q.Q8_0, {})],
     ids=["llama-F32", "llama-F16-untied", "qwen3-F32-untied", "qwen3-F16", "llama-Q8_0"],
 )
 def test_tiny_gguf_logits_match_transformers_gguf_loader(tmp_path, arch, qtype, overrides):

@@ -85,7 +85,7 @@ def random_flips(r, path, n: int, seed: int) -> list:
     rng = np.random.default_rng(seed)
     data = open(path, "rb").read(regions["tensor table"][1])
     cases = []
-    for i in range(n):
+    for _ in range(n):
         region = rng.choice(list(weights), p=list(weights.values()))
         lo, hi = regions[region]
         offset, bit = int(rng.integers(lo, hi)), int(rng.integers(8))
@@ -154,7 +154,8 @@ def test_reader_agrees_with_gguf_py_on_the_real_file(smollm2_path, reference_rea
         mine = ours.tensors[t.name]
         assert mine.ggml_type == int(t.tensor_type) and mine.shape == tuple(int(d) for d in reversed(t.shape))
         assert mine.offset == t.data_offset and mine.nbytes == t.n_bytes
-    assert ours.metadata["tokenizer.ggml.tokens"][:5] == [str(bytes(theirs.fields["tokenizer.ggml.tokens"].parts[i]), "utf-8") for i in theirs.fields["tokenizer.ggml.tokens"].data[:5]]
+    tokens = theirs.fields["tokenizer.ggml.tokens"]
+    assert ours.metadata["tokenizer.ggml.tokens"][:5] == [str(bytes(tokens.parts[i]), "utf-8") for i in tokens.data[:5]]
     assert ours.metadata["llama.block_count"] == 30
 
 

@@ -8,7 +8,7 @@ import shutil
 import mlx.core as mx
 import pytest
 
-from stratlm.core.errors import ConfigError, StratlmError
+from stratlm.core.errors import ConfigError
 from stratlm.testing import tiny_model
 from stratlm.training.data import DataError, from_records, load_jsonl, write_jsonl
 from stratlm.training.finetune import finetune

@@ -9,7 +9,8 @@ from stratlm.core.errors import StratlmError
 
 from .common import add_generation_options, add_model_options, benchmark_lines, engine_from_args, generation_kwargs
 
-HELP = "commands: /help lists these, /reset clears the history, /system TEXT sets the system message, /stats toggles speed lines, /exit quits; Ctrl-C stops an answer, Ctrl-D or Ctrl-C at the prompt leaves"
+HELP = ("commands: /help lists these, /reset clears the history, /system TEXT sets the system message, /stats toggles speed lines, /exit quits; "
+        "Ctrl-C stops an answer, Ctrl-D or Ctrl-C at the prompt leaves")
 COMMANDS = ("/help", "/reset", "/system", "/stats", "/exit", "/quit")
 
 

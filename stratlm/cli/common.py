@@ -18,10 +18,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=None, help="alias, hub repo id, folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--adapter", default=None, help="adapter folder (adapters.safetensors + adapter_config.json)")
-    g.add_argument("--no-fuse-adapter", action="store_true", help="keep the adapter as separate layers (default: merged into the weights at load; unmerged decodes many times slower)")
+    g.add_argument("--no-fuse-adapter", action="store_true", help="keep the adapter as separate layers "
+                   "(default: merged into the weights at load; unmerged decodes many times slower)")
     g.add_argument("-t", "--transform", action="append", default=[], metavar="NAME[:k=v,...]", help="apply a transform by name (repeatable, in order)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
-    g.add_argument("--quantized", choices=("keep", "dequantize"), default=None, help="run quantized weights as such, or expand them to --dtype (default: keep, on stratlm's CPU kernels or the GPU; dequantize only where the CPU kernels cannot be built)")
+    g.add_argument("--quantized", choices=("keep", "dequantize"), default=None,
+                   help="run quantized weights as such, or expand them to --dtype (default: keep, on stratlm's CPU kernels "
+                   "or the GPU; dequantize only where the CPU kernels cannot be built)")
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:

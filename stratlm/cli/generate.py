@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                 box(f"Out {i:05d}", r.text)
             total = sum(r.stats.generation_tokens for r in results)
             wall = max(r.stats.prompt_time + r.stats.generation_time for r in results)
-            box("Benchmark", f"{len(results)} prompts, {total} tokens generated in {wall:.2f}s: {total / wall if wall else 0:.1f} tokens/sec in all\n" + benchmark_lines(results[-1].stats))
+            summary = f"{len(results)} prompts, {total} tokens generated in {wall:.2f}s: {total / wall if wall else 0:.1f} tokens/sec in all\n"
+            box("Benchmark", summary + benchmark_lines(results[-1].stats))
         return 0
     if args.quiet:
         for piece in engine.stream(prompts[0], **kwargs):

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None, registry: Registry | None = None) -> int
             print(f"error: unexpected ModuleNotFoundError: {exc} (run `stratlm -v ...` for the traceback)", file=sys.stderr)
             return 1
         extra = EXTRAS[exc.name.split(".")[0]]
-        print(f"error: `stratlm {args.command}` needs the package {exc.name.split('.')[0]!r}, which is not installed: pip install 'stratlm[{extra}]'", file=sys.stderr)
+        print(f"error: `stratlm {args.command}` needs the package {exc.name.split('.')[0]!r}, which is not installed: "
+              f"pip install 'stratlm[{extra}]'", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug, not bad input: still one line unless -v asks for the traceback
         if args.verbose:

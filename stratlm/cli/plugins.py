@@ -30,7 +30,10 @@ def describe(kind: str, obj) -> str:
 
 def run(args: argparse.Namespace) -> int:
     registry = getattr(args, "registry", None) or get_registry()
-    listing = {kind: [{"name": e.name, "package": e.origin, "about": describe(kind, e.obj)} for e in sorted(registry.table(kind).values(), key=lambda e: e.name)] for kind in KINDS}
+    listing = {
+        kind: [{"name": e.name, "package": e.origin, "about": describe(kind, e.obj)} for e in sorted(registry.table(kind).values(), key=lambda e: e.name)]
+        for kind in KINDS
+    }
     if args.json:
         conflicts = [str(err) for err in registry.conflicts.values()]
         print(json.dumps({"plugins": listing, "failed": registry.failed, "conflicts": conflicts}, indent=2))

@@ -16,12 +16,14 @@ UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb":
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve a model over OpenAI's HTTP API (chat/completions, completions, models), with every strategy per request.")
-    p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="alias, hub repo id, folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                   help="alias, hub repo id, folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
     add_model_options(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=os.environ.get("STRATLM_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/* (default: $STRATLM_API_KEY, else none)")
+    g.add_argument("--api-key", default=os.environ.get("STRATLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $STRATLM_API_KEY, else none)")
     g.add_argument("--max-running", type=int, default=None, help="most requests decoded together (the scheduler's batch)")
     g.add_argument("--max-queue", type=int, default=None, help="most requests waiting; beyond it requests get 429 with Retry-After")
     g.add_argument("--kv-budget", default=None, metavar="SIZE", help="KV cache memory for the running requests, e.g. 2GB or 512MiB")

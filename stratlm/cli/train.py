@@ -40,7 +40,8 @@ def add_training_options(p: argparse.ArgumentParser, steps: int, lr: float) -> N
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune DoRA adapters (mlx-lm compatible)")
     tsub = p.add_subparsers(dest="train_command", metavar="KIND")
-    d = tsub.add_parser("dora", help="fine-tune on a JSONL dataset", description="JSONL lines: {\"prompt\",\"completion\"}, {\"messages\": [...]} or {\"text\"}.")
+    d = tsub.add_parser("dora", help="fine-tune on a JSONL dataset",
+                        description="JSONL lines: {\"prompt\",\"completion\"}, {\"messages\": [...]} or {\"text\"}.")
     add_model_options(d)
     d.add_argument("--data", required=True, help="training data, .jsonl")
     d.add_argument("--valid", default=None, help="validation data, .jsonl (default: --valid-fraction of --data)")
@@ -104,7 +105,8 @@ def run_dora(args: argparse.Namespace) -> int:
     adapter, train = configs(args)
     loaded = load(args)
     result = finetune(loaded, args.data, valid=args.valid, valid_fraction=0 if args.valid else args.valid_fraction, adapter=adapter, train=train,
-                      out=args.out, resume=args.resume, overwrite=args.overwrite, train_on_prompt=args.train_on_prompt, on_error="stop" if args.stop_on_bad_lines else "skip")
+                      out=args.out, resume=args.resume, overwrite=args.overwrite, train_on_prompt=args.train_on_prompt,
+                      on_error="stop" if args.stop_on_bad_lines else "skip")
     finish(result, args)
     return 0
 

@@ -11,7 +11,8 @@ from stratlm.core.errors import ConfigError
 def add_parser(sub) -> None:
     p = sub.add_parser("transform", help="apply transforms (collapse, heal, fuse, ...) and save an ordinary model folder",
                        description="Example: stratlm transform smollm2-135m collapse:n=6 heal --out smollm2-collapsed")
-    p.add_argument("items", nargs="+", metavar="[MODEL] TRANSFORM", help="an optional model source, then transform names with options, e.g. collapse:n=6,mode=drop")
+    p.add_argument("items", nargs="+", metavar="[MODEL] TRANSFORM",
+                   help="an optional model source, then transform names with options, e.g. collapse:n=6,mode=drop")
     p.add_argument("--out", required=True, help="folder for the transformed model (config.json, model.safetensors, tokenizer)")
     p.add_argument("--adapter", default=None, help="apply this adapter folder before the transforms")
     p.add_argument("--dtype", default=None)
