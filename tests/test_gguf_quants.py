@@ -197,7 +197,8 @@ def test_smollm2_q4_k_m_answers_and_agrees_with_its_fp32_expansion(smollm2_q4_k_
     assert kept.model.layers[4].mlp.down_proj.bits == 4 and kept.model.layers[0].mlp.down_proj.bits == 8  # Q4_K; Q6_K (use_more_bits)
     assert "Paris" in Engine(kept).generate("What is the capital of France?", max_tokens=16).text
     dense = load_model(str(smollm2_q4_k_m), dtype="float32", quantized="dequantize")
-    ids = kept.tokenizer.encode(kept.tokenizer.apply_chat_template([{"role": "user", "content": "Write a short story about a robot who learns to paint."}]), add_special_tokens=False)
+    story = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    ids = kept.tokenizer.encode(kept.tokenizer.apply_chat_template(story), add_special_tokens=False)
 
     def greedy(loaded, n):
         tokens = decode(loaded.model, ids, Sampler(SamplingParams()))
