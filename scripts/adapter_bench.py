@@ -33,6 +33,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp()) / "adapter"
     finetune(base, from_records(records, base.tokenizer), valid_fraction=0, adapter=AdapterConfig(rank=8, fine_tune_type=args.kind),
              train=TrainConfig(steps=3, batch_size=2, learning_rate=1e-3, warmup_steps=0), out=out, on_progress=None)
+    print("adapter trained", flush=True)
     engines = {
         "base": Engine(base),
         f"{args.kind} unfused (fuse_adapter=False)": Engine(base, adapter=out, fuse_adapter=False),
@@ -47,6 +48,7 @@ def main() -> None:
         for name in names:
             result = engines[name].generate(PROMPT, max_tokens=args.max_tokens, ignore_eos=True)
             speeds[name].append(result.stats.generation_tps)
+            print(f"round {r}: {name}: {result.stats.generation_tps:.2f} tok/s", flush=True)
     base_median = statistics.median(speeds["base"])
     print("| engine | decode tok/s, median (min-max) | vs base |")
     print("| --- | --- | --- |")

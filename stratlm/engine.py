@@ -11,6 +11,7 @@ from typing import Any, Iterator, Sequence, Union
 from stratlm.core.errors import ConfigError, ModelLoadError
 from stratlm.device import cuda_active
 from stratlm.core.model import LoadedModel
+from stratlm.core.strategy import Transform
 from stratlm.loaders.loading import load_model
 from stratlm.core.log import get_logger
 from stratlm.core.registry import Registry, get_registry
@@ -56,8 +57,8 @@ class Engine:
         # names first: a typo should not cost a model load
         strategy_class = self.registry.get("strategy", strategy)
         for spec in transforms:
-            name, options = parse_transform(spec)
-            check_transform_options(name, self.registry.get("transform", name), options)
+            name, transform_options = parse_transform(spec)  # not `options`: those are the strategy's
+            check_transform_options(name, self.registry.get("transform", name), transform_options)
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, quantized=quantized, registry=self.registry)
         if adapter is not None:
             self.loaded = apply_adapter(self.loaded, Path(adapter), self.registry)
@@ -242,7 +243,7 @@ def check_transform_options(name: str, transform: Any, options: dict) -> None:
 def apply_transforms(loaded: LoadedModel, transforms: Sequence[TransformSpec], registry: Registry) -> LoadedModel:
     for spec in transforms:
         name, options = parse_transform(spec)
-        transform = registry.get("transform", name)
+        transform: Transform = registry.get("transform", name)
         check_transform_options(name, transform, options)
         loaded = transform(loaded, **options)
     return loaded

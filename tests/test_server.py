@@ -170,6 +170,15 @@ def test_n_choices_stream_like_they_answer_and_top_logprobs(tiny_server):
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
 
 
+def test_completions_several_prompts_echo_and_usage(tiny_server, tiny_engine):
+    body = {"prompt": ["ab", "cde"], "n": 2, "echo": True, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    r = post(tiny_server, "/v1/completions", body).json()
+    texts = [c["text"] for c in r["choices"]]
+    solo = [tiny_engine.generate(p, max_tokens=3, chat_template=False, ignore_eos=True).text for p in ("ab", "cde")]
+    assert texts == ["ab" + solo[0]] * 2 + ["cde" + solo[1]] * 2
+    assert (r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"], r["usage"]["total_tokens"]) == (5, 12, 17)
+
+
 def test_models_and_metrics(tiny_server, tiny_dir):
     models = httpx.get(tiny_server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert models["data"][0]["id"] == tiny_dir

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None, registry: Registry | None = None) -> int
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `stratlm ... | head`: the reader left; nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
+        return 141
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] not in EXTRAS:
             if args.verbose:
