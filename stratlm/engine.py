@@ -22,7 +22,12 @@ TransformSpec = Union[str, tuple]  # "collapse" or ("collapse", {"n": 4})
 
 class Engine:
     """Load a model (alias, hub id, folder, .gguf; None = the embedded SmolLM2), apply an adapter
-    and transforms, and decode with a strategy. Extra keyword options go to the strategy."""
+    and transforms, and decode with a strategy. Extra keyword options go to the strategy.
+
+    parallel="tensor" | "pipeline": split the model over the processes `mlx.launch` started
+    (docs/distributed.md). Every process runs the same program; on rank 0 this Engine works as
+    usual, on the others the constructor serves rank 0's forwards and ends the process when rank 0
+    is done (it never returns there)."""
 
     def __init__(
         self,
@@ -34,6 +39,7 @@ class Engine:
         dtype: str | None = None,
         quantized: str | None = None,
         registry: Registry | None = None,
+        parallel: str | None = None,
         **options: Any,
     ):
         self.registry = registry or get_registry()
@@ -41,11 +47,15 @@ class Engine:
         strategy_class = self.registry.get("strategy", strategy)
         for spec in transforms:
             self.registry.get("transform", parse_transform(spec)[0])
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, quantized=quantized, registry=self.registry)
-        if adapter is not None:
+        if parallel is not None:
+            self.loaded = load_split(model, parallel, dtype=dtype, quantized=quantized, registry=self.registry,
+                                     adapter=adapter, transforms=transforms)
+        else:
+            self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, quantized=quantized, registry=self.registry)
+        if adapter is not None and parallel is None:
             self.loaded = apply_adapter(self.loaded, Path(adapter), self.registry)
         self.loaded = apply_transforms(self.loaded, transforms, self.registry)
-        if cuda_active():  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
+        if cuda_active() and parallel is None:  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
             self.loaded.model.optimize_for_inference()
         self.strategy = strategy_class(self.loaded, registry=self.registry, **options)
         self.last_result: GenerationResult | None = None
@@ -125,6 +135,19 @@ class Engine:
                 self.last_result = item if item.prompt else attrs_replace(item, prompt=text)
             else:
                 yield item
+
+
+def load_split(model: Any, parallel: str, *, adapter: Any, transforms: Sequence[TransformSpec], **kwargs: Any) -> LoadedModel:
+    """The model split over the launched processes (stratlm.distributed); on ranks past 0 this
+    serves rank 0 and ends the process."""
+    from stratlm.distributed import load_parallel
+
+    if isinstance(model, LoadedModel):
+        raise ConfigError("parallel= loads each process's part from the checkpoint: pass a model source (alias, hub id, folder, .gguf), not a loaded model")
+    if adapter is not None or transforms:
+        raise ConfigError("adapters and transforms are not applied to a model split over processes; "
+                          "apply them first and save the result (stratlm transform ... --out DIR), then load DIR with parallel=")
+    return load_parallel(model, parallel, **kwargs)
 
 
 def make_params(default_temperature: float = 0.0, *, max_tokens: int = 256, temperature: float | None = None, top_k: int = 0,

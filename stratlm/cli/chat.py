@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_generation_options, add_model_options, benchmark_lines, engine_from_args, generation_kwargs
+from .common import add_generation_options, add_model_options, add_parallel_option, benchmark_lines, engine_from_args, generation_kwargs
 
 HELP = "commands: /reset clears the history, /system TEXT sets the system message, /stats toggles speed lines, /exit quits"
 
@@ -13,6 +13,7 @@ HELP = "commands: /reset clears the history, /system TEXT sets the system messag
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat interactively with a model", description="Chat with a model; the conversation history is kept. " + HELP)
     add_model_options(p)
+    add_parallel_option(p)
     add_generation_options(p)
     p.set_defaults(run=run)
 

@@ -23,6 +23,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantized", choices=("keep", "dequantize"), default=None, help="run quantized weights as such, or expand them (default: dequantize on CPU)")
 
 
+def add_parallel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", choices=("tensor", "pipeline"), default=None,
+                   help="split the model over the processes started by `mlx.launch -n N` (see docs/distributed.md); rank 0 prints")
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("-s", "--strategy", default="greedy", help="decoding strategy by name (see `stratlm plugins`)")
@@ -56,6 +61,7 @@ def engine_from_args(args: argparse.Namespace):
         adapter=args.adapter,
         dtype=args.dtype,
         quantized=args.quantized,
+        parallel=getattr(args, "parallel", None),
         **parse_options(getattr(args, "option", [])),
     )
 

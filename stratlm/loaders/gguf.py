@@ -49,7 +49,9 @@ def family_for_gguf(arch: str, registry: Registry, name: str) -> ModelFamily:
     return family
 
 
-def load_gguf(path: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: bool, source: str = "") -> LoadedModel:
+def read_gguf(path: Path, registry: Registry) -> tuple[ModelFamily, dict[str, Any], dict[str, mx.array], dict[str, Any]]:
+    """The family, the Hugging Face style config, the tensors under the model's names (Q/K rows in
+    the Hugging Face order) and the metadata of a GGUF file."""
     try:
         raw, meta = mx.load(str(path), return_metadata=True)
     except Exception as exc:
@@ -73,6 +75,14 @@ def load_gguf(path: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: b
     weights = {spec.parameter_name(k): v for k, v in raw.items()}
     if spec.unpermute_qk is not None:
         weights = spec.unpermute_qk(weights, config)
+    return family, config, weights, meta
+
+
+def gguf_tokenizer(family: ModelFamily, meta: dict[str, Any]):
+    return (family.gguf.tokenizer or bpe_tokenizer)(meta)
+
+
+def load_gguf(path: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: bool, source: str = "") -> LoadedModel:
+    family, config, weights, meta = read_gguf(path, registry)
     model = assemble(config, weights, family=family, dtype=dtype, group_size=GGUF_GROUP_SIZE, keep_quantized=keep_quantized, where=str(path))
-    tokenizer = (spec.tokenizer or bpe_tokenizer)(meta)
-    return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source or str(path), path=path)
+    return LoadedModel(model=model, tokenizer=gguf_tokenizer(family, meta), family=family, source=source or str(path), path=path)
