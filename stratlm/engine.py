@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
@@ -58,6 +59,7 @@ class Engine:
         if cuda_active() and parallel is None:  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
             self.loaded.model.optimize_for_inference()
         self.strategy = strategy_class(self.loaded, registry=self.registry, **options)
+        self.parallel = parallel
         self.last_result: GenerationResult | None = None
         log.debug("engine ready", model=self.loaded.source, strategy=strategy, transforms=list(transforms))
 
@@ -115,7 +117,8 @@ class Engine:
             raise ConfigError("the prompt list is empty; give at least one prompt")
         params = self.params(**kwargs)
         rendered = [self.render(p, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system) for p in prompts]
-        results = self.strategy.generate([ids for _, ids in rendered], params)
+        with self._peer_errors():
+            results = self.strategy.generate([ids for _, ids in rendered], params)
         results = [r if r.prompt else attrs_replace(r, prompt=text) for r, (text, _) in zip(results, rendered)]
         self.last_result = results[-1]
         return results if batch else results[0]
@@ -130,11 +133,33 @@ class Engine:
         return self._stream(text, ids, params)
 
     def _stream(self, text: str, ids: list[int], params: GenerationParams) -> Iterator[str]:
-        for item in self.strategy.stream(ids, params):
-            if isinstance(item, GenerationResult):
-                self.last_result = item if item.prompt else attrs_replace(item, prompt=text)
-            else:
-                yield item
+        with self._peer_errors() as watch:
+            for item in self.strategy.stream(ids, params):
+                if isinstance(item, GenerationResult):
+                    self.last_result = item if item.prompt else attrs_replace(item, prompt=text)
+                else:
+                    if watch is not None:
+                        watch.disarm()  # the consumer's time between pieces is not a wait on the group
+                    yield item
+                    if watch is not None:
+                        watch.arm()
+
+    @contextlib.contextmanager
+    def _peer_errors(self):
+        """With a split model, a lost process surfaces wherever the strategy evaluates: one clear
+        error, and the watchdog armed while generating (a wait on the group is bounded)."""
+        if self.parallel is None or not hasattr(self.model, "watchdog"):
+            yield None
+            return
+        from stratlm.distributed import peer_errors
+
+        watch = self.model.watchdog
+        watch.arm()
+        try:
+            with peer_errors(0):
+                yield watch
+        finally:
+            watch.disarm()
 
 
 def load_split(model: Any, parallel: str, *, adapter: Any, transforms: Sequence[TransformSpec], **kwargs: Any) -> LoadedModel:

@@ -27,7 +27,7 @@ from .runtime import ParallelModel, serve, wire_tensor_parallel
 
 log = get_logger(__name__)
 
-__all__ = ["DistributedError", "ParallelModel", "ShardPlan", "init_group", "load_parallel", "make_plan"]
+__all__ = ["DistributedError", "ParallelModel", "ShardPlan", "init_group", "load_parallel", "make_plan", "peer_errors"]
 
 
 def load_parallel(source: str | None, parallel: str, *, dtype: str | mx.Dtype | None = None, quantized: str | None = None,

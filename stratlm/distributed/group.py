@@ -7,6 +7,8 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
+import time
 from typing import Iterator
 
 import mlx.core as mx
@@ -18,6 +20,8 @@ log = get_logger(__name__)
 
 #: seconds a process waits for the others to join before it gives up (STRATLM_DIST_TIMEOUT)
 DEFAULT_JOIN_TIMEOUT = 120.0
+#: seconds a rank waits on the others within one forward before it gives up (STRATLM_DIST_STEP_TIMEOUT)
+DEFAULT_STEP_TIMEOUT = 300.0
 #: what the launchers set; without any of them mx.distributed.init returns at once (one process)
 LAUNCH_VARIABLES = ("MLX_HOSTFILE", "MLX_RANK", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_JACCL_COORDINATOR")
 
@@ -35,12 +39,59 @@ def group_lost() -> bool:
     return _lost
 
 
-def join_timeout() -> float:
-    value = os.environ.get("STRATLM_DIST_TIMEOUT")
+def seconds_from_env(name: str, default: float) -> float:
+    value = os.environ.get(name)
     try:
-        return float(value) if value else DEFAULT_JOIN_TIMEOUT
+        return float(value) if value else default
     except ValueError:
-        raise DistributedError(f"STRATLM_DIST_TIMEOUT must be a number of seconds, got {value!r}") from None
+        raise DistributedError(f"{name} must be a number of seconds, got {value!r}") from None
+
+
+def join_timeout() -> float:
+    return seconds_from_env("STRATLM_DIST_TIMEOUT", DEFAULT_JOIN_TIMEOUT)
+
+
+class Watchdog:
+    """Ends this process with a clear message once it has waited on the group for longer than
+    STRATLM_DIST_STEP_TIMEOUT seconds (default 300) within one forward. A lost peer usually
+    raises at once ("connection lost"), but a rank whose collective was in flight with the lost
+    one can stay blocked in MLX for ever; mx.eval releases the GIL, so this thread still runs."""
+
+    def __init__(self, rank: int, limit: float):
+        self.rank, self.limit = rank, limit
+        self.since: float | None = None  # when the current wait began (None: not waiting on the group)
+        threading.Thread(target=self._watch, daemon=True, name="stratlm-dist-watchdog").start()
+
+    def arm(self) -> None:
+        self.since = time.monotonic()
+
+    def disarm(self) -> None:
+        self.since = None
+
+    def kick(self) -> None:
+        """Progress: restart the count if armed."""
+        if self.since is not None:
+            self.since = time.monotonic()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.limit / 4))
+            since = self.since
+            if since is not None and time.monotonic() - since > self.limit:
+                sys.stderr.write(f"error: rank {self.rank}: no progress from the other processes of the group for {self.limit:g} s: "
+                                 "one is gone or stuck; giving up (STRATLM_DIST_STEP_TIMEOUT sets the limit)\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+
+_watchdog: Watchdog | None = None
+
+
+def watchdog(rank: int) -> Watchdog:
+    global _watchdog
+    if _watchdog is None:
+        _watchdog = Watchdog(rank, seconds_from_env("STRATLM_DIST_STEP_TIMEOUT", DEFAULT_STEP_TIMEOUT))
+    return _watchdog
 
 
 def init_group(backend: str = "any") -> mx.distributed.Group:

@@ -29,7 +29,7 @@ from stratlm.core.cache import KVCache
 from stratlm.core.errors import ConfigError
 from stratlm.core.model import Model, attention_mask
 
-from .group import group_lost, peer_errors
+from .group import group_lost, peer_errors, watchdog
 from .plan import ShardPlan, split
 
 HEADER = 8  # int32 words: command, B, L, payload length, cache id, micro-batches, ops length
@@ -198,6 +198,7 @@ class ParallelModel(Model):
         self.log = OpLog()
         self.ids = itertools.count()
         self.closed = False
+        self.watchdog = watchdog(0)
         atexit.register(self.close)
 
     # -- the Model interface -------------------------------------------------------------------------
@@ -242,6 +243,7 @@ class ParallelModel(Model):
         B, L = tokens.shape
         ops = self.log.take()
         mine = self.local_layers()
+        self.watchdog.kick()  # a forward issued: the previous one went through
         local_caches = [cache[i] for i in mine] if cache is not None else None
         with peer_errors(0):
             if self.plan.mode == "tensor":
@@ -322,11 +324,14 @@ def serve(local: Model, plan: ShardPlan, group: mx.distributed.Group, config: di
     layers = range(*plan.layers) if plan.mode == "pipeline" else range(int(config["num_hidden_layers"]))
     hidden_size = int(config["hidden_size"])
     rank, size = plan.rank, plan.size
+    watch = watchdog(rank)
     with peer_errors(rank):
         while True:
+            watch.disarm()  # waiting for rank 0's next command may take as long as it likes
             (command, B, L, _, cache_id, m, n_ops, _), payload = channel.receive()
             if command == STOP:
                 return
+            watch.arm()
             words = payload[:n_ops].tolist() if n_ops else []
             apply_ops(words, caches, layers)
             local_caches = [caches[cache_id][g] for g in layers] if cache_id != NO_CACHE else None
