@@ -39,7 +39,7 @@ def load_parallel(source: str | None, parallel: str, *, dtype: str | mx.Dtype | 
     tokenizer=False: rank 0 skips reading the tokenizer (using the model alone).
     micro_batches (pipeline): how many pieces a batch's rows are cut into (default: the number of processes)."""
     from stratlm.loaders.folder import folder_tokenizer, quantization_group_size, read_config, safetensors_paths
-    from stratlm.loaders.gguf import GGUF_GROUP_SIZE, gguf_tokenizer, read_gguf
+    from stratlm.loaders.gguf import GGUF_GROUP_SIZE, model_tokenizer, read_model_tensors
     from stratlm.loaders.hub import download
     from stratlm.loaders.loading import family_for, load_model, parse_dtype, resolve
 
@@ -74,11 +74,11 @@ def load_parallel(source: str | None, parallel: str, *, dtype: str | mx.Dtype | 
             weights = shard_folder_weights(safetensors_paths(path), plan, group_size)
             tok = folder_tokenizer(path) if rank == 0 and tokenizer else None
         elif path.suffix == ".gguf":
-            family, config, weights, meta = read_gguf(path, registry)
+            family, config, weights, meta = read_model_tensors(path, registry, keep_quantized=True)  # cut before any expansion
             group_size = GGUF_GROUP_SIZE if any(k.endswith(".scales") for k in weights) else None
             plan = make_plan(parallel, config, rank, size, group_size)
             weights = shard_loaded_weights(weights, plan, group_size)
-            tok = gguf_tokenizer(family, meta) if rank == 0 and tokenizer else None
+            tok = model_tokenizer(path, family, meta) if rank == 0 and tokenizer else None
         else:
             raise ConfigError(f"parallel loading reads model folders, hub repos and .gguf files, not {kind} sources ({source})")
         local = build_shard(plan, config, weights, family, dtype=mx_dtype, group_size=group_size, keep_quantized=keep, where=str(path))
