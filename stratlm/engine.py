@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import os
@@ -29,7 +30,12 @@ class Engine:
     and transforms, and decode with a strategy. Extra keyword options go to the strategy.
 
     An adapter is merged into the base weights at load (`fuse_adapter=False` keeps it as
-    separate layers, as training needs; that form decodes many times slower)."""
+    separate layers, as training needs; that form decodes many times slower).
+
+    parallel="tensor" | "pipeline": split the model over the processes `mlx.launch` started
+    (docs/distributed.md). Every process runs the same program; on rank 0 this Engine works as
+    usual, on the others the constructor serves rank 0's forwards and ends the process when rank 0
+    is done (it never returns there)."""
 
     def __init__(
         self,
@@ -42,6 +48,7 @@ class Engine:
         dtype: str | None = None,
         quantized: str | None = None,
         registry: Registry | None = None,
+        parallel: str | None = None,
         **options: Any,
     ):
         self.registry = registry or get_registry()
@@ -59,15 +66,20 @@ class Engine:
         for spec in transforms:
             name, transform_options = parse_transform(spec)  # not `options`: those are the strategy's
             check_transform_options(name, self.registry.get("transform", name), transform_options)
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, quantized=quantized, registry=self.registry)
-        if adapter is not None:
+        if parallel is not None:
+            self.loaded = load_split(model, parallel, dtype=dtype, quantized=quantized, registry=self.registry,
+                                     adapter=adapter, transforms=transforms)
+        else:
+            self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, quantized=quantized, registry=self.registry)
+        if adapter is not None and parallel is None:
             self.loaded = apply_adapter(self.loaded, Path(adapter), self.registry)
             if fuse_adapter:  # merged into the base weights: decodes at the base's speed (unfused: ~20x slower on the CPU kernels)
                 self.loaded = self.registry.get("transform", "fuse")(self.loaded)
         self.loaded = apply_transforms(self.loaded, transforms, self.registry)
-        if cuda_active():  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
+        if cuda_active() and parallel is None:  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
             self.loaded.model.optimize_for_inference()
         self.strategy = strategy_class(self.loaded, registry=self.registry, **options)
+        self.parallel = parallel
         self.last_result: GenerationResult | None = None
         log.debug("engine ready", model=self.loaded.source, strategy=strategy, transforms=list(transforms))
 
@@ -138,7 +150,8 @@ class Engine:
             raise ConfigError("the prompt list is empty; give at least one prompt")
         params = self.params(**kwargs)
         rendered = [self.render(p, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system) for p in prompts]
-        results = self.strategy.generate([ids for _, ids in rendered], params)
+        with self._peer_errors():
+            results = self.strategy.generate([ids for _, ids in rendered], params)
         results = [r if r.prompt else attrs_replace(r, prompt=text) for r, (text, _) in zip(results, rendered)]
         self.last_result = results[-1]
         return results if batch else results[0]
@@ -153,11 +166,46 @@ class Engine:
         return self._stream(text, ids, params)
 
     def _stream(self, text: str, ids: list[int], params: GenerationParams) -> Iterator[str]:
-        for item in self.strategy.stream(ids, params):
-            if isinstance(item, GenerationResult):
-                self.last_result = item if item.prompt else attrs_replace(item, prompt=text)
-            else:
-                yield item
+        with self._peer_errors() as watch:
+            for item in self.strategy.stream(ids, params):
+                if isinstance(item, GenerationResult):
+                    self.last_result = item if item.prompt else attrs_replace(item, prompt=text)
+                else:
+                    if watch is not None:
+                        watch.disarm()  # the consumer's time between pieces is not a wait on the group
+                    yield item
+                    if watch is not None:
+                        watch.arm()
+
+    @contextlib.contextmanager
+    def _peer_errors(self):
+        """With a split model, a lost process surfaces wherever the strategy evaluates: one clear
+        error, and the watchdog armed while generating (a wait on the group is bounded)."""
+        if self.parallel is None or not hasattr(self.model, "watchdog"):
+            yield None
+            return
+        from stratlm.distributed import peer_errors
+
+        watch = self.model.watchdog
+        watch.arm()
+        try:
+            with peer_errors(0):
+                yield watch
+        finally:
+            watch.disarm()
+
+
+def load_split(model: Any, parallel: str, *, adapter: Any, transforms: Sequence[TransformSpec], **kwargs: Any) -> LoadedModel:
+    """The model split over the launched processes (stratlm.distributed); on ranks past 0 this
+    serves rank 0 and ends the process."""
+    from stratlm.distributed import load_parallel
+
+    if isinstance(model, LoadedModel):
+        raise ConfigError("parallel= loads each process's part from the checkpoint: pass a model source (alias, hub id, folder, .gguf), not a loaded model")
+    if adapter is not None or transforms:
+        raise ConfigError("adapters and transforms are not applied to a model split over processes; "
+                          "apply them first and save the result (stratlm transform ... --out DIR), then load DIR with parallel=")
+    return load_parallel(model, parallel, **kwargs)
 
 
 def make_params(default_temperature: float = 0.0, *, max_tokens: int = 256, temperature: float | None = None, top_k: int = 0,

@@ -27,6 +27,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    "or the GPU; dequantize only where the CPU kernels cannot be built)")
 
 
+def add_parallel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", choices=("tensor", "pipeline"), default=None,
+                   help="split the model over the processes started by `mlx.launch -n N` (see docs/distributed.md); rank 0 prints")
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("-s", "--strategy", default="greedy", help="decoding strategy by name (see `stratlm plugins`)")
@@ -78,6 +83,7 @@ def engine_from_args(args: argparse.Namespace):
         fuse_adapter=not getattr(args, "no_fuse_adapter", False),
         dtype=args.dtype,
         quantized=args.quantized,
+        parallel=getattr(args, "parallel", None),
         registry=getattr(args, "registry", None),
         **parse_options(getattr(args, "option", [])),
     )
