@@ -319,9 +319,13 @@ def test_smollm2_dequantized_greedy_64_tokens_equal_transformers(smollm2, smollm
 def test_smollm2_quantized_greedy_agrees_with_transformers(smollm2_quantized, smollm2_oracle, chat_ids):
     """MLX's 4-bit kernels on the GGUF's own Q4_1 values vs transformers' fp32 dequantization:
     rounding differs, so agreement is measured, not assumed. Measured on this prompt: 64 of 64
-    tokens; 32 are checked here (4-bit matmul is slow on CPU)."""
+    tokens; 32 are checked here (4-bit matmul is slow on CPU). In the kernels' exact mode: their
+    default int8 activations (llama.cpp's scheme) picked 29 of 32 (tests/test_kernels.py bounds them)."""
+    from stratlm.backends.cpu import kernels
+
     _, model = smollm2_oracle
-    ours = greedy(smollm2_quantized, chat_ids, 32)
+    with kernels.exact_mode():
+        ours = greedy(smollm2_quantized, chat_ids, 32)
     _, choices = oracle_choices(model, chat_ids, ours)
     agree = int((choices[:-1] == np.array(ours)).sum())
     assert agree == 32, f"quantized greedy picked transformers' token {agree} times out of 32"
