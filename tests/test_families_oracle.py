@@ -259,3 +259,59 @@ def gguf_quant_type(name: str):
     import gguf
 
     return getattr(gguf.GGMLQuantizationType, name)
+
+
+def _windowed_attention_reference(q, keys, values, q_pos, window, padding):
+    """Attention of queries at positions q_pos over every key so far, masked to the window and
+    the row's padding (numpy, float64)."""
+    k_pos = np.arange(keys.shape[2])
+    allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+    allowed = allowed[None, None] & (k_pos[None, None, None, :] >= np.asarray(padding)[:, None, None, None])
+    scores = np.einsum("bhqd,bhkd->bhqk", q, keys) / np.sqrt(q.shape[-1])
+    scores = np.where(allowed, scores, -np.inf)
+    with np.errstate(invalid="ignore"):  # a padding query may see no key: its row is not compared
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bhkd->bhqd", weights, values)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    window=st.integers(1, 6),
+    room=st.integers(1, 4),
+    padding=st.lists(st.integers(0, 3), min_size=2, max_size=2),
+    ops=st.lists(st.one_of(st.tuples(st.just("add"), st.integers(1, 9)), st.tuples(st.just("trim"), st.integers(0, 4))), min_size=1, max_size=14),
+)
+def test_rotating_cache_equals_windowed_attention_over_everything(window, room, padding, ops):
+    """Any sequence of appends (one position or several) and trims (within the room) through a
+    small ring gives the attention over all positions masked to the window and the padding."""
+    rng = np.random.RandomState(0)
+    cache = RotatingKVCache(window, left_padding=padding, trim_room=room)
+    keys = np.zeros((2, 1, 0, 4))
+    values = np.zeros((2, 1, 0, 4))
+    written = 0
+    for op, n in ops:
+        if op == "trim":
+            n = min(n, cache.offset)
+            high = max(written, cache.offset)
+            if high > cache.size and high - (cache.offset - n) > room:  # positions it needs were overwritten
+                with pytest.raises(ConfigError, match="can take back at most"):
+                    cache.trim(n)
+                continue
+            assert cache.trim(n) == n
+            keys, values = keys[:, :, : cache.offset], values[:, :, : cache.offset]
+            continue
+        written = max(written, cache.offset + n)
+        q, k, v = (rng.randn(2, 1, n, 4) for _ in range(3))
+        q_pos = np.arange(cache.offset, cache.offset + n)
+        keys, values = np.concatenate([keys, k], axis=2), np.concatenate([values, v], axis=2)
+        mask = cache.make_mask(n)
+        ck, cv = cache.update_and_fetch(mx.array(k, dtype=mx.float32), mx.array(v, dtype=mx.float32))
+        got = np.array(mx.fast.scaled_dot_product_attention(mx.array(q, dtype=mx.float32), ck, cv, scale=0.5, mask=mask))
+        ref = _windowed_attention_reference(q, keys, values, q_pos, window, padding)
+        live = q_pos[None, :] >= np.asarray(padding)[:, None]  # a padding query's own output is never used
+        assert np.abs(got - ref).max(axis=(1, 3))[live].max(initial=0) < 1e-4

@@ -89,6 +89,15 @@ def main(argv: list[str] | None = None, registry: Registry | None = None) -> int
         print(f"error: `stratlm {args.command}` needs the package {exc.name.split('.')[0]!r}, which is not installed: "
               f"pip install 'stratlm[{extra}]'", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.filename is None:
+            if args.verbose:
+                raise
+            print(f"error: unexpected {type(exc).__name__}: {exc} (run `stratlm -v ...` for the traceback)", file=sys.stderr)
+            return 1
+        # a file or folder the command was pointed at (or writes to) cannot be used: name it
+        print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # a bug, not bad input: still one line unless -v asks for the traceback
         if args.verbose:
             raise

@@ -133,6 +133,8 @@ class AdapterConfig:
             raise ConfigError(f"adapter rank must be a positive integer, got {self.rank!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"adapter dropout must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
+            raise ConfigError(f"adapter scale must be a finite number, got {self.scale!r}")
         if self.fine_tune_type not in FINE_TUNE_TYPES:
             raise ConfigError(f"fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)}, got {self.fine_tune_type!r}")
         if self.num_layers == 0 or self.num_layers < -1:
