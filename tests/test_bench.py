@@ -193,7 +193,8 @@ def test_prompt_tokens_and_weight_bytes(tiny_folder):
 
 
 def test_bench_cli_json_and_bad_options(tiny_folder, capsys):
-    assert main(["bench", "--model", str(tiny_folder), "--prompt-tokens", "4", "--max-tokens", "3", "--reps", "1", "--warmup", "0", "--baselines", "none", "--json"]) == 0
+    assert main(["bench", "--model", str(tiny_folder), "--prompt-tokens", "4", "--max-tokens", "3", "--reps", "1", "--warmup", "0",
+                 "--baselines", "none", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [e["name"] for e in report["engines"]] == ["stratlm"] and report["engines"][0]["tokens"] == 3
     assert main(["bench", "--model", str(tiny_folder), "--reps", "0"]) == 1

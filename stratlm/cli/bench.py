@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
         "mlx-lm runs in this process (same BLAS) and, on the CPU, in subprocesses with MLX's bundled BLAS "
         "(as a user installs it) and with plain OpenBLAS. Needs the `bench` extra (mlx-lm).",
     )
-    p.add_argument("-m", "--model", default=None, help="smollm2-135m (default, the embedded model), qwen3-0.6b-random (the real Qwen3-0.6B shape, random weights), or any model source")
+    p.add_argument("-m", "--model", default=None, help="smollm2-135m (default, the embedded model), "
+                   "qwen3-0.6b-random (the real Qwen3-0.6B shape, random weights), or any model source")
     p.add_argument("-s", "--strategy", default="greedy", help="stratlm strategy to time (others than greedy/batch are also compared with stratlm greedy)")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="a strategy option (repeatable)")
     p.add_argument("--batch", type=int, default=1, help="rows decoded together (greedy becomes the batch strategy)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from stratlm.core.errors import plural
 from stratlm.core.registry import KINDS, get_registry
@@ -21,14 +22,21 @@ def describe(kind: str, obj) -> str:
     if kind == "model alias":
         return str(obj)
     doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    if not doc:  # no docstring of its own: its module's says what it is
+        module = sys.modules.get(getattr(obj, "__module__", "") or "")
+        doc = ((module.__doc__ if module else None) or "").strip().splitlines()
     return doc[0] if doc else ""
 
 
 def run(args: argparse.Namespace) -> int:
-    registry = get_registry()
-    listing = {kind: [{"name": e.name, "package": e.origin, "about": describe(kind, e.obj)} for e in sorted(registry.table(kind).values(), key=lambda e: e.name)] for kind in KINDS}
+    registry = getattr(args, "registry", None) or get_registry()
+    listing = {
+        kind: [{"name": e.name, "package": e.origin, "about": describe(kind, e.obj)} for e in sorted(registry.table(kind).values(), key=lambda e: e.name)]
+        for kind in KINDS
+    }
     if args.json:
-        print(json.dumps({"plugins": listing, "failed": registry.failed}, indent=2))
+        conflicts = [str(err) for err in registry.conflicts.values()]
+        print(json.dumps({"plugins": listing, "failed": registry.failed, "conflicts": conflicts}, indent=2))
         return 0
     for kind, entries in listing.items():
         print(f"{plural(kind)}:")
@@ -38,5 +46,7 @@ def run(args: argparse.Namespace) -> int:
         for e in entries:
             print(f"  {e['name']:<{width}}  [{e['package']}]  {e['about']}")
     for name, error in registry.failed.items():
-        print(f"failed to load: {name}: {error}")
+        print(f"broken plugin (skipped): {name}: {error}")
+    for err in registry.conflicts.values():
+        print(f"conflict: {err}")
     return 0

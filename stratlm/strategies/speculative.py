@@ -28,10 +28,11 @@ import mlx.core as mx
 
 from stratlm.core.errors import ConfigError
 from stratlm.decoding.completion import complete
-from stratlm.decoding.loop import prefill, token_logprobs
+from stratlm.decoding.loop import prefill, token_logprobs, within_context
 from stratlm.core.model import LoadedModel
 from stratlm.loaders.loading import load_model
 from stratlm.core.registry import Registry
+from stratlm.decoding.processors import History
 from stratlm.decoding.sampler import Sampler
 from stratlm.core.strategy import Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
@@ -178,9 +179,22 @@ class SpeculativeCounts:
         }
 
 
+def process_positions(logits: mx.array, sequence: Sequence[int], drafted: list[int], sampler: Sampler, start: int) -> mx.array:
+    """The logits processors applied at each verified position: row i follows sequence + drafted[:i]
+    (the generated tokens begin at `start`). A token's distribution is then exactly what the
+    plain loop would give it, so the output distribution stays the target's."""
+    if not sampler.processors:
+        return logits
+    rows = []
+    for i in range(len(drafted) + 1):
+        history = History(mx.array([list(sequence) + drafted[:i]], dtype=mx.int32), start)
+        rows.append(sampler.process(logits[i : i + 1], history))
+    return mx.concatenate(rows, axis=0)
+
+
 def verify(logits: mx.array, drafted: list[int], draft_logprobs: mx.array | None, sampler: Sampler) -> tuple[int, int]:
-    """logits (m+1, V) of the target at the positions before each draft token and after the last.
-    Returns (how many draft tokens are accepted, the token that follows them)."""
+    """logits (m+1, V) of the target (processed) at the positions before each draft token and
+    after the last. Returns (how many draft tokens are accepted, the token that follows them)."""
     m = len(drafted)
     if sampler.params.greedy:
         best = mx.argmax(logits, axis=-1).tolist()
@@ -223,7 +237,7 @@ def speculative_decode(
     draft.reset()
     start = time.perf_counter()
     logits = prefill(model, mx.array([list(prompt)], dtype=mx.int32), cache)
-    token = sampler.sample(logits)
+    token = sampler.sample(logits, sampler.start_history(mx.array([list(prompt)], dtype=mx.int32)))
     lp = token_logprobs(logits, token) if logprobs else None
     sequence = list(prompt) + [int(token.item())]
     counts.target_time += time.perf_counter() - start
@@ -239,7 +253,7 @@ def speculative_decode(
         draft_logprobs = draft_logprobs[: len(drafted)] if draft_logprobs is not None else None
         checked = time.perf_counter()
         logits = model(mx.array([[sequence[-1]] + drafted], dtype=mx.int32), cache)[0]
-        n, following = verify(logits, drafted, draft_logprobs, sampler)
+        n, following = verify(process_positions(logits, sequence, drafted, sampler, len(prompt)), drafted, draft_logprobs, sampler)
         for layer_cache in cache:
             layer_cache.trim(len(drafted) - n)
         out = drafted[:n] + [following]
@@ -282,10 +296,9 @@ class Speculative(Strategy):
 
     def stream(self, prompt: Sequence[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
         check_prompts([prompt])
-        if params.sampling.repetition_penalty != 1.0:
-            raise ConfigError("strategy 'speculative' does not support repetition_penalty (it would change the target distribution per draft position); use greedy or sample")
         t = self.target
-        sampler = Sampler(params.sampling)
+        params = within_context(params, len(prompt), t.context_length)
+        sampler = Sampler(params.sampling, self.registry)
         counts = SpeculativeCounts()
         tokens = speculative_decode(t.model, prompt, sampler, self.draft, self.num_draft, params.max_tokens, counts, params.logprobs)
         yield from complete(tokens, t.tokenizer, t.eos_token_ids, len(prompt), params, extra=counts.as_extra)
