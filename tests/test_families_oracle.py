@@ -259,3 +259,124 @@ def gguf_quant_type(name: str):
     import gguf
 
     return getattr(gguf.GGMLQuantizationType, name)
+
+
+def _windowed_attention_reference(q, keys, values, q_pos, window, padding):
+    """Attention of queries at positions q_pos over every key so far, masked to the window and
+    the row's padding (numpy, float64)."""
+    k_pos = np.arange(keys.shape[2])
+    allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+    allowed = allowed[None, None] & (k_pos[None, None, None, :] >= np.asarray(padding)[:, None, None, None])
+    scores = np.einsum("bhqd,bhkd->bhqk", q, keys) / np.sqrt(q.shape[-1])
+    scores = np.where(allowed, scores, -np.inf)
+    with np.errstate(invalid="ignore"):  # a padding query may see no key: its row is not compared
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bhkd->bhqd", weights, values)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    window=st.integers(1, 6),
+    room=st.integers(1, 4),
+    padding=st.lists(st.integers(0, 3), min_size=2, max_size=2),
+    ops=st.lists(st.one_of(st.tuples(st.just("add"), st.integers(1, 9)), st.tuples(st.just("trim"), st.integers(0, 4))), min_size=1, max_size=14),
+)
+def test_rotating_cache_equals_windowed_attention_over_everything(window, room, padding, ops):
+    """Any sequence of appends (one position or several) and trims (within the room) through a
+    small ring gives the attention over all positions masked to the window and the padding."""
+    rng = np.random.RandomState(0)
+    cache = RotatingKVCache(window, left_padding=padding, trim_room=room)
+    keys = np.zeros((2, 1, 0, 4))
+    values = np.zeros((2, 1, 0, 4))
+    written = 0
+    for op, n in ops:
+        if op == "trim":
+            n = min(n, cache.offset)
+            high = max(written, cache.offset)
+            if high > cache.size and high - (cache.offset - n) > room:  # positions it needs were overwritten
+                with pytest.raises(ConfigError, match="can take back at most"):
+                    cache.trim(n)
+                continue
+            assert cache.trim(n) == n
+            keys, values = keys[:, :, : cache.offset], values[:, :, : cache.offset]
+            continue
+        written = max(written, cache.offset + n)
+        q, k, v = (rng.randn(2, 1, n, 4) for _ in range(3))
+        q_pos = np.arange(cache.offset, cache.offset + n)
+        keys, values = np.concatenate([keys, k], axis=2), np.concatenate([values, v], axis=2)
+        mask = cache.make_mask(n)
+        ck, cv = cache.update_and_fetch(mx.array(k, dtype=mx.float32), mx.array(v, dtype=mx.float32))
+        got = np.array(mx.fast.scaled_dot_product_attention(mx.array(q, dtype=mx.float32), ck, cv, scale=0.5, mask=mask))
+        ref = _windowed_attention_reference(q, keys, values, q_pos, window, padding)
+        live = q_pos[None, :] >= np.asarray(padding)[:, None]  # a padding query's own output is never used
+        assert np.abs(got - ref).max(axis=(1, 3))[live].max(initial=0) < 1e-4
+
+
+def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
+    """A Qwen3-MoE GGUF in llama.cpp's layout (experts stacked in ffn_{gate,up,down}_exps, the
+    router in ffn_gate_inp, qwen3moe.expert_* metadata) loads to the logits of the transformers
+    model it was written from."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import MERGES, byte_vocab  # the GGUF tests' vocabulary
+
+    tokens = byte_vocab()
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(**{**BASE, "vocab_size": len(tokens), "tie_word_embeddings": False, "num_experts": 4,
+                                             "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True})
+    hf = transformers.Qwen3MoeForCausalLM(config).eval()
+    w = gguf.GGUFWriter(str(tmp_path / "moe.gguf"), "qwen3moe")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_expert_feed_forward_length(config.moe_intermediate_size)
+    w.add_expert_count(config.num_experts)
+    w.add_expert_used_count(config.num_experts_per_tok)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(MERGES)
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    base = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+            "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+            "mlp.gate": "ffn_gate_inp"}
+    experts: dict = {}
+    for key, tensor in hf.state_dict().items():
+        data = tensor.numpy().astype(np.float32)
+        if key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            w.add_tensor({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(key, "output.weight"), data)
+            continue
+        _, _, layer, rest = key.split(".", 3)
+        if ".experts." in rest:  # mlp.experts.gate_up_proj (experts, 2 * inter, hidden) / down_proj, or per expert
+            experts.setdefault(layer, {})[rest] = data
+            continue
+        w.add_tensor(f"blk.{layer}.{base[rest.rsplit('.', 1)[0]]}.weight", data)
+    for layer, parts in experts.items():
+        if "mlp.experts.gate_up_proj" in parts:
+            gate_up, down = parts["mlp.experts.gate_up_proj"], parts["mlp.experts.down_proj"]
+            gate, up = np.split(gate_up, 2, axis=1)
+        else:
+            n = config.num_experts
+            gate, up, down = (np.stack([parts[f"mlp.experts.{e}.{p}.weight"] for e in range(n)]) for p in ("gate_proj", "up_proj", "down_proj"))
+        for name, data in (("ffn_gate_exps", gate), ("ffn_up_exps", up), ("ffn_down_exps", down)):
+            w.add_tensor(f"blk.{layer}.{name}.weight", np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = np.random.RandomState(0).randint(0, len(tokens), (2, 12))
+    ours = load_model(str(tmp_path / "moe.gguf"), dtype="float32").model
+    assert np.abs(np.array(ours(mx.array(ids))) - reference(hf, ids)).max() < TOL

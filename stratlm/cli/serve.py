@@ -71,5 +71,10 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     print(f"stratlm serve: {names[0]} on http://{args.host}:{args.port}/v1 (OpenAI API; /health, /metrics)", flush=True)
-    server.run()
+    try:
+        server.run()
+    finally:
+        close = getattr(backend, "close", None)
+        if close is not None:  # stops the scheduler's thread
+            close()
     return 0

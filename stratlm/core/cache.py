@@ -207,6 +207,7 @@ class RotatingKVCache(KVCache):
         self.window = int(window)
         self.trim_room = int(trim_room)
         self.size = self.window - 1 + max(1, self.trim_room)
+        self.written = 0  # the end of the positions ever written: slots hold positions written - size .. written - 1
 
     # -- the protocol ----------------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -231,10 +232,13 @@ class RotatingKVCache(KVCache):
 
     def trim(self, n: int) -> int:
         n = min(self.offset, max(0, n))
-        if n > self.trim_room and self.offset > self.size:
+        # the next query needs the window - 1 positions before the new offset; once the ring has
+        # wrapped, those older than `written - size` were overwritten
+        if self.written > self.size and self.written - (self.offset - n) > self.trim_room:
             raise ConfigError(
-                f"a sliding-window cache (window {self.window}) can take back at most {self.trim_room} positions once "
-                f"it has wrapped, not {n}: draft at most {self.trim_room} tokens a step"
+                f"a sliding-window cache (window {self.window}) can take back at most {self.trim_room} positions "
+                f"(counting earlier trims not yet written over) once it has wrapped, not {self.written - (self.offset - n)}: "
+                f"draft at most {self.trim_room} tokens a step"
             )
         self.offset -= n
         return n
@@ -299,6 +303,7 @@ class RotatingKVCache(KVCache):
             self.keys[:, :, : keep - head] = keys[:, :, n - keep + head :]
             self.values[:, :, : keep - head] = values[:, :, n - keep + head :]
         self.offset += n
+        self.written = max(self.written, self.offset)
 
     def _reserve(self, length: int, keys: mx.array, values: mx.array) -> None:
         """Storage for at least `length` slots: grown in blocks like KVCache, never past `size`."""
