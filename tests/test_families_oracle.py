@@ -223,7 +223,8 @@ def test_quantized_experts_run_through_gather_qmm(pairs, tmp_path):
 @pytest.mark.parametrize("name", ["gemma3", "qwen3-moe"])
 def test_strategies_over_the_new_caches(pairs, name):
     """Greedy, batch and speculative decoding (a model draft: its cache and the target's trimmed
-    every step) give the same tokens on a windowed/MoE model, generating past the window."""
+    every step) give the same tokens on a windowed/MoE model, generating past the window; best-of-n
+    (one prefill, its cache rows replicated) runs."""
     from stratlm.engine import Engine
 
     loaded = load_model(str(FOLDERS[name]), dtype="float32")
@@ -233,6 +234,8 @@ def test_strategies_over_the_new_caches(pairs, name):
     assert [r.token_ids for r in Engine(loaded, "batch").generate(prompts, **kwargs)] == greedy
     speculative = Engine(loaded, "speculative", draft=loaded, num_draft=3)
     assert [speculative.generate(p, **kwargs).token_ids for p in prompts] == greedy
+    best = Engine(loaded, "best-of-n", n=3).generate(prompts[0], temperature=0.8, seed=1, **kwargs)
+    assert len(best.token_ids) == 20
 
 
 def test_qwen2_gguf_with_biases_loads_to_transformers_logits(tmp_path):
@@ -380,3 +383,43 @@ def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
     ids = np.random.RandomState(0).randint(0, len(tokens), (2, 12))
     ours = load_model(str(tmp_path / "moe.gguf"), dtype="float32").model
     assert np.abs(np.array(ours(mx.array(ids))) - reference(hf, ids)).max() < TOL
+
+
+HUB_STYLE = {  # config.json as the hub checkpoints spell them (before transformers 5's rope_parameters)
+    "gemma3-1b-style": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        model_type="gemma3_text", num_hidden_layers=3, sliding_window=4, sliding_window_pattern=2, rope_theta=1000000.0,
+        rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0}, query_pre_attn_scalar=16,
+        hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None, attn_logit_softcapping=None)),
+    "phi3.5-style": ("Phi3Config", "Phi3ForCausalLM", dict(
+        model_type="phi3", rope_theta=10000.0, original_max_position_embeddings=32, sliding_window=262144,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 2.0, 3.0, 5.0, 8.0, 9.0],
+                      "long_factor": [1.0, 1.2, 2.0, 4.0, 8.0, 16.0, 24.0, 30.0]})),
+    "qwen3-30b-a3b-style": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_STYLE))
+def test_hub_style_configs_read_as_transformers_reads_them(tmp_path, name):
+    """A config.json in the hub's older spelling (rope_theta / rope_local_base_freq / rope_scaling,
+    sliding_window_pattern, num_experts) gives the model transformers builds from it."""
+    import json
+
+    config_cls, model_cls, hub = HUB_STYLE[name]
+    hub = {**BASE, **hub}
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls).from_dict(dict(hub))).eval()
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            if "norm" in pname:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hub))  # what the hub checkpoint holds
+    byte_tokenizer().save(tmp_path)
+    ids = np.random.RandomState(7).randint(0, VOCAB, (1, 40))  # past the window and original_max_position_embeddings
+    ours = load_model(str(tmp_path), dtype="float32").model
+    ref = reference(hf, ids)
+    assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
+    if name != "phi3.5-style":  # LongRoPE picks its factors by a forward's last position: stepwise differs by design
+        assert np.abs(decode_stepwise(ours, ids, 6) - ref).max() < TOL
