@@ -218,7 +218,10 @@ def make_params(default_temperature: float = 0.0, *, max_tokens: int = 256, temp
     sampling = SamplingParams(temperature=default_temperature if temperature is None else temperature, top_k=top_k, top_p=top_p,
                               min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed)
-    return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, ignore_eos=ignore_eos)
+    params = GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, ignore_eos=ignore_eos)
+    for text in params.stop:
+        check_text(text, f"stop string {text!r}")
+    return params
 
 
 GENERATION_KEYWORDS = tuple(p for p in inspect.signature(make_params).parameters if p != "default_temperature")

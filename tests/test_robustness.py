@@ -249,6 +249,8 @@ CLI_CASES = [
     (G + ["--max-tokens", "0"], None, 1, "max_tokens must be a positive integer"),
     (G + ["--max-tokens", "x"], None, 2, "argument --max-tokens: invalid int value"),
     (G + ["--stop", ""], None, 1, "stop strings must be non-empty"),
+    (G + ["--stop", "caf\udce9"], None, 1, "stop string 'caf.udce9' is not valid UTF-8 text"),
+    (["transform", "nosuch", "--out", "{root}/t"], None, 1, r"name at least one transform after the model \('nosuch' was read as the model\)"),
     (G + ["--chat-template-kwargs", "{{bad"], None, 1, "--chat-template-kwargs is not valid JSON"),
     (G + ["--chat-template-kwargs", "[1]"], None, 1, "--chat-template-kwargs must be a JSON object"),
     (G + ["-s", "gredy"], None, 1, "unknown strategy 'gredy'. Did you mean 'greedy'"),
@@ -411,3 +413,15 @@ def test_a_plugin_whose_hook_raises_is_named_and_skipped_and_a_duplicate_name_fa
     assert main(["generate", "hi", "-m", model, "--max-tokens", "2", "--quiet"], registry=registry) == 0  # unrelated commands work
     assert main(["generate", "hi", "-m", model, "-s", "sample"], registry=registry) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: strategy 'sample' is registered twice")
+
+
+def test_bench_without_mlx_lm_names_the_extra(cli_files, monkeypatch, capsys):
+    import sys
+
+    from stratlm.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)  # `import mlx_lm` now fails as it does when the extra is not installed
+    code = main(["bench", "-m", str(cli_files / "model"), "--baselines", "same-process", "--reps", "1", "--warmup", "0",
+                 "--prompt-tokens", "4", "--max-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1] == "error: `stratlm bench` needs the package 'mlx_lm', which is not installed: pip install 'stratlm[bench]'", err
