@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
-from stratlm.core.errors import ConfigError, ModelLoadError
+from stratlm.core.errors import ConfigError, ModelLoadError, StratlmError
 from stratlm.device import cuda_active
 from stratlm.core.model import LoadedModel
 from stratlm.core.strategy import Transform
@@ -218,7 +218,10 @@ def make_params(default_temperature: float = 0.0, *, max_tokens: int = 256, temp
     sampling = SamplingParams(temperature=default_temperature if temperature is None else temperature, top_k=top_k, top_p=top_p,
                               min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed)
-    return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, ignore_eos=ignore_eos)
+    params = GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, ignore_eos=ignore_eos)
+    for text in params.stop:
+        check_text(text, f"stop string {text!r}")
+    return params
 
 
 GENERATION_KEYWORDS = tuple(p for p in inspect.signature(make_params).parameters if p != "default_temperature")
@@ -300,7 +303,13 @@ def apply_transforms(loaded: LoadedModel, transforms: Sequence[TransformSpec], r
 def apply_adapter(loaded: LoadedModel, path: Path, registry: Registry) -> LoadedModel:
     if not (path / "adapter_config.json").exists():
         raise ModelLoadError(f"{path} is not an adapter folder: it needs adapter_config.json and adapters.safetensors")
-    result = registry.pm.hook.load_adapter(loaded=loaded, path=path)
+    try:
+        result = registry.pm.hook.load_adapter(loaded=loaded, path=path)
+    except StratlmError:
+        raise
+    except Exception as exc:  # a plugin's bug: name the hook and the error rather than crash
+        plugins = ", ".join(impl.plugin_name for impl in registry.pm.hook.load_adapter.get_hookimpls())
+        raise ModelLoadError(f"an adapter plugin failed on {path}: {type(exc).__name__}: {exc} (load_adapter plugins: {plugins})") from exc
     if result is None:
         raise ModelLoadError(f"no installed plugin reads the adapter in {path} (see its adapter_config.json fine_tune_type)")
     return result

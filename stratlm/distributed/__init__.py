@@ -27,7 +27,7 @@ from .runtime import ParallelModel, serve, wire_tensor_parallel
 
 log = get_logger(__name__)
 
-__all__ = ["DistributedError", "ParallelModel", "ShardPlan", "init_group", "load_parallel", "make_plan", "peer_errors"]
+__all__ = ["DistributedError", "ParallelModel", "ShardPlan", "init_group", "load_parallel", "make_plan", "peer_errors", "split_model"]
 
 
 def load_parallel(source: str | None, parallel: str, *, dtype: str | mx.Dtype | None = None, quantized: str | None = None,
@@ -81,18 +81,29 @@ def load_parallel(source: str | None, parallel: str, *, dtype: str | mx.Dtype | 
             tok = model_tokenizer(path, family, meta) if rank == 0 and tokenizer else None
         else:
             raise ConfigError(f"parallel loading reads model folders, hub repos and .gguf files, not {kind} sources ({source})")
-        local = build_shard(plan, config, weights, family, dtype=mx_dtype, group_size=group_size, keep_quantized=keep, where=str(path))
-        del weights
-        if keep:
-            use_cpu_kernels(local, mx_dtype)
-        if parallel == "tensor":
+    return split_model(plan, config, weights, family, group, dtype=mx_dtype, group_size=group_size, keep_quantized=keep, where=str(path),
+                       tokenizer=tok, source=source or str(location), path=path, micro_batches=micro_batches, exit_when_done=exit_when_done)
+
+
+def split_model(plan: ShardPlan, config: dict, weights: dict[str, mx.array], family, group: mx.distributed.Group, *, dtype: mx.Dtype,
+                group_size: int | None = None, keep_quantized: bool = True, where: str = "", tokenizer=None, source: str = "",
+                path: Path | None = None, micro_batches: int | None = None, exit_when_done: bool = True) -> LoadedModel | None:
+    """Build this rank's part from its tensors (`weights`: the plan's pieces, under the names of
+    this rank's model), then as load_parallel: rank 0 gets the LoadedModel, the others serve."""
+    rank, size = group.rank(), group.size()
+    with peer_errors(rank):
+        local = build_shard(plan, config, weights, family, dtype=dtype, group_size=group_size, keep_quantized=keep_quantized, where=where)
+        weights.clear()  # the model holds what it needs; the caller's dict must not keep the rest alive
+        if keep_quantized:
+            use_cpu_kernels(local, dtype)
+        if plan.mode == "tensor":
             wire_tensor_parallel(local, group)
         mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))  # every rank loaded
     log.debug("loaded part", rank=rank, size=size, plan=str(plan))
     if rank != 0:
-        serve(local, plan, group, config, mx_dtype)
+        serve(local, plan, group, config, dtype)
         if exit_when_done:
             raise SystemExit(0)
         return None
-    model = ParallelModel(local, plan, group, config, mx_dtype, micro_batches)
-    return LoadedModel(model=model, tokenizer=tok, family=family, source=source or str(location), path=path)
+    model = ParallelModel(local, plan, group, config, dtype, micro_batches)
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source, path=path)

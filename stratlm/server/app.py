@@ -45,7 +45,7 @@ class APIError(Exception):
 
 # -- the app ---------------------------------------------------------------------------------------
 def create_app(backend: Any, *, model_names: Sequence[str], api_key: str | None = None, default_max_tokens: int = 512,
-               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY, allowed_origins: Sequence[str] = ()) -> FastAPI:
     """backend: an Engine with a scheduler (or the interim one); model_names: the served model's id
     first, then the aliases a request's `model` may also use."""
     app = FastAPI(title="stratlm", docs_url=None, redoc_url=None, openapi_url=None)
@@ -72,6 +72,11 @@ def create_app(backend: Any, *, model_names: Sequence[str], api_key: str | None 
                 server.http_requests.labels(request.url.path, "401").inc()
                 return APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key").response()
         return await call_next(request)
+
+    if allowed_origins:  # browser clients on other origins; added last, so preflights are answered before the key check
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
 
     @app.get("/health")
     async def health():
