@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("out", metavar="OUT", nargs="?", help="output folder or .gguf file (or --out)")
     p.add_argument("--out", dest="out_option", metavar="OUT", help=argparse.SUPPRESS)
-    p.add_argument("-q", "--quantize", metavar="{4,8,q4,q8,q4_k_m}", help="4 or 8: affine MLX quantization (mlx-lm's); q4_k_m: a GGUF re-quantized by llama.cpp's recipe")
+    p.add_argument("-q", "--quantize", metavar="{4,8,q4,q8,q4_k_m}",
+                   help="4 or 8: affine MLX quantization (mlx-lm's); q4_k_m: a GGUF re-quantized by llama.cpp's recipe")
     p.add_argument("--group-size", type=int, default=64, help="values per quantization group: 32, 64 (default) or 128")
     p.add_argument("--dtype", help="float16, bfloat16 or float32: the dense weights (and scales) of the output")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from .common import add_generation_options, add_model_options, add_parallel_option, benchmark_lines, box, box_bottom, box_top, engine_from_args, generation_kwargs, result_json
+from .common import (add_generation_options, add_model_options, add_parallel_option, benchmark_lines, box, box_bottom, box_top, engine_from_args,
+                     generation_kwargs, result_json)
 
 
 def add_parser(sub) -> None:

@@ -100,7 +100,8 @@ def finish(result, args: argparse.Namespace) -> None:
         try:
             save_model(fuse(result.loaded), args.fuse_to)
         except OSError as exc:
-            raise write_error(Path(exc.filename) if exc.filename else Path(args.fuse_to), exc, lost=f"the adapter itself is saved in {result.adapter_path}") from exc
+            raise write_error(Path(exc.filename) if exc.filename else Path(args.fuse_to), exc,
+                              lost=f"the adapter itself is saved in {result.adapter_path}") from exc
         print(f"fused model: {args.fuse_to}")
 
 

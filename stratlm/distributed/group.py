@@ -108,7 +108,8 @@ def init_group(backend: str = "any") -> mx.distributed.Group:
     try:
         _group = mx.distributed.init(strict=launched, backend=backend)
     except RuntimeError as exc:
-        raise DistributedError(f"could not form the process group ({backend} backend): {exc}; launch with `mlx.launch -n N ...` (see docs/distributed.md)") from exc
+        raise DistributedError(f"could not form the process group ({backend} backend): {exc}; "
+                               f"launch with `mlx.launch -n N ...` (see docs/distributed.md)") from exc
     finally:
         if watchdog is not None:
             watchdog.kill()

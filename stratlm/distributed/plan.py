@@ -77,7 +77,8 @@ def make_plan(mode: str, config: dict[str, Any], rank: int, size: int, group_siz
     heads, kv, head_dim, inter, layers = shapes_of(config)
     if mode == "pipeline":
         if layers < size:
-            raise ConfigError(f"pipeline parallelism over {size} processes needs at least {size} blocks; this model has {layers}: use at most {layers} processes")
+            raise ConfigError(f"pipeline parallelism over {size} processes needs at least {size} blocks; this model has {layers}: "
+                              f"use at most {layers} processes")
         return ShardPlan(mode, rank, size, layers=split(layers, size)[rank])
     if kv < size:
         raise ConfigError(f"tensor parallelism over {size} processes needs at least {size} key/value heads (each process holds whole heads); "

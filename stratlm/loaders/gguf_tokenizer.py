@@ -64,7 +64,9 @@ def bpe_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     if split is None:
         rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        rust.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        rust.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
     rust.decoder = decoders.ByteLevel()
     return _finish(rust, meta, tokens, add_bos_default=False)
 

@@ -5,7 +5,8 @@ that sets `run` (args -> exit code) on the parser it adds."""
 from stratlm.cli import bench, chat, convert, generate, info, plugins, serve, train, transform
 from stratlm.core.hookspecs import hookimpl
 
-COMMANDS = {"generate": generate, "chat": chat, "serve": serve, "plugins": plugins, "info": info, "train": train, "transform": transform, "bench": bench, "convert": convert}
+COMMANDS = {"generate": generate, "chat": chat, "serve": serve, "plugins": plugins, "info": info, "train": train,
+            "transform": transform, "bench": bench, "convert": convert}
 
 
 @hookimpl
