@@ -48,9 +48,11 @@ class GenerationParams:
     stop: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
     logprobs: bool = False  # report the chosen tokens' log-probabilities
+    top_logprobs: int = 0  # also the most likely alternatives at each position (OpenAI's 0..20)
 
     def __attrs_post_init__(self) -> None:
         _check(isinstance(self.max_tokens, int) and self.max_tokens > 0, f"max_tokens must be a positive integer, got {self.max_tokens}")
+        _check(isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20, f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty strings, got {self.stop!r}")
 
 
@@ -63,6 +65,8 @@ class GenerationStats:
     prompt_time: float = 0.0
     generation_time: float = 0.0
     peak_memory_gb: float = 0.0
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    queue_time: float = 0.0  # waiting for admission before the prefill started
 
     @property
     def prompt_tps(self) -> float:
@@ -79,8 +83,10 @@ class GenerationResult:
 
     text: str
     token_ids: tuple[int, ...] = attrs.field(converter=tuple)
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens or the context) or "cancelled"
     prompt: str = ""
     logprobs: tuple[float, ...] | None = None
     stats: GenerationStats = GenerationStats()
     extra: dict[str, Any] = attrs.field(factory=dict)
+    #: per generated token, the top_logprobs most likely token ids -> log-probability (when asked)
+    top_logprobs: tuple[dict[int, float], ...] | None = None

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import attrs
 
 from stratlm.decoding.sampler import Sampler
-from stratlm.core.strategy import Strategy
+from stratlm.core.strategy import RequestPolicy, Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 
 from .batched import batch_results, check_prompts, run_batch
@@ -45,6 +45,18 @@ def sample_candidates(strategy: Strategy, prompts: Sequence[Sequence[int]], para
     return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+class CandidatesPolicy(RequestPolicy):
+    """n rows sampled from one prefilled prompt, with their log-probabilities; `combine` (the
+    strategy's choose or count) makes the one result from them."""
+
+    def __init__(self, params: GenerationParams, n: int, combine: Callable[[list[GenerationResult], GenerationParams], GenerationResult]):
+        super().__init__(attrs.evolve(params, logprobs=True), rows=n)
+        self.asked, self.combine = params, combine
+
+    def finish(self, results: list[GenerationResult]) -> GenerationResult:
+        return self.combine(results, self.asked)
+
+
 def without_unasked_logprobs(result: GenerationResult, params: GenerationParams) -> GenerationResult:
     return result if params.logprobs else attrs.evolve(result, logprobs=None)
 
@@ -58,6 +70,9 @@ class BestOfN(Strategy):
         super().__init__(target, **options)
         self.n = int_option(self.name, "n", n)
         self.scorer_name, self.scorer = plugin_option(self.name, "scorer", scorer, "scorer", self.registry)
+
+    def policy(self, prompt: Sequence[int], params: GenerationParams) -> RequestPolicy:
+        return CandidatesPolicy(params, self.n, self.choose)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         return [self.choose(candidates, params) for candidates in sample_candidates(self, prompts, params, self.n)]

@@ -15,10 +15,10 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
-from stratlm.core.strategy import Strategy
+from stratlm.core.strategy import RequestPolicy, Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 
-from .best_of_n import mean_logprob_score, sample_candidates, without_unasked_logprobs
+from .best_of_n import CandidatesPolicy, mean_logprob_score, sample_candidates, without_unasked_logprobs
 from .options import int_option, plugin_option
 
 Extractor = Callable[[str], "str | None"]
@@ -72,6 +72,9 @@ class Vote(Strategy):
         super().__init__(target, **options)
         self.n = int_option(self.name, "n", n)
         self.extractor_name, self.extractor = plugin_option(self.name, "extractor", extractor, "answer extractor", self.registry)
+
+    def policy(self, prompt: Sequence[int], params: GenerationParams) -> RequestPolicy:
+        return CandidatesPolicy(params, self.n, self.count)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         return [self.count(samples, params) for samples in sample_candidates(self, prompts, params, self.n)]
