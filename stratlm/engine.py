@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import os
 import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence, Union
@@ -29,7 +32,10 @@ class Engine:
 
     Every generation runs in the engine's scheduler (continuous batching, prefix caching): call
     it from any number of threads or asyncio tasks. `scheduler`: a SchedulerConfig or a dict
-    of its options (max_running, max_queue, kv_budget, prefix_cache_bytes, prefill_chunk)."""
+    of its options (max_running, max_queue, kv_budget, prefix_cache_bytes, prefill_chunk).
+
+    An adapter is merged into the base weights at load (`fuse_adapter=False` keeps it as
+    separate layers, as training needs; that form decodes many times slower)."""
 
     def __init__(
         self,
@@ -38,6 +44,7 @@ class Engine:
         *,
         transforms: Sequence[TransformSpec] = (),
         adapter: str | Path | None = None,
+        fuse_adapter: bool = True,
         dtype: str | None = None,
         quantized: str | None = None,
         registry: Registry | None = None,
@@ -45,14 +52,26 @@ class Engine:
         **options: Any,
     ):
         self.registry = registry or get_registry()
+        if model is not None and not isinstance(model, (str, os.PathLike, LoadedModel)):
+            raise ConfigError(f"model must be an alias, hub repo id, folder or .gguf path (a string), a LoadedModel or None, "
+                              f"got {type(model).__name__}: {model!r:.60}")
+        if not isinstance(strategy, str):
+            raise ConfigError(f"strategy must be a strategy's name (a string, e.g. 'greedy'), got {type(strategy).__name__}: {strategy!r:.60}")
+        if adapter is not None and not isinstance(adapter, (str, os.PathLike)):
+            raise ConfigError(f"adapter must be an adapter folder's path, got {type(adapter).__name__}: {adapter!r:.60}")
+        if isinstance(transforms, str) or not isinstance(transforms, (list, tuple)):
+            raise ConfigError(f"transforms is a list, e.g. ['heal'] or [('collapse', {{'n': 4}})], got {type(transforms).__name__}: {transforms!r:.60}")
         self.scheduler_config = SchedulerConfig.make(scheduler)
         # names first: a typo should not cost a model load
         strategy_class = self.registry.get("strategy", strategy)
         for spec in transforms:
-            self.registry.get("transform", parse_transform(spec)[0])
+            name, options = parse_transform(spec)
+            check_transform_options(name, self.registry.get("transform", name), options)
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, quantized=quantized, registry=self.registry)
         if adapter is not None:
             self.loaded = apply_adapter(self.loaded, Path(adapter), self.registry)
+            if fuse_adapter:  # merged into the base weights: decodes at the base's speed (unfused: ~20x slower on the CPU kernels)
+                self.loaded = self.registry.get("transform", "fuse")(self.loaded)
         self.loaded = apply_transforms(self.loaded, transforms, self.registry)
         if cuda_active():  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
             self.loaded.model.optimize_for_inference()
@@ -80,18 +99,30 @@ class Engine:
         chat_template None: apply the model's template when it has one (instruct models).
         """
         tok = self.tokenizer
+        if chat_template is not None and not isinstance(chat_template, bool):
+            raise ConfigError(f"chat_template must be True, False or None (the model's choice), got {chat_template!r}")
+        if chat_template_kwargs is not None and not (isinstance(chat_template_kwargs, dict) and all(isinstance(k, str) for k in chat_template_kwargs)):
+            raise ConfigError(f"chat_template_kwargs must be a dict with string keys, e.g. {{'enable_thinking': False}}, got {chat_template_kwargs!r:.60}")
+        if system is not None:
+            check_text(system, "the system message")
         if isinstance(prompt, str):
             if not prompt:
                 raise ConfigError("the prompt is empty; give some text")
+            check_text(prompt, "the prompt")
             messages = [{"role": "user", "content": prompt}]
-        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and prompt and all(isinstance(m, dict) for m in prompt):
             messages = list(prompt)
             if any("role" not in m or "content" not in m for m in messages):
                 raise ConfigError("chat messages need 'role' and 'content' keys, e.g. {'role': 'user', 'content': 'Hi'}")
+            for i, m in enumerate(messages):
+                check_text(m["role"], f"message {i}'s role")
+                check_text(m["content"], f"message {i}'s content")
             if chat_template is False:
                 raise ConfigError("chat messages need the chat template; pass a plain string prompt to skip it")
         else:
-            raise ConfigError(f"a prompt is a string or a list of chat messages, got {type(prompt).__name__}")
+            kind = type(prompt).__name__
+            raise ConfigError(f"a prompt is a string or a list of chat messages ({{'role': ..., 'content': ...}}), got {kind}"
+                              + (" (decode bytes first: data.decode('utf-8'))" if isinstance(prompt, bytes) else ""))
         if system is not None:
             messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
         use_template = tok.has_chat_template if chat_template is None else chat_template
@@ -110,7 +141,7 @@ class Engine:
         return text, ids
 
     def params(self, **kwargs: Any) -> GenerationParams:
-        return make_params(self.strategy.default_temperature, **kwargs)
+        return make_params(self.strategy.default_temperature, **check_keywords(kwargs))
 
     # -- generation ------------------------------------------------------------------------------
     @property
@@ -146,7 +177,7 @@ class Engine:
         Everything is checked now: a bad parameter, prompt or strategy raises here, and so does
         a full queue (QueueFullError)."""
         chosen = self.strategy_for(strategy, strategy_options)
-        params = make_params(chosen.default_temperature, **kwargs)
+        params = make_params(chosen.default_temperature, **check_keywords(kwargs))
         text, ids = self.render(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system, tools=tools)
         handle = self.scheduler.submit(ids, params, chosen)
         handle.prompt = text
@@ -230,17 +261,48 @@ class Engine:
 
 
 def make_params(default_temperature: float = 0.0, *, max_tokens: int = 256, temperature: float | None = None, top_k: int = 0,
-                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None, seed: int | None = None,
                 stop: Sequence[str] | str = (), logprobs: bool = False, top_logprobs: int = 0, ignore_eos: bool = False) -> GenerationParams:
     """GenerationParams from flat keyword arguments (validated: bad values raise ConfigError)."""
+    if logit_bias is not None and not isinstance(logit_bias, dict):
+        raise ConfigError(f"logit_bias must be a dict of token id -> bias, e.g. {{50256: -100}}, got {type(logit_bias).__name__}")
     sampling = SamplingParams(temperature=default_temperature if temperature is None else temperature, top_k=top_k, top_p=top_p,
-                              min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=(stop,) if isinstance(stop, str) else tuple(stop),
-                            logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos)
+                              min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed)
+    return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos)
+
+
+GENERATION_KEYWORDS = tuple(p for p in inspect.signature(make_params).parameters if p != "default_temperature")
+
+
+def check_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """An unknown keyword of generate/stream is named with the nearest known one (not a TypeError)."""
+    unknown = [k for k in kwargs if k not in GENERATION_KEYWORDS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], GENERATION_KEYWORDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown generation argument {unknown[0]!r}{hint}; known: {', '.join(GENERATION_KEYWORDS)}, "
+                          "chat_template, chat_template_kwargs, system, tools (submit: strategy, strategy_options)")
+    return kwargs
+
+
+def check_text(text: Any, what: str) -> str:
+    """A string that encodes as UTF-8. Undecodable bytes from the command line or a file reach
+    Python as lone surrogates (surrogateescape); name the first one's byte."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be a string, got {type(text).__name__}: {text!r:.60}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise ConfigError(f"{what} is not valid UTF-8 text ({byte} at character {exc.start + 1}); give UTF-8 text") from exc
+    return text
 
 
 def is_batch(prompt: Any) -> bool:
-    if isinstance(prompt, str) or not isinstance(prompt, Sequence):
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
         return False
     return len(prompt) == 0 or not all(isinstance(m, dict) for m in prompt)
 
@@ -254,14 +316,36 @@ def attrs_replace(result: GenerationResult, **changes: Any) -> GenerationResult:
 def parse_transform(spec: TransformSpec) -> tuple[str, dict]:
     if isinstance(spec, str):
         return spec, {}
+    if not (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict)):
+        raise ConfigError(f"a transform is a name or (name, options), e.g. 'heal' or ('collapse', {{'n': 4}}), got {spec!r:.60}")
     name, options = spec
     return name, dict(options)
+
+
+def transform_options(transform: Any) -> list[str] | None:
+    """The keyword options a transform takes (None: it takes any, **options)."""
+    try:
+        parameters = list(inspect.signature(transform).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters[1:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]  # the first is the model
+
+
+def check_transform_options(name: str, transform: Any, options: dict) -> None:
+    accepted = transform_options(transform)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise ConfigError(f"transform {name!r} does not take option(s) {', '.join(unknown)}; it accepts: {', '.join(accepted) or 'none'}")
 
 
 def apply_transforms(loaded: LoadedModel, transforms: Sequence[TransformSpec], registry: Registry) -> LoadedModel:
     for spec in transforms:
         name, options = parse_transform(spec)
-        loaded = registry.get("transform", name)(loaded, **options)
+        transform = registry.get("transform", name)
+        check_transform_options(name, transform, options)
+        loaded = transform(loaded, **options)
     return loaded
 
 

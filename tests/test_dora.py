@@ -84,10 +84,12 @@ def test_save_load_round_trip_is_exact(tmp_path):
     }
     reloaded = with_adapter(base, tmp_path)
     assert mx.array_equal(reloaded.model(TOKENS), adapted.model(TOKENS))
-    # through the load_adapter hook
-    engine = Engine(base, adapter=tmp_path)
+    # through the load_adapter hook: unfused on request (exact), merged into the base weights by default
+    engine = Engine(base, adapter=tmp_path, fuse_adapter=False)
     assert mx.array_equal(engine.model(TOKENS), adapted.model(TOKENS))
     assert engine.generate("hi", max_tokens=4).token_ids == Engine(adapted).generate("hi", max_tokens=4).token_ids
+    fused = Engine(base, adapter=tmp_path)
+    assert not adapter_layers(fused.model) and mx.allclose(fused.model(TOKENS), adapted.model(TOKENS), atol=1e-4)
 
 
 def test_mlx_lm_adapters_load_in_stratlm_and_ours_in_mlx_lm(tmp_path):
@@ -109,7 +111,7 @@ def test_mlx_lm_adapters_load_in_stratlm_and_ours_in_mlx_lm(tmp_path):
     (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(
         {"fine_tune_type": "dora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}, "model": "x", "iters": 10}))
     theirs.eval()
-    ours = Engine(base, adapter=tmp_path / "theirs")
+    ours = Engine(base, adapter=tmp_path / "theirs", fuse_adapter=False)
     assert mx.allclose(ours.model(TOKENS), theirs(TOKENS), atol=1e-6)
 
     # ... and mlx-lm loads ours

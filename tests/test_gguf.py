@@ -49,8 +49,11 @@ def byte_vocab() -> list[str]:
     return alphabet + merged + [t for t, _ in SPECIALS]
 
 
-def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool = False, rope_scaling: tuple[str, float] | None = None, eot: str | None = None) -> None:
-    """A GGUF as llama.cpp's converter writes it: HF tensors renamed, Llama Q/K rows permuted."""
+def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool = False, rope_scaling: tuple[str, float] | None = None,
+               eot: str | None = None, quantizer=None, file_type: int | None | str = "auto") -> None:
+    """A GGUF as llama.cpp's converter writes it: HF tensors renamed, Llama Q/K rows permuted.
+    quantizer(gguf_name, fp32 values) -> (bytes, ggml type) or None overrides `qtype` per tensor;
+    file_type: general.file_type to write (None: left out)."""
     cfg = hf.config
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     w = gguf.GGUFWriter(str(path), arch)
@@ -69,7 +72,8 @@ def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool =
         w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
         w.add_rope_scaling_factor(rope_scaling[1])
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(FILE_TYPES[qtype])
+    if file_type is not None:
+        w.add_file_type(FILE_TYPES[qtype] if file_type == "auto" else file_type)
     tokens = byte_vocab()
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -88,7 +92,8 @@ def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool =
         smooth = (old / wavelens - low) / (high - low)
         factors = np.where(wavelens < old / high, 1.0, np.where(wavelens > old / low, factor, 1 / ((1 - smooth) / factor + smooth)))
         w.add_tensor("rope_freqs.weight", factors.astype(np.float32))
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
@@ -109,7 +114,10 @@ def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool =
             if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
                 n = heads if module == "self_attn.q_proj" else kv_heads
                 data = data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
-        if data.ndim == 2 and qtype not in (Q.F32, Q.F16):
+        custom = quantizer(name, data) if quantizer is not None else None
+        if custom is not None:
+            w.add_tensor(name, custom[0], raw_dtype=custom[1])
+        elif data.ndim == 2 and qtype not in (Q.F32, Q.F16):
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         elif data.ndim == 2 and qtype == Q.F16:
             w.add_tensor(name, data.astype(np.float16))
@@ -122,7 +130,8 @@ def write_gguf(path, hf, arch: str, qtype, *, pre: str = "gpt2", add_bos: bool =
 
 
 def tiny_hf(arch: str, seed: int = 0, **overrides):
-    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM), "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
     config = dict(vocab_size=len(byte_vocab()), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=True)
     torch.manual_seed(seed)
@@ -136,7 +145,8 @@ def hf_logits(model, ids) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "arch,qtype,overrides",
-    [("llama", Q.F32, {}), ("llama", Q.F16, {"tie_word_embeddings": False}), ("qwen3", Q.F32, {"tie_word_embeddings": False}), ("qwen3", Q.F16, {}), ("llama", Q.Q8_0, {})],
+    [("llama", Q.F32, {}), ("llama", Q.F16, {"tie_word_embeddings": False}), ("qwen3", Q.F32, {"tie_word_embeddings": False}),
+     ("qwen3", Q.F16, {}), ("llama", Q.Q8_0, {})],
     ids=["llama-F32", "llama-F16-untied", "qwen3-F32-untied", "qwen3-F16", "llama-Q8_0"],
 )
 def test_tiny_gguf_logits_match_transformers_gguf_loader(tmp_path, arch, qtype, overrides):
@@ -223,7 +233,7 @@ def test_gguf_llama3_rope_factors_give_the_llama3_model(tmp_path):
 def test_corrupt_gguf_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.gguf"
     path.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
-    with pytest.raises(ModelLoadError, match="broken.gguf.*corrupt GGUF"):
+    with pytest.raises(ModelLoadError, match="broken.gguf.*corrupt"):
         load_model(str(path))
 
 

@@ -21,7 +21,8 @@ from stratlm.testing import byte_tokenizer  # noqa: E402
 
 VOCAB = 259  # the byte tokenizer's vocabulary
 TOL = 1e-4
-BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=512, initializer_range=0.2)
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, head_dim=16, rms_norm_eps=1e-6,
+            max_position_embeddings=512, initializer_range=0.2)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
 CASES = {
@@ -36,7 +37,8 @@ CASES = {
 
 
 def hf_model(family: str, overrides: dict, seed: int = 0):
-    cls_config, cls_model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM), "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+    cls_config, cls_model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
     torch.manual_seed(seed)
     return cls_model(cls_config(**{**BASE, **overrides})).eval()
 
@@ -108,7 +110,9 @@ def test_left_padded_batch_rows_equal_single_rows(pairs, name):
             assert np.abs(step[row] - expected).max() < TOL
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}])
+@pytest.mark.parametrize(
+    "scaling", [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}]
+)
 @pytest.mark.parametrize("length", [1, 3, 17])
 def test_cpu_rope_tables_equal_fast_rope(scaling, length):
     """Cached inference on the CPU rotates with tables made from fast.rope itself (one matmul for
@@ -118,4 +122,5 @@ def test_cpu_rope_tables_equal_fast_rope(scaling, length):
     rope = RoPE(32, 10000.0, scaling)
     for offset in (0, 5, 1000):
         x = mx.random.normal((2, 3, length, 32))
-        assert mx.abs(rope(x, offset) - mx.fast.rope(x, 32, traditional=False, base=rope.base, scale=rope.scale, offset=offset, freqs=getattr(rope, "_freqs", None))).max().item() < 1e-5
+        expected = mx.fast.rope(x, 32, traditional=False, base=rope.base, scale=rope.scale, offset=offset, freqs=getattr(rope, "_freqs", None))
+        assert mx.abs(rope(x, offset) - expected).max().item() < 1e-5

@@ -38,13 +38,16 @@ class _StrategyPlugin:
         register(self.name, SingleSequence)
 
 
-def test_duplicate_names_are_an_error_naming_both_origins():
+def test_duplicate_names_are_an_error_naming_both_origins_and_only_for_that_name():
     registry = Registry(load_entry_points=False)
     registry.add_plugin(_StrategyPlugin("twin"), origin="package-a")
     registry.add_plugin(_StrategyPlugin("twin"), origin="package-b")
+    registry.add_plugin(_StrategyPlugin("single"), origin="package-c")
     with pytest.raises(DuplicateNameError) as err:
-        registry.names("strategy")
+        registry.get("strategy", "twin")
     assert "package-a" in str(err.value) and "package-b" in str(err.value) and "'twin'" in str(err.value)
+    assert registry.names("strategy") == ["single", "twin"] and registry.get("strategy", "single") is not None  # the rest works
+    assert list(registry.conflicts) == [("strategy", "twin")]
 
 
 def test_a_plugin_that_fails_to_import_is_skipped_and_reported(tmp_path, monkeypatch, capsys):

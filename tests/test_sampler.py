@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import mlx.core as mx
 
 from stratlm.core.errors import ConfigError
+from stratlm.decoding.processors import History
 from stratlm.decoding.sampler import Sampler
 from stratlm.core.types import SamplingParams
 
@@ -77,7 +78,7 @@ def test_nucleus_and_min_p_keep_the_same_tokens_as_transformers(option, warper, 
 def test_repetition_penalty_equals_transformers(seed, penalty, history):
     transformers = pytest.importorskip("transformers")
     logits = random_logits(seed, rows=1)
-    ours = np.array(Sampler(SamplingParams(repetition_penalty=penalty)).penalize(mx.array(logits), mx.array([history], dtype=mx.int32)))
+    ours = np.array(Sampler(SamplingParams(repetition_penalty=penalty)).process(mx.array(logits), History(mx.array([history], dtype=mx.int32), len(history))))
     theirs = hf_processed(transformers.RepetitionPenaltyLogitsProcessor(penalty), logits, [history])
     assert np.allclose(ours, theirs, atol=1e-5)
 
@@ -85,9 +86,9 @@ def test_repetition_penalty_equals_transformers(seed, penalty, history):
 def test_repetition_penalty_looks_only_at_the_recent_window():
     logits = np.full((1, V), 2.0, np.float32)
     sampler = Sampler(SamplingParams(repetition_penalty=2.0, repetition_context=3))
-    out = np.array(sampler.penalize(mx.array(logits), mx.array([[7, 8, 9, 10]], dtype=mx.int32)))[0]
+    out = np.array(sampler.process(mx.array(logits), History(mx.array([[7, 8, 9, 10]], dtype=mx.int32), 4)))[0]
     assert out[7] == 2.0 and out[8] == out[9] == out[10] == 1.0
-    assert Sampler(SamplingParams()).penalize(mx.array(logits), mx.array([[7]], dtype=mx.int32)) is not None
+    assert Sampler(SamplingParams()).processors == []  # nothing asked, nothing applied
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ():

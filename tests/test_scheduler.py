@@ -267,3 +267,16 @@ def test_memory_stays_flat_over_many_requests():
     assert eng.metrics()["requests_finished"] >= 280
     assert after - before < 1_000_000, f"active memory grew by {after - before} bytes over 240 requests"
     eng.close()
+
+
+def test_logits_processors_apply_per_row_in_the_batch(engine, reference):
+    loaded, _ = reference
+    free = Engine(loaded)
+    asks = [dict(presence_penalty=1.5), dict(frequency_penalty=0.8), dict(repetition_penalty=1.3), dict(logit_bias={ord("a"): 8.0})]
+    handles = [engine.submit(TEXTS[4], max_tokens=16, **kw) for kw in asks]
+    spec = engine.submit(TEXTS[4], strategy="speculative", strategy_options={"draft": "lookup:2"}, max_tokens=16, repetition_penalty=1.3)
+    for kw, handle in zip(asks, handles):
+        _, ids = free.render(TEXTS[4])
+        expected = free.strategy.generate([ids], free.params(max_tokens=16, **kw))[0].token_ids
+        assert_same_greedy(loaded, ids, handle.result(timeout=120).token_ids, expected)
+    assert spec.result(timeout=120).token_ids == handles[2].result().token_ids

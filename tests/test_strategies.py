@@ -240,11 +240,6 @@ def test_empty_prompts_are_refused(tiny, strategy):
         engine.strategy.generate([[]], GenerationParams())
 
 
-def test_speculative_refuses_repetition_penalty(tiny):
-    with pytest.raises(ConfigError, match="does not support repetition_penalty"):
-        Engine(tiny, "speculative").generate("hi", chat_template=False, repetition_penalty=1.2)
-
-
 @pytest.mark.parametrize("option, message", [("n=0", "option n must be an integer >= 1, got 0"), ("scorer=logprob", "does not take option(s) scorer")])
 def test_cli_prints_a_bad_option_as_one_line(tmp_path, tiny, capsys, option, message):
     folder = save_model(tiny, tmp_path / "tiny")

@@ -30,6 +30,8 @@ from .models import bench_model, model_folder, prompt_tokens, weight_bytes_per_t
 Runner = Callable[[Sequence[int], int, int], Measurement]
 T = TypeVar("T")
 SINGLE_ROW = ("greedy", "sample")
+BASELINES = ("all", "same-process", "none", "llama.cpp")
+LLAMA_CPP_THREADS = (1, 2)
 
 
 @attrs.frozen
@@ -42,7 +44,9 @@ class BenchConfig:
     dtype: str | None = None  # None: fp32 on the CPU, bf16 on a GPU
     reps: int = 5
     warmup: int = 1
-    baselines: str = "all"  # all | same-process | none
+    # comma-separated: all (mlx-lm here and in subprocesses) | same-process (mlx-lm here) | none |
+    # llama.cpp (llama-cpp-python on the same GGUF, 1 and 2 threads; only when named)
+    baselines: str = "all"
     options: dict[str, Any] = attrs.field(factory=dict)
     prompt: str | None = None
 
@@ -52,10 +56,22 @@ class BenchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.baselines not in ("all", "same-process", "none"):
-            raise ConfigError(f"--baselines must be all, same-process or none, got {self.baselines!r}")
+        parts = self.baseline_set
+        if not parts or not parts <= set(BASELINES) or ("none" in parts and len(parts) > 1):
+            raise ConfigError(f"--baselines must be a comma-separated list of {', '.join(BASELINES)} (none alone), got {self.baselines!r}")
         if self.batch > 1 and self.strategy in SINGLE_ROW[1:]:
             raise ConfigError(f"strategy {self.strategy!r} decodes one row; use --strategy batch (or greedy) with --batch")
+
+
+    @property
+    def baseline_set(self) -> set[str]:
+        return {p.strip() for p in self.baselines.split(",") if p.strip()}
+
+    @property
+    def mlx_lm(self) -> str | None:
+        """all | same-process | None: which mlx-lm runs the baselines ask for."""
+        parts = self.baseline_set
+        return "all" if "all" in parts else "same-process" if "same-process" in parts else None
 
 
 @attrs.frozen
@@ -105,19 +121,30 @@ class BenchReport:
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> BenchReport:
+    llama = "llama.cpp" in config.baseline_set
+    if llama:
+        check_llama_cpp(config)
     loaded = bench_model(config.model, config.dtype)
+    if llama and (loaded.path is None or loaded.path.suffix != ".gguf"):
+        raise ConfigError(f"the llama.cpp baseline runs the same .gguf file; {config.model or 'the model'} is not one (use the embedded model or a .gguf path)")
     prompt = prompt_tokens(loaded, config.prompt_tokens, config.prompt)
     engines: dict[str, Runner] = {}
     strategy = "batch" if config.batch > 1 and config.strategy == "greedy" else config.strategy
     engines["stratlm"] = StratlmEngine(loaded, strategy, **config.options).run
     if strategy not in ("greedy", "batch"):
         engines["stratlm greedy"] = StratlmEngine(loaded, "greedy" if config.batch == 1 else "batch").run
-    folder = model_folder(loaded, dtype=config.dtype) if config.baselines != "none" else None
+    folder = model_folder(loaded, dtype=config.dtype) if config.mlx_lm else None
     workers: list[Worker] = []
     try:
+        if llama:
+            for threads in LLAMA_CPP_THREADS:
+                progress(f"loading llama.cpp, {threads} thread{'s' * (threads > 1)}")
+                worker = Worker("", {}, llama_cpp_command(str(loaded.path), threads, len(prompt) + config.max_tokens + 16))
+                workers.append(worker)
+                engines[f"llama.cpp, {threads} thread{'s' * (threads > 1)}"] = worker.run
         if folder is not None:
             engines["mlx-lm, same process"] = MlxLmEngine(str(folder)).run
-        if folder is not None and config.baselines == "all" and cpu_active():
+        if folder is not None and config.mlx_lm == "all" and cpu_active():
             for name, env in cpu_baselines().items():
                 worker = Worker(str(folder), env)
                 workers.append(worker)
@@ -195,6 +222,25 @@ def cpu_baselines() -> dict[str, dict[str, str]]:
     return baselines
 
 
+def check_llama_cpp(config: BenchConfig) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ConfigError(
+            "--baselines llama.cpp needs llama-cpp-python, which is not installed: "
+            "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install 'stratlm[bench]' (it builds llama.cpp from source, several minutes)"
+        )
+    if config.batch != 1 or config.strategy != "greedy":
+        raise ConfigError(f"the llama.cpp baseline decodes one row greedily; drop --batch/--strategy (got batch {config.batch}, strategy {config.strategy!r})")
+
+
+def llama_cpp_command(gguf: str, threads: int, n_ctx: int) -> list[str]:
+    """llama.cpp in its own process, run as a plain script: neither stratlm nor MLX is imported there."""
+    from pathlib import Path
+
+    return [sys.executable, str(Path(__file__).with_name("llama_worker.py")), gguf, str(threads), str(n_ctx)]
+
+
 class Worker:
     """An engine in a subprocess: by default mlx-lm (stratlm.bench.worker). The process prints a
     JSON line when ready, then answers each request line ({"prompt", "max_tokens", "batch"}) with
@@ -219,7 +265,10 @@ class Worker:
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps({"prompt": list(prompt), "max_tokens": max_tokens, "batch": batch}) + "\n")
         self.process.stdin.flush()
-        return Measurement(**self._read())
+        answer = self._read()
+        if "error" in answer:
+            raise ConfigError(f"{self.what}: {answer['error']}")
+        return Measurement(**answer)
 
     def close(self) -> None:
         if self.process.stdin:

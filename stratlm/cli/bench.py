@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
         "mlx-lm runs in this process (same BLAS) and, on the CPU, in subprocesses with MLX's bundled BLAS "
         "(as a user installs it) and with plain OpenBLAS. Needs the `bench` extra (mlx-lm).",
     )
-    p.add_argument("-m", "--model", default=None, help="smollm2-135m (default, the embedded model), qwen3-0.6b-random (the real Qwen3-0.6B shape, random weights), or any model source")
+    p.add_argument("-m", "--model", default=None, help="smollm2-135m (default, the embedded model), "
+                   "qwen3-0.6b-random (the real Qwen3-0.6B shape, random weights), or any model source")
     p.add_argument("-s", "--strategy", default="greedy", help="stratlm strategy to time (others than greedy/batch are also compared with stratlm greedy)")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="a strategy option (repeatable)")
     p.add_argument("--batch", type=int, default=1, help="rows decoded together (greedy becomes the batch strategy)")
@@ -26,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--reps", type=int, default=5, help="timed rounds (each engine once per round)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per engine first")
-    p.add_argument("--baselines", choices=("all", "same-process", "none"), default="all", help="which mlx-lm runs to include")
+    p.add_argument("--baselines", default="all", help="comma-separated: all (mlx-lm here and, on the CPU, in subprocesses), same-process "
+                   "(mlx-lm here), none, llama.cpp (llama-cpp-python on the same .gguf, 1 and 2 threads; needs the bench extra built from source)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from stratlm.core.errors import StratlmError
+
 from .common import add_generation_options, add_model_options, benchmark_lines, engine_from_args, generation_kwargs
 
-HELP = "commands: /reset clears the history, /system TEXT sets the system message, /stats toggles speed lines, /exit quits"
+HELP = ("commands: /help lists these, /reset clears the history, /system TEXT sets the system message, /stats toggles speed lines, /exit quits; "
+        "Ctrl-C stops an answer, Ctrl-D or Ctrl-C at the prompt leaves")
+COMMANDS = ("/help", "/reset", "/system", "/stats", "/exit", "/quit")
 
 
 def add_parser(sub) -> None:
@@ -26,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: this model has no chat template; use `stratlm generate --no-chat-template` instead", file=sys.stderr)
         return 1
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become a per-turn error, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     if interactive:
         print(f"stratlm chat with {engine.loaded.source} ({HELP})")
     history: list[dict[str, str]] = []
@@ -35,25 +41,44 @@ def run(args: argparse.Namespace) -> int:
             line = input(">>> " if interactive else "")
         except EOFError:
             break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave cleanly
+            print()
+            break
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
+        command = text.split(maxsplit=1)[0]
+        if command in ("/exit", "/quit"):
             break
-        if text == "/reset":
+        if command == "/help":
+            print(HELP)
+            continue
+        if command == "/reset":
             history.clear()
             print("(history cleared)")
             continue
-        if text.startswith("/system"):
+        if command == "/system":
             system = text[len("/system") :].strip() or None
             print(f"(system message {'set' if system else 'cleared'})")
             continue
-        if text == "/stats":
+        if command == "/stats":
             show_stats = not show_stats
             continue
+        if command.startswith("/") and command not in COMMANDS:
+            print(f"error: unknown command {command}; {HELP}", file=sys.stderr)
+            continue
         history.append({"role": "user", "content": text})
-        for piece in engine.stream(history, system=system, **kwargs):
-            print(piece, end="", flush=True)
+        try:
+            for piece in engine.stream(history, system=system, **kwargs):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, keep the session
+            print("\n(answer stopped)", flush=True)
+            history.pop()
+            continue
+        except StratlmError as exc:  # e.g. the conversation outgrew the context, or the line is not UTF-8
+            print(f"error: {exc}", file=sys.stderr)
+            history.pop()
+            continue
         print()
         reply = engine.last_result
         history.append({"role": "assistant", "content": reply.text})

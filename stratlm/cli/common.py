@@ -18,9 +18,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=None, help="alias, hub repo id, folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--adapter", default=None, help="adapter folder (adapters.safetensors + adapter_config.json)")
+    g.add_argument("--no-fuse-adapter", action="store_true", help="keep the adapter as separate layers "
+                   "(default: merged into the weights at load; unmerged decodes many times slower)")
     g.add_argument("-t", "--transform", action="append", default=[], metavar="NAME[:k=v,...]", help="apply a transform by name (repeatable, in order)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
-    g.add_argument("--quantized", choices=("keep", "dequantize"), default=None, help="run quantized weights as such, or expand them (default: dequantize on CPU)")
+    g.add_argument("--quantized", choices=("keep", "dequantize"), default=None,
+                   help="run quantized weights as such, or expand them (default: dequantize on CPU)")
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -33,6 +36,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted once from each token already generated")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per time a token was generated")
+    g.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS", help="add BIAS in [-100, 100] to a token's logit (repeatable)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens tokens")
@@ -46,6 +52,20 @@ def parse_transforms(specs: list[str]) -> list[tuple[str, dict[str, Any]]]:
     return [parsed for spec in specs for parsed in parse_transform_specs(spec)]
 
 
+def parse_logit_bias(specs: list[str]) -> dict[int, float]:
+    """--logit-bias arguments, e.g. "2=-100" -> {2: -100.0}."""
+    bias = {}
+    for spec in specs:
+        token, sep, value = spec.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ConfigError(f"--logit-bias takes TOKEN_ID=BIAS, e.g. --logit-bias 2=-100, got {spec!r}") from None
+        if not sep:
+            raise ConfigError(f"--logit-bias takes TOKEN_ID=BIAS, e.g. --logit-bias 2=-100, got {spec!r}")
+    return bias
+
+
 def engine_from_args(args: argparse.Namespace):
     from stratlm import Engine
 
@@ -54,8 +74,10 @@ def engine_from_args(args: argparse.Namespace):
         strategy=getattr(args, "strategy", "greedy"),
         transforms=parse_transforms(args.transform),
         adapter=args.adapter,
+        fuse_adapter=not getattr(args, "no_fuse_adapter", False),
         dtype=args.dtype,
         quantized=args.quantized,
+        registry=getattr(args, "registry", None),
         **parse_options(getattr(args, "option", [])),
     )
 
@@ -79,6 +101,9 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         top_p=args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logit_bias=parse_logit_bias(args.logit_bias) or None,
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,

@@ -23,12 +23,28 @@ def add_parser(sub) -> None:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     from stratlm.core.errors import ConfigError
 
-    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
+    from stratlm.engine import check_text
+
+    prompts = [read_stdin() if p == "-" else check_text(p, "the prompt") for p in args.prompt]
     if not prompts:
         raise ConfigError("no prompt given: stratlm generate \"Your prompt\" (or '-' to read standard input)")
     if any(not p.strip() for p in prompts):
         raise ConfigError("a prompt is empty; give some text")
     return prompts
+
+
+def read_stdin() -> str:
+    """Standard input as UTF-8 text; other bytes are an error naming the first bad one."""
+    from stratlm.core.errors import ConfigError
+
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # already text (tests, notebooks)
+        return sys.stdin.read()
+    raw = buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"standard input is not valid UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); give UTF-8 text") from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                 box(f"Out {i:05d}", r.text)
             total = sum(r.stats.generation_tokens for r in results)
             wall = max(r.stats.prompt_time + r.stats.generation_time for r in results)
-            box("Benchmark", f"{len(results)} prompts, {total} tokens generated in {wall:.2f}s: {total / wall if wall else 0:.1f} tokens/sec in all\n" + benchmark_lines(results[-1].stats))
+            summary = f"{len(results)} prompts, {total} tokens generated in {wall:.2f}s: {total / wall if wall else 0:.1f} tokens/sec in all\n"
+            box("Benchmark", summary + benchmark_lines(results[-1].stats))
         return 0
     if args.quiet:
         for piece in engine.stream(prompts[0], **kwargs):

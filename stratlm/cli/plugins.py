@@ -25,10 +25,14 @@ def describe(kind: str, obj) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    registry = get_registry()
-    listing = {kind: [{"name": e.name, "package": e.origin, "about": describe(kind, e.obj)} for e in sorted(registry.table(kind).values(), key=lambda e: e.name)] for kind in KINDS}
+    registry = getattr(args, "registry", None) or get_registry()
+    listing = {
+        kind: [{"name": e.name, "package": e.origin, "about": describe(kind, e.obj)} for e in sorted(registry.table(kind).values(), key=lambda e: e.name)]
+        for kind in KINDS
+    }
     if args.json:
-        print(json.dumps({"plugins": listing, "failed": registry.failed}, indent=2))
+        conflicts = [str(err) for err in registry.conflicts.values()]
+        print(json.dumps({"plugins": listing, "failed": registry.failed, "conflicts": conflicts}, indent=2))
         return 0
     for kind, entries in listing.items():
         print(f"{plural(kind)}:")
@@ -38,5 +42,7 @@ def run(args: argparse.Namespace) -> int:
         for e in entries:
             print(f"  {e['name']:<{width}}  [{e['package']}]  {e['about']}")
     for name, error in registry.failed.items():
-        print(f"failed to load: {name}: {error}")
+        print(f"broken plugin (skipped): {name}: {error}")
+    for err in registry.conflicts.values():
+        print(f"conflict: {err}")
     return 0

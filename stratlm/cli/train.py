@@ -14,7 +14,8 @@ from .common import add_model_options, box, jsonable
 def add_training_options(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--out", default="adapters", help="adapter folder: adapters.safetensors, adapter_config.json, checkpoints (default: adapters)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from the last checkpoint in --out")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from the last checkpoint in --out (same data, model and settings)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its checkpoints and adapter) instead of refusing")
     g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
@@ -39,7 +40,8 @@ def add_training_options(p: argparse.ArgumentParser, steps: int, lr: float) -> N
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune DoRA adapters (mlx-lm compatible)")
     tsub = p.add_subparsers(dest="train_command", metavar="KIND")
-    d = tsub.add_parser("dora", help="fine-tune on a JSONL dataset", description="JSONL lines: {\"prompt\",\"completion\"}, {\"messages\": [...]} or {\"text\"}.")
+    d = tsub.add_parser("dora", help="fine-tune on a JSONL dataset",
+                        description="JSONL lines: {\"prompt\",\"completion\"}, {\"messages\": [...]} or {\"text\"}.")
     add_model_options(d)
     d.add_argument("--data", required=True, help="training data, .jsonl")
     d.add_argument("--valid", default=None, help="validation data, .jsonl (default: --valid-fraction of --data)")
@@ -77,10 +79,11 @@ def load(args: argparse.Namespace):
 
     from .common import parse_transforms
 
-    loaded = load_model(args.model, dtype=args.dtype, quantized=args.quantized)
+    registry = getattr(args, "registry", None) or get_registry()
+    loaded = load_model(args.model, dtype=args.dtype, quantized=args.quantized, registry=registry)
     if args.adapter:
-        loaded = apply_adapter(loaded, Path(args.adapter), get_registry())
-    return apply_transforms(loaded, parse_transforms(args.transform), get_registry())
+        loaded = apply_adapter(loaded, Path(args.adapter), registry)
+    return apply_transforms(loaded, parse_transforms(args.transform), registry)
 
 
 def finish(result, args: argparse.Namespace) -> None:
@@ -102,7 +105,8 @@ def run_dora(args: argparse.Namespace) -> int:
     adapter, train = configs(args)
     loaded = load(args)
     result = finetune(loaded, args.data, valid=args.valid, valid_fraction=0 if args.valid else args.valid_fraction, adapter=adapter, train=train,
-                      out=args.out, resume=args.resume, train_on_prompt=args.train_on_prompt, on_error="stop" if args.stop_on_bad_lines else "skip")
+                      out=args.out, resume=args.resume, overwrite=args.overwrite, train_on_prompt=args.train_on_prompt,
+                      on_error="stop" if args.stop_on_bad_lines else "skip")
     finish(result, args)
     return 0
 
@@ -116,6 +120,9 @@ def run_svg(args: argparse.Namespace) -> int:
     if args.heldout < 1:
         raise ConfigError(f"--heldout must be >= 1, got {args.heldout}")
     out = Path(args.out)
+    from stratlm.training.trainer import prepare_out
+
+    prepare_out(out, resume=args.resume, overwrite=args.overwrite)  # before the data and the "before" score are written
     train_specs, heldout_specs = svg_task.make_splits(args.heldout, args.seed)
     data = write_jsonl(svg_task.records(train_specs), out / "data" / "train.jsonl")
     write_jsonl(svg_task.records(heldout_specs), out / "data" / "heldout.jsonl")
@@ -131,7 +138,7 @@ def run_svg(args: argparse.Namespace) -> int:
         before = svg_task.evaluate_svg(loaded, heldout_specs)
         before_file.write_text(json.dumps(jsonable(before)))
     box("held-out, before", before.line())
-    result = finetune(loaded, data, valid_fraction=0.05, adapter=adapter, train=train, out=out, resume=args.resume)
+    result = finetune(loaded, data, valid_fraction=0.05, adapter=adapter, train=train, out=out, resume=args.resume, overwrite=args.overwrite)
     finish(result, args)
     after = svg_task.evaluate_svg(fuse(result.loaded), heldout_specs)
     box("held-out, after", after.line() + "\n" + "\n".join(f"{d} -> {a}" for d, a in after.examples))

@@ -11,7 +11,8 @@ from stratlm.core.errors import ConfigError
 def add_parser(sub) -> None:
     p = sub.add_parser("transform", help="apply transforms (collapse, heal, fuse, ...) and save an ordinary model folder",
                        description="Example: stratlm transform smollm2-135m collapse:n=6 heal --out smollm2-collapsed")
-    p.add_argument("items", nargs="+", metavar="[MODEL] TRANSFORM", help="an optional model source, then transform names with options, e.g. collapse:n=6,mode=drop")
+    p.add_argument("items", nargs="+", metavar="[MODEL] TRANSFORM",
+                   help="an optional model source, then transform names with options, e.g. collapse:n=6,mode=drop")
     p.add_argument("--out", required=True, help="folder for the transformed model (config.json, model.safetensors, tokenizer)")
     p.add_argument("--adapter", default=None, help="apply this adapter folder before the transforms")
     p.add_argument("--dtype", default=None)
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stratlm.engine import apply_adapter, apply_transforms
+    from stratlm.engine import apply_adapter, apply_transforms, check_transform_options
     from stratlm.loaders.loading import load_model, save_model
     from stratlm.core.registry import get_registry
     from stratlm.transforms.collapse import collapse_report, format_report
@@ -31,15 +32,15 @@ def run(args: argparse.Namespace) -> int:
 
     from .common import parse_transforms
 
-    registry = get_registry()
+    registry = getattr(args, "registry", None) or get_registry()
     known = set(registry.names("transform"))
     items = list(args.items)
     model = None if items[0].partition(":")[0] in known else items.pop(0)
     if not items:
         raise ConfigError(f"name at least one transform after the model; known transforms: {', '.join(sorted(known))}")
     specs = [(name, {"on_progress": print_progress, **options} if name == "heal" else options) for name, options in parse_transforms(items)]
-    for name, _ in specs:
-        registry.get("transform", name)  # unknown names fail before the model loads
+    for name, options in specs:  # unknown names and options fail before the model loads
+        check_transform_options(name, registry.get("transform", name), options)
     original = load_model(model, dtype=args.dtype, quantized=args.quantized)
     if args.adapter:
         original = apply_adapter(original, Path(args.adapter), registry)

@@ -1,8 +1,9 @@
 """The plugin registry: a pluggy PluginManager fed by the `stratlm` entry-point group.
 
 Names live in one table per kind (model family, alias, strategy, ...). A plugin that fails
-to import is logged and skipped; the same name registered twice is an error naming both
-origins; an unknown name is an error listing the known ones.
+to import, or whose registration hook raises, is logged, skipped and listed in `failed`; the
+same name registered twice is an error naming both origins when that name is used (other names
+keep working); an unknown name is an error listing the known ones.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class Registry:
     def __init__(self, load_entry_points: bool = True):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, str] = {}  # plugin -> why it was skipped (failed to import, a hook raised)
+        self.conflicts: dict[tuple[str, str], DuplicateNameError] = {}  # (kind, name) registered by two packages
         self._origins: dict[int, str] = {}
         self._tables: dict[str, dict[str, Entry]] | None = None
         if load_entry_points:
@@ -74,24 +76,45 @@ class Registry:
 
     # -- tables --------------------------------------------------------------------------------
     def _build(self) -> dict[str, dict[str, Entry]]:
-        tables: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        # per plugin first: a plugin whose hook raises is named, skipped (all of its hooks) and the rest keep working
+        gathered: list[tuple[str, Any, str, list[tuple[str, Any]]]] = []  # (kind, plugin, origin, [(name, obj)])
+        broken: dict[int, Any] = {}
         for kind, hook_name in KINDS.items():
-            hook = getattr(self.pm.hook, hook_name)
-            for impl in hook.get_hookimpls():
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 origin = self._origins.get(id(impl.plugin), impl.plugin_name)
+                found: list[tuple[str, Any]] = []
 
-                def register(name_or_obj: Any, obj: Any = None, *, _kind=kind, _origin=origin) -> None:
+                def register(name_or_obj: Any, obj: Any = None, *, _found=found) -> None:
                     # families and loaders register themselves (they carry their name); others register(name, obj)
-                    name, value = (name_or_obj.name, name_or_obj) if obj is None else (name_or_obj, obj)
-                    table = tables[_kind]
-                    if name in table:
-                        raise DuplicateNameError(
-                            f"{_kind} {name!r} is registered twice: by {table[name].origin} and by {_origin}; "
-                            "uninstall one of the packages or rename one"
-                        )
-                    table[name] = Entry(name, value, _origin)
+                    _found.append((name_or_obj.name, name_or_obj) if obj is None else (name_or_obj, obj))
 
-                impl.function(register=register)
+                try:
+                    impl.function(register=register)
+                except Exception as exc:  # a plugin's bug must not break the engine
+                    label = origin if impl.plugin_name.isdigit() else impl.plugin_name  # pluggy names anonymous plugins by id
+                    self.failed[label] = f"{hook_name} raised {type(exc).__name__}: {exc} (package {origin}; the plugin is skipped)"
+                    log.warning("plugin hook failed; skipped", plugin=label, package=origin, hook=hook_name, error=f"{type(exc).__name__}: {exc}")
+                    broken[id(impl.plugin)] = impl.plugin
+                    continue
+                gathered.append((kind, impl.plugin, origin, found))
+        for plugin in broken.values():
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)  # its other hooks (load_adapter, ...) are not called either
+        tables: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self.conflicts = {}
+        for kind, plugin, origin, found in gathered:
+            if id(plugin) in broken:
+                continue
+            table = tables[kind]
+            for name, value in found:
+                if name in table:
+                    # both stay out of use for this name only: every other name (and command) keeps working
+                    self.conflicts[(kind, name)] = DuplicateNameError(
+                        f"{kind} {name!r} is registered twice: by {table[name].origin} and by {origin}; "
+                        "uninstall one of the packages or rename one")
+                    log.warning("name registered twice", kind=kind, name=name, packages=[table[name].origin, origin])
+                    continue
+                table[name] = Entry(name, value, origin)
         return tables
 
     def table(self, kind: str) -> dict[str, Entry]:
@@ -101,6 +124,8 @@ class Registry:
 
     def get(self, kind: str, name: str) -> Any:
         table = self.table(kind)
+        if (kind, name) in self.conflicts:
+            raise self.conflicts[(kind, name)]
         if name not in table:
             raise UnknownNameError(kind, name, list(table))
         return table[name].obj

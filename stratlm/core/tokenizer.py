@@ -32,9 +32,11 @@ class Tokenizer:
         try:
             hf = AutoTokenizer.from_pretrained(str(path))
         except Exception as exc:
-            raise ModelLoadError(f"cannot load a tokenizer from {path}: {exc}. A model folder needs tokenizer.json (or tokenizer_config.json and vocabulary files)") from exc
+            raise ModelLoadError(f"cannot load a tokenizer from {path}: {exc}. "
+                                 "A model folder needs tokenizer.json (or tokenizer_config.json and vocabulary files)") from exc
         if len(hf) <= 1:  # transformers builds an empty tokenizer from config.json alone
-            raise ModelLoadError(f"cannot load a tokenizer from {path}: no vocabulary found. A model folder needs tokenizer.json (or tokenizer_config.json and vocabulary files)")
+            raise ModelLoadError(f"cannot load a tokenizer from {path}: no vocabulary found. "
+                                 "A model folder needs tokenizer.json (or tokenizer_config.json and vocabulary files)")
         return cls(hf, eos_token_ids)
 
     # -- use -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
 
+import attrs
 import mlx.core as mx
 
 from stratlm.core.cache import KVCache, StaticKVCache
@@ -111,8 +112,7 @@ def decode(
     The next step is queued (async_eval) before the current token is handed over.
     """
     cache, step = decode_forward(model, len(prompt), cache)
-    needs_history = sampler.params.repetition_penalty != 1.0
-    history = mx.array([list(prompt)], dtype=mx.int32) if needs_history else None
+    history = sampler.start_history(mx.array([list(prompt)], dtype=mx.int32))
 
     def pick(logits: mx.array) -> tuple[mx.array, mx.array | None]:
         token = sampler.sample(logits, history)
@@ -121,12 +121,21 @@ def decode(
     token, lp = pick(prefill(model, mx.array([list(prompt)], dtype=mx.int32), cache))
     mx.async_eval(token, lp) if lp is not None else mx.async_eval(token)
     while True:
-        if needs_history:
-            history = mx.concatenate([history, token[:, None]], axis=1)
+        if history is not None:
+            history = history.append(token)
         next_token, next_lp = pick(step(token[:, None]))
         mx.async_eval(next_token, next_lp) if next_lp is not None else mx.async_eval(next_token)
         yield int(token.item()), (float(lp.item()) if lp is not None else None)
         token, lp = next_token, next_lp
+
+
+def within_context(params: GenerationParams, prompt_length: int, context_length: int | None) -> GenerationParams:
+    """`params` with max_tokens cut so prompt + generated tokens fit the model's context: the
+    completion then ends there with finish reason "length" (past it a model's positions are
+    ones it never saw in training: the text degrades)."""
+    if context_length is None or prompt_length + params.max_tokens <= context_length:
+        return params
+    return attrs.evolve(params, max_tokens=max(1, context_length - prompt_length))
 
 
 def run_single(
@@ -136,8 +145,13 @@ def run_single(
     prompt: Sequence[int],
     params: GenerationParams,
     sampler: Sampler | None = None,
+    registry=None,
+    context_length: int | None = None,
 ) -> Iterator[str | GenerationResult]:
-    """Decode one prompt, yielding text pieces and finally the GenerationResult."""
-    sampler = sampler or Sampler(params.sampling)
+    """Decode one prompt, yielding text pieces and finally the GenerationResult (the logits
+    processors from `registry` unless a sampler is given). With `context_length`, generation
+    stops where the prompt and the tokens fill it (finish reason "length")."""
+    params = within_context(params, len(prompt), context_length)
+    sampler = sampler or Sampler(params.sampling, registry)
     tokens = decode(model, prompt, sampler, logprobs=params.logprobs)
     yield from complete(tokens, tokenizer, eos_token_ids, len(prompt), params)

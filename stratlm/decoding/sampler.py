@@ -1,7 +1,9 @@
-"""Token sampling: temperature, top-k, top-p, min-p, repetition penalty, seeded.
+"""Token sampling: the logits processors (penalties, bias, plugins'), then temperature, top-k,
+top-p, min-p; seeded.
 
-`Sampler.distribution(logits)` gives the processed log-probabilities a token is drawn from;
-speculative sampling needs exactly that distribution for both target and draft.
+`Sampler.process(logits, history)` applies the processors; `Sampler.distribution(logits)` gives
+the log-probabilities a token is drawn from. Speculative sampling needs exactly that
+distribution for both target and draft.
 """
 
 from __future__ import annotations
@@ -9,12 +11,26 @@ from __future__ import annotations
 import mlx.core as mx
 
 from stratlm.core.types import SamplingParams
+from stratlm.decoding.processors import History, LogitsProcessor, make_logits_processors
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
+    """processors: the logits processors to apply; None asks the registry (`registry`, else the
+    process-wide one) for those the parameters need."""
+
+    def __init__(self, params: SamplingParams, registry=None, processors: list[LogitsProcessor] | None = None):
         self.params = params
         self._key = mx.random.key(params.seed) if params.seed is not None else None
+        self.processors = make_logits_processors(params, registry) if processors is None else list(processors)
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether the caller must keep a History: only when a processor is active."""
+        return bool(self.processors)
+
+    def start_history(self, tokens: mx.array) -> History | None:
+        """The history of prompts (B, T), or None when no processor needs one."""
+        return History(tokens, tokens.shape[1]) if self.processors else None
 
     def next_key(self) -> mx.array | None:
         if self._key is None:
@@ -22,15 +38,16 @@ class Sampler:
         self._key, sub = mx.random.split(self._key)
         return sub
 
-    def penalize(self, logits: mx.array, history: mx.array | None) -> mx.array:
-        """Repetition penalty (CTRL style) over the recent tokens of each row. history: (B, T) int."""
-        p = self.params
-        if p.repetition_penalty == 1.0 or history is None or history.shape[-1] == 0:
+    def process(self, logits: mx.array, history: History | None) -> mx.array:
+        """Apply the logits processors in order. logits (B, V); history: each row's tokens so far."""
+        if not self.processors:
             return logits
-        recent = history[:, -p.repetition_context :]
-        picked = mx.take_along_axis(logits, recent, axis=-1)
-        picked = mx.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-        return mx.put_along_axis(logits, recent, picked, axis=-1)
+        if history is None:
+            raise ValueError("this sampler has logits processors: pass the History (Sampler.start_history)")
+        logits = logits.astype(mx.float32)
+        for processor in self.processors:
+            logits = processor(history, logits)
+        return logits
 
     def distribution(self, logits: mx.array) -> mx.array:
         """Log-probabilities after temperature and the top-k / top-p / min-p filters. logits: (..., V)."""
@@ -56,9 +73,9 @@ class Sampler:
             logprobs = mx.where(keep, logprobs, neg_inf)
         return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
 
-    def sample(self, logits: mx.array, history: mx.array | None = None) -> mx.array:
+    def sample(self, logits: mx.array, history: History | None = None) -> mx.array:
         """Next token per row. logits: (B, V) -> (B,) int32."""
-        logits = self.penalize(logits, history)
+        logits = self.process(logits, history)
         if self.params.greedy:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
         return mx.random.categorical(self.distribution(logits), axis=-1, key=self.next_key()).astype(mx.int32)

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 import attrs
 import mlx.core as mx
@@ -40,8 +40,9 @@ from . import batch_cache
 from .completion import Completion
 from .loop import token_logprobs
 from .prefix_cache import PrefixCache
+from .processors import History
 from .sampler import Sampler
-from .speculation import verify
+from .speculation import process_positions, verify
 
 log = get_logger(__name__)
 
@@ -141,7 +142,7 @@ class RequestHandle:
         shown = 0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: len(self._pieces) > shown or self.done)
+                self._cond.wait_for(lambda seen=shown: len(self._pieces) > seen or self.done)
                 pieces, finished = self._pieces[shown:], self.done
             shown += len(pieces)
             yield from pieces
@@ -196,8 +197,8 @@ class Row:
         self.request, self.index = request, index
         seed = params.sampling.seed
         sampling = attrs.evolve(params.sampling, seed=seed + index) if seed is not None and index else params.sampling
-        self.sampler = Sampler(sampling)
-        self.plain_greedy = sampling.greedy and not needs_history(sampling)
+        self.sampler = Sampler(sampling, request.strategy.registry)
+        self.plain_greedy = sampling.greedy and not self.sampler.processors
         self.completion = Completion(tokenizer, params, eos, stream=request.policy.streams)
         self.sequence = list(request.prompt)  # prompt + every sampled token
         self.first_token_time: float | None = None
@@ -206,12 +207,11 @@ class Row:
     def finished(self) -> bool:
         return self.completion.finished
 
-
-def needs_history(sampling: Any) -> bool:
-    """Whether sampling looks at the tokens so far (penalties, processors)."""
-    if getattr(sampling, "repetition_penalty", 1.0) != 1.0:
-        return True
-    return bool(getattr(sampling, "presence_penalty", 0.0) or getattr(sampling, "frequency_penalty", 0.0) or getattr(sampling, "logit_bias", None))
+    def history(self) -> History | None:
+        """What the logits processors look at (None when there are none)."""
+        if not self.sampler.processors:
+            return None
+        return History(mx.array([self.sequence], dtype=mx.int32), len(self.request.prompt))
 
 
 class Request:
@@ -428,7 +428,8 @@ class Scheduler:
                 outputs.append(None)
                 drops.append(width - 1)
                 continue
-            accepted, following = verify(logits[i, : len(drafted) + 1], drafted, None, row.sampler)
+            checked = process_positions(logits[i, : len(drafted) + 1], row.sequence, drafted, row.sampler, len(row.request.prompt))
+            accepted, following = verify(checked, drafted, None, row.sampler)
             row.request.policy.verified(row.index, len(drafted), accepted)
             out = drafted[:accepted] + [following]
             outputs.append((out, logits[i, : len(out)]))
@@ -455,8 +456,7 @@ class Scheduler:
     def _pick(self, row: Row, logits: mx.array, token: mx.array | None = None) -> tuple:
         """The row's next token from logits (1, vocab), lazily, with what the params ask for."""
         if token is None:
-            history = mx.array([row.sequence], dtype=mx.int32) if needs_history(row.sampler.params) else None
-            token = row.sampler.sample(logits, history)
+            token = row.sampler.sample(logits, row.history())
         params = row.request.params
         lp = token_logprobs(logits, token) if params.logprobs or params.top_logprobs else None
         top = top_logprobs(logits, params.top_logprobs) if params.top_logprobs else None

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
+from stratlm.decoding.processors import History
 from stratlm.decoding.sampler import Sampler
 
 
@@ -23,9 +24,22 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 
+def process_positions(logits: mx.array, sequence: Sequence[int], drafted: list[int], sampler: Sampler, start: int) -> mx.array:
+    """The logits processors applied at each verified position: row i follows sequence + drafted[:i]
+    (the generated tokens begin at `start`). A token's distribution is then exactly what the
+    plain loop would give it, so the output distribution stays the target's."""
+    if not sampler.processors:
+        return logits
+    rows = []
+    for i in range(len(drafted) + 1):
+        history = History(mx.array([list(sequence) + drafted[:i]], dtype=mx.int32), start)
+        rows.append(sampler.process(logits[i : i + 1], history))
+    return mx.concatenate(rows, axis=0)
+
+
 def verify(logits: mx.array, drafted: list[int], draft_logprobs: mx.array | None, sampler: Sampler) -> tuple[int, int]:
-    """logits (m+1, V) of the target at the positions before each draft token and after the last.
-    Returns (how many draft tokens are accepted, the token that follows them)."""
+    """logits (m+1, V) of the target (processed) at the positions before each draft token and
+    after the last. Returns (how many draft tokens are accepted, the token that follows them)."""
     m = len(drafted)
     if sampler.params.greedy:
         best = mx.argmax(logits, axis=-1).tolist()

@@ -1,4 +1,5 @@
-"""The GGUF loader: a `.gguf` file read with mx.load. What the tensors are called, how the
+"""The GGUF loader: a `.gguf` file read and checked by our own reader (gguf_file), each tensor
+converted by its own type (gguf_quants). What the tensors are called, how the
 config reads from the metadata, RoPE scaling, Q/K row order and the tokenizer are the family's
 (its ModelFamily.gguf); this module knows the file format only."""
 
@@ -9,18 +10,17 @@ from typing import Any
 
 import mlx.core as mx
 
-from stratlm.core.errors import ModelLoadError
+from stratlm.core.errors import ModelLoadError, StratlmError
 from stratlm.core.loader import Loader
 from stratlm.core.model import LoadedModel, ModelFamily
 from stratlm.core.registry import Registry
 
-from .gguf_tokenizer import bpe_tokenizer
+from .gguf_file import read_gguf
+from .gguf_quants import GROUP_SIZE, tensor_arrays
+from .gguf_tokenizer import gguf_tokenizer
 from .weights import assemble
 
-GGUF_GROUP_SIZE = 32  # Q4_0, Q4_1, Q8_0 blocks
-# general.file_type values MLX reads correctly: F32, F16, Q4_0, Q4_1, Q8_0. Its reader gets
-# Q4_K wrong (sub-block scales) and fails on others, so those are refused up front.
-GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0"}
+GGUF_GROUP_SIZE = GROUP_SIZE  # every quantized GGUF tensor becomes MLX affine groups of 32
 
 
 class GGUFLoader(Loader):
@@ -49,30 +49,50 @@ def family_for_gguf(arch: str, registry: Registry, name: str) -> ModelFamily:
     return family
 
 
+def read_tensors(path: Path, keep_quantized: bool) -> tuple[dict[str, Any], dict[str, mx.array]]:
+    """(metadata, tensors by GGUF name): quantized weights kept as "<name>.weight/.scales/.biases"."""
+    gguf = read_gguf(path)
+    tensors: dict[str, mx.array] = {}
+    for info in gguf.tensors.values():
+        arrays = tensor_arrays(info, gguf.raw(info), keep_quantized=keep_quantized)
+        stem = info.name[: -len(".weight")] if info.name.endswith(".weight") else info.name
+        for suffix, array in arrays.items():
+            tensors[f"{stem}.{suffix}" if suffix else info.name] = array
+    return gguf.metadata, tensors
+
+
+def check_blocks(config: dict[str, Any], raw: dict[str, mx.array], name: str) -> None:
+    """The metadata's block count against the file's blk.N tensors (a corrupt count would build
+    a model of millions of layers before the weights could disagree)."""
+    blocks = {k.split(".")[1] for k in raw if k.startswith("blk.")}
+    layers = config.get("num_hidden_layers")
+    if blocks and layers != len(blocks):
+        raise ModelLoadError(f"{name}: the metadata says {layers} blocks but the file has tensors for {len(blocks)}; the file is corrupt")
+
+
 def load_gguf(path: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: bool, source: str = "") -> LoadedModel:
-    try:
-        raw, meta = mx.load(str(path), return_metadata=True)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"cannot read {path}: corrupt GGUF or a tensor type MLX cannot load (Q4_0, Q4_1, Q8_0, F16, F32 are supported) ({exc})"
-        ) from exc
-    file_type = scalar(meta.get("general.file_type"))
-    if file_type is not None and int(file_type) not in GGUF_FILE_TYPES:
-        raise ModelLoadError(
-            f"{path.name} is a GGUF of file type {int(file_type)}, which MLX does not read correctly; "
-            f"use one of {', '.join(GGUF_FILE_TYPES.values())} (e.g. the Q8_0 or Q4_0 file of the same model)"
-        )
+    meta, raw = read_tensors(path, keep_quantized)
     family = family_for_gguf(str(meta.get("general.architecture", "")), registry, path.name)
     spec = family.gguf
     factors = raw.pop("rope_freqs.weight", None)
-    config = spec.config(meta, raw, family.model_types[0])
-    if factors is not None:
-        if spec.rope_scaling is None:
-            raise ModelLoadError(f"{path.name} has rope frequency factors, which a {family.name} model does not take")
-        config["rope_scaling"] = spec.rope_scaling(factors, config, path.name)
-    weights = {spec.parameter_name(k): v for k, v in raw.items()}
-    if spec.unpermute_qk is not None:
-        weights = spec.unpermute_qk(weights, config)
-    model = assemble(config, weights, family=family, dtype=dtype, group_size=GGUF_GROUP_SIZE, keep_quantized=keep_quantized, where=str(path))
-    tokenizer = (spec.tokenizer or bpe_tokenizer)(meta)
+    try:
+        config = spec.config(meta, raw, family.model_types[0])
+        check_blocks(config, raw, path.name)
+        if factors is not None:
+            if spec.rope_scaling is None:
+                raise ModelLoadError(f"{path.name} has rope frequency factors, which a {family.name} model does not take")
+            config["rope_scaling"] = spec.rope_scaling(factors, config, path.name)
+        weights = {spec.parameter_name(k): v for k, v in raw.items()}
+        if spec.unpermute_qk is not None:
+            weights = spec.unpermute_qk(weights, config)
+        model = assemble(config, weights, family=family, dtype=dtype, group_size=GGUF_GROUP_SIZE, keep_quantized=keep_quantized, where=str(path))
+    except (KeyError, TypeError, ValueError, ArithmeticError, IndexError) as exc:
+        # metadata that disagrees with itself or with the tensors (a corrupt or hand-edited file)
+        raise ModelLoadError(f"{path.name}: its metadata does not describe a valid {family.name} model ({type(exc).__name__}: {exc})") from exc
+    try:
+        tokenizer = (spec.tokenizer or gguf_tokenizer)(meta)
+    except StratlmError:
+        raise
+    except Exception as exc:  # the tokenizers library raises plain Exception ("Error while initializing BPE")
+        raise ModelLoadError(f"{path.name}: its tokenizer cannot be built from the tokenizer.ggml.* metadata (corrupt vocabulary or merges?): {exc}") from exc
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source or str(path), path=path)

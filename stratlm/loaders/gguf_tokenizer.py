@@ -22,6 +22,18 @@ GGUF_PRE_TOKENIZER_SPLITS = {
 }
 
 
+def gguf_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer `tokenizer.ggml.model` names: "gpt2" (byte-level BPE) or "llama" (SentencePiece)."""
+    kind = str(meta.get("tokenizer.ggml.model", ""))
+    builders = {"gpt2": bpe_tokenizer}
+    if kind not in builders:
+        raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not supported; supported: {', '.join(repr(k) for k in builders)}")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ModelLoadError("the GGUF has no valid tokenizer.ggml.tokens (a non-empty list of strings)")
+    return builders[kind](meta)
+
+
 def bpe_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """Byte-level BPE from the GGUF vocabulary and merges; same ids as transformers' GGUF loader.
 
@@ -45,7 +57,9 @@ def bpe_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     if split is None:
         rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        rust.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        rust.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
     rust.decoder = decoders.ByteLevel()
     rust.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == GGUF_CONTROL])
     rust.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == GGUF_USER_DEFINED])

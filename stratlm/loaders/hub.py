@@ -36,6 +36,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     except RepositoryNotFoundError as exc:
         raise ModelLoadError(f"no model {repo_id!r} on the Hugging Face hub (or it is private): check the repo id") from exc
     except LocalEntryNotFoundError as exc:
-        raise ModelLoadError(f"{repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached (offline or HF_HUB_OFFLINE=1); pass a local folder or .gguf file instead") from exc
+        raise ModelLoadError(f"{repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached (offline or HF_HUB_OFFLINE=1); "
+                             "pass a local folder or .gguf file instead") from exc
     except (HfHubHTTPError, OSError) as exc:
         raise ModelLoadError(f"downloading {repo_id!r} failed: {exc}") from exc

@@ -63,7 +63,8 @@ def assemble(
     if quantized:
         quantize_like(model, weights, group_size)
         bits = bits_of_any(weights, group_size)
-        layer_bits = {k[: -len(".scales")]: bits_of(weights[k[: -len(".scales")] + ".weight"], v, group_size) for k, v in weights.items() if k.endswith(".scales")}
+        prefixes = {k[: -len(".scales")]: v for k, v in weights.items() if k.endswith(".scales")}
+        layer_bits = {prefix: bits_of(weights[prefix + ".weight"], scales, group_size) for prefix, scales in prefixes.items()}
         # mlx-lm's per-layer entries for layers of other widths (a GGUF's Q8_0 embedding among Q4 layers)
         overrides = {path: {"group_size": group_size, "bits": b} for path, b in sorted(layer_bits.items()) if b != bits}
         config = {**config, "quantization": {"group_size": group_size, "bits": bits, **overrides}}

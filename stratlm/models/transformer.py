@@ -148,7 +148,7 @@ class RoPE(nn.Module):
     def swap_halves(self, dtype: mx.Dtype) -> mx.array:
         """P with x @ P == concatenate([-x2, x1]) for x = [x1, x2] (exact: one signed 1 a column)."""
         if "_swap" not in self or self._swap.dtype != dtype:
-            dim, half = self.dims, self.dims // 2
+            half = self.dims // 2
             eye = mx.eye(half, dtype=dtype)
             zeros = mx.zeros((half, half), dtype=dtype)
             self._swap = mx.concatenate([mx.concatenate([zeros, eye], axis=1), mx.concatenate([-eye, zeros], axis=1)], axis=0)
@@ -452,7 +452,8 @@ class DecoderLM(Model):
         else:
             mask = cache[0].make_mask(L)
         delta = None
-        for (in_w, in_eps, qkv_t, qkv_w, (q_w, k_w, qk_eps), o_t, o_w, post_w, post_eps, gate_up_t, gate_up_w, down_t, down_w), layer_cache in zip(plans, cache):
+        for plan, layer_cache in zip(plans, cache):
+            in_w, in_eps, qkv_t, qkv_w, (q_w, k_w, qk_eps), o_t, o_w, post_w, post_eps, gate_up_t, gate_up_w, down_t, down_w = plan
             if few:
                 h, q, k, v = ops.norm_gemv_heads(h, delta, in_w, in_eps, qkv_w, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
                 keys, values = layer_cache.make_room(k, v)

@@ -1,7 +1,8 @@
-"""Built-in decoding strategies and their parts (scorers, answer extractors, draft sources),
-registered through the `stratlm` entry-point group."""
+"""Built-in decoding strategies and their parts (scorers, answer extractors, draft sources,
+logits processors), registered through the `stratlm` entry-point group."""
 
 from stratlm.core.hookspecs import hookimpl
+from stratlm.decoding.processors import BUILTIN as LOGITS_PROCESSORS
 from stratlm.strategies.batched import Batch
 from stratlm.strategies.best_of_n import SCORERS, BestOfN
 from stratlm.strategies.single import Sample, SingleSequence
@@ -32,4 +33,10 @@ def register_answer_extractors(register):
 @hookimpl
 def register_draft_sources(register):
     for name, factory in DRAFT_SOURCES.items():
+        register(name, factory)
+
+
+@hookimpl
+def register_logits_processors(register):
+    for name, factory in LOGITS_PROCESSORS.items():
         register(name, factory)

@@ -50,12 +50,12 @@ def run_batch(
     check_prompts(prompts)
     model, tokenizer, eos = target.model, target.tokenizer, target.eos_token_ids
     sampler = sampler or Sampler(params.sampling)
-    needs_history = params.sampling.repetition_penalty != 1.0
 
     width = max(len(p) for p in prompts)
     padding = [width - len(p) for p in prompts]
     # Pad with the row's own first token: padded keys are masked anyway, and a token the row
-    # already holds leaves the repetition penalty's history unchanged.
+    # already holds leaves the repetition penalty's history unchanged (the generated tokens,
+    # which the presence and frequency penalties count, start after the padded prompt).
     tokens = mx.array([[p[0]] * pad + list(p) for p, pad in zip(prompts, padding)], dtype=mx.int32)
     rows = [i for i in range(len(prompts)) for _ in range(copies)]  # batch row -> prompt
     timer = Timer()
@@ -66,7 +66,7 @@ def run_batch(
         for layer_cache in cache:
             layer_cache.filter(index)
         logits, tokens = logits[index], tokens[index]
-    history = tokens if needs_history else None
+    history = sampler.start_history(tokens)
 
     def pick(logits: mx.array, history: mx.array | None) -> tuple[mx.array, mx.array | None]:
         token = sampler.sample(logits, history)
@@ -78,8 +78,8 @@ def run_batch(
     active = list(range(len(rows)))  # batch position -> output row
     token, lp = pick(logits, history)
     while active:
-        if needs_history:
-            history = mx.concatenate([history, token[:, None]], axis=1)
+        if history is not None:
+            history = history.append(token)
         # queue the next step before reading this one, so the device never waits on the host
         next_token, next_lp = pick(model(token[:, None], cache)[:, -1, :], history)
         chosen = token.tolist()
@@ -106,7 +106,7 @@ def run_batch(
                 layer_cache.filter(index)
             next_token = next_token[index]
             next_lp = next_lp[index] if next_lp is not None else None
-            history = history[index] if history is not None else None
+            history = history.rows(index) if history is not None else None
         token, lp = next_token, next_lp
 
 
@@ -136,7 +136,7 @@ class Batch(Strategy):
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         check_prompts(prompts)
         size = self.batch_size or len(prompts)
-        sampler = Sampler(params.sampling)
+        sampler = Sampler(params.sampling, self.registry)
         results: list[GenerationResult] = []
         for start in range(0, len(prompts), size):
             group = prompts[start : start + size]
@@ -144,5 +144,5 @@ class Batch(Strategy):
         return results
 
     def stream(self, prompt: Sequence[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
-        for _, item in run_batch(self.target, [prompt], params):
+        for _, item in run_batch(self.target, [prompt], params, Sampler(params.sampling, self.registry)):
             yield item

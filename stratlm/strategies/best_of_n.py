@@ -41,7 +41,8 @@ def sample_candidates(strategy: Strategy, prompts: Sequence[Sequence[int]], para
     """n sampled completions per prompt, all decoded in one batch, with their logprobs (for scoring)."""
     check_prompts(prompts)
     with_logprobs = attrs.evolve(params, logprobs=True)
-    results = batch_results(run_batch(strategy.target, prompts, with_logprobs, Sampler(params.sampling), copies=n, stream=False), len(prompts) * n)
+    sampler = Sampler(params.sampling, strategy.registry)
+    results = batch_results(run_batch(strategy.target, prompts, with_logprobs, sampler, copies=n, stream=False), len(prompts) * n)
     return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 

@@ -25,7 +25,8 @@ class SingleSequence(Strategy):
 
     def stream(self, prompt: Sequence[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
         t = self.target
-        yield from run_single(t.model, t.tokenizer, t.eos_token_ids, prompt, params)
+        yield from run_single(t.model, t.tokenizer, t.eos_token_ids, prompt, params, registry=self.registry,
+                              context_length=t.context_length)
 
 
 class Sample(SingleSequence):

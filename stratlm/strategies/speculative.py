@@ -28,12 +28,12 @@ import mlx.core as mx
 
 from stratlm.core.errors import ConfigError
 from stratlm.decoding.completion import complete
-from stratlm.decoding.loop import prefill, token_logprobs
+from stratlm.decoding.loop import prefill, token_logprobs, within_context
 from stratlm.core.model import LoadedModel
 from stratlm.loaders.loading import load_model
 from stratlm.core.registry import Registry
 from stratlm.decoding.sampler import Sampler
-from stratlm.decoding.speculation import common_prefix_length, verify
+from stratlm.decoding.speculation import common_prefix_length, process_positions, verify
 from stratlm.core.strategy import RequestPolicy, Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 
@@ -228,7 +228,7 @@ def speculative_decode(
     draft.reset()
     start = time.perf_counter()
     logits = prefill(model, mx.array([list(prompt)], dtype=mx.int32), cache)
-    token = sampler.sample(logits)
+    token = sampler.sample(logits, sampler.start_history(mx.array([list(prompt)], dtype=mx.int32)))
     lp = token_logprobs(logits, token) if logprobs else None
     sequence = list(prompt) + [int(token.item())]
     counts.target_time += time.perf_counter() - start
@@ -244,7 +244,7 @@ def speculative_decode(
         draft_logprobs = draft_logprobs[: len(drafted)] if draft_logprobs is not None else None
         checked = time.perf_counter()
         logits = model(mx.array([[sequence[-1]] + drafted], dtype=mx.int32), cache)[0]
-        n, following = verify(logits, drafted, draft_logprobs, sampler)
+        n, following = verify(process_positions(logits, sequence, drafted, sampler, len(prompt)), drafted, draft_logprobs, sampler)
         for layer_cache in cache:
             layer_cache.trim(len(drafted) - n)
         out = drafted[:n] + [following]
@@ -263,11 +263,6 @@ def speculative_decode(
         emitted += len(out)
 
 
-def check_no_penalty(params: GenerationParams) -> None:
-    if params.sampling.repetition_penalty != 1.0:
-        raise ConfigError("strategy 'speculative' does not support repetition_penalty (it would change the target distribution per draft position); use greedy or sample")
-
-
 class Speculative(Strategy):
     """Draft-then-verify decoding; output distribution equals the target's (identical at temperature 0)."""
 
@@ -284,7 +279,6 @@ class Speculative(Strategy):
         self.num_draft = num_draft or getattr(self.draft, "preferred_num_draft", 4)
 
     def policy(self, prompt: Sequence[int], params: GenerationParams) -> RequestPolicy | None:
-        check_no_penalty(params)
         if not getattr(self.draft, "stateless", False):
             return None  # a draft model keeps its own cache: the serial loop runs it
         return DraftPolicy(params, self.draft, self.num_draft)
@@ -295,9 +289,9 @@ class Speculative(Strategy):
 
     def stream(self, prompt: Sequence[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
         check_prompts([prompt])
-        check_no_penalty(params)
         t = self.target
-        sampler = Sampler(params.sampling)
+        params = within_context(params, len(prompt), t.context_length)
+        sampler = Sampler(params.sampling, self.registry)
         counts = SpeculativeCounts()
         tokens = speculative_decode(t.model, prompt, sampler, self.draft, self.num_draft, params.max_tokens, counts, params.logprobs)
         yield from complete(tokens, t.tokenizer, t.eos_token_ids, len(prompt), params, extra=counts.as_extra)

@@ -120,14 +120,26 @@ def tokenize_messages(messages: Any, tokenizer: Tokenizer, train_on_prompt: bool
     return Example(tokens, mask)
 
 
-def read_records(path: str | Path) -> Iterator[tuple[int, str]]:
+def read_records(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) for each non-blank line: decoded by the caller, so a line that is
+    not UTF-8 is reported by its number like any other bad line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"dataset file not found: {path} (expected a .jsonl file, one JSON object per line)")
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if line.strip():
-                yield number, line
+    try:
+        with path.open("rb") as fh:
+            for number, line in enumerate(fh, start=1):
+                if line.strip():
+                    yield number, line
+    except OSError as exc:
+        raise ConfigError(f"cannot read dataset {path}: {exc.strerror or exc}") from exc
+
+
+def decode_line(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8") from exc
 
 
 def load_jsonl(path: str | Path, tokenizer: Tokenizer, *, train_on_prompt: bool = False, on_error: str = "skip", max_length: int | None = None) -> Dataset:
@@ -137,14 +149,14 @@ def load_jsonl(path: str | Path, tokenizer: Tokenizer, *, train_on_prompt: bool 
     examples, skipped = [], []
     for number, line in read_records(path):
         try:
-            example = tokenize_record(json.loads(line), tokenizer, train_on_prompt)
+            example = tokenize_record(json.loads(decode_line(line)), tokenizer, train_on_prompt)
             if not any(example.loss_mask[1:]):
                 raise ValueError("no token to learn from after the prompt")
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             reason = f"not valid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
             message = f"{path} line {number}: {reason}"
             if on_error == "stop":
-                raise DataError(message + " (pass on_error='skip' / --skip-bad-lines to skip such lines)") from exc
+                raise DataError(message + " (on_error='skip', the CLI's default without --stop-on-bad-lines, skips such lines)") from exc
             log.warning("skipping dataset line", file=str(path), line=number, reason=reason)
             skipped.append(message)
             continue

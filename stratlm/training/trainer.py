@@ -13,6 +13,7 @@ import json
 import shutil
 import sys
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -23,7 +24,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from stratlm.core.errors import ConfigError
+from stratlm.core.errors import ConfigError, StratlmError
 from stratlm.core.log import get_logger
 
 log = get_logger(__name__)
@@ -35,6 +36,53 @@ STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "adapters.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 KEEP_CHECKPOINTS = 2
+RUN_FILES = (WEIGHTS_FILE, "adapter_config.json")  # what a finished run leaves in `out` beside its checkpoints
+
+
+class CheckpointError(StratlmError, OSError):
+    """A checkpoint or adapter could not be written (full disk, read-only folder, a file in the way)."""
+
+
+def write_error(path: Path, exc: OSError) -> CheckpointError:
+    reason = exc.strerror or type(exc).__name__
+    return CheckpointError(f"cannot write {path}: {reason}; free some space or choose another --out folder (the steps since the last checkpoint are lost)")
+
+
+def previous_run(out: Path) -> list[str]:
+    """The files and checkpoints of an earlier run in `out` (empty: the folder is free to use)."""
+    if not out.is_dir():
+        return []
+    found = sorted(p.name for p in out.glob("checkpoint-*")) + sorted(p.name for p in out.glob(".partial-*"))
+    return found + [name for name in RUN_FILES if (out / name).exists()]
+
+
+def prepare_out(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
+    """Check (and create) a training output folder before any step is trained.
+
+    A new run refuses a folder that holds another run (its checkpoints would be mixed with the
+    new ones, and a later --resume would continue the wrong one) unless `overwrite`, which removes
+    that run's files (only those: checkpoints, adapters.safetensors, adapter_config.json)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    old = previous_run(out)
+    if old and not resume:
+        if not overwrite:
+            shown = ", ".join(old[:4]) + (", ..." if len(old) > 4 else "")
+            raise ConfigError(f"{out} already holds another training run ({shown}): pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --out folder")
+        for name in old:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        log.info("removed the previous run", out=str(out), files=old)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise write_error(Path(exc.filename) if exc.filename else out, exc) from exc
+    return out
 
 
 def _positive(name: str) -> Callable[[Any, Any, Any], None]:
@@ -150,18 +198,23 @@ class Trainer:
 
     `batch(index)` returns the arrays of micro-batch `index` (0, 1, 2, ...). `save(model, folder)`
     writes the trainable weights of a checkpoint (default: the trainable parameters, by name).
+    `fingerprint` (JSON values) describes the data, model and settings; resuming from a checkpoint
+    whose fingerprint differs is refused, naming what differs.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Callable[[int], Arrays], config: TrainConfig, *,
                  out: str | Path | None = None, valid: Callable[[], Iterable[Arrays]] | None = None,
                  save: Callable[[nn.Module, Path], None] = save_trainable,
                  on_progress: Callable[[Progress], None] | None = print_progress,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None, fingerprint: dict[str, Any] | None = None):
         if not trainable_weights(model):
             raise ConfigError("the model has no trainable parameters; add adapters (or unfreeze some layers) first")
         self.model, self.loss_fn, self.batch, self.config = model, loss_fn, batch, config
         self.out = Path(out) if out is not None else None
         self.valid, self.save, self.on_progress, self.on_step = valid, save, on_progress, on_step
+        # what this run trains on (data, model, adapter, ...): stored with each checkpoint, checked on resume
+        self.fingerprint = dict(fingerprint or {})
+        self.run_id = uuid.uuid4().hex  # checkpoint rotation deletes only this run's checkpoints
         self.optimizer = optim.AdamW(learning_rate=config.schedule(), weight_decay=config.weight_decay)
         self.step = 0
         self.losses: list[tuple[int, float]] = []
@@ -191,25 +244,37 @@ class Trainer:
         return step
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def checkpoints(self) -> list[Path]:
+    def checkpoints(self, run_id: str | None = None) -> list[Path]:
+        """Complete checkpoints under `out`, oldest first (only run `run_id`'s when given)."""
         if self.out is None or not self.out.exists():
             return []
-        return sorted(p for p in self.out.glob("checkpoint-*") if (p / STATE_FILE).exists())
+        found = [p for p in self.out.glob("checkpoint-*") if (p / STATE_FILE).exists()]
+        if run_id is not None:
+            found = [p for p in found if read_state(p).get("run_id") == run_id]
+        return sorted(found, key=lambda p: (int(read_state(p).get("step", 0)), p.name))
 
     def save_checkpoint(self) -> Path:
         assert self.out is not None
         final = self.out / f"checkpoint-{self.step:06d}"
         partial_dir = self.out / f".partial-{self.step:06d}"
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        partial_dir.mkdir(parents=True)
-        self.save(self.model, partial_dir)
-        optimizer_state = dict(tree_flatten(self.optimizer.state))
-        mx.save_safetensors(str(partial_dir / OPTIMIZER_FILE), optimizer_state)
-        state = {"step": self.step, "losses": self.losses, "val_losses": self.val_losses, "config": attrs.asdict(self.config)}
-        (partial_dir / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks it complete
-        shutil.rmtree(final, ignore_errors=True)
-        partial_dir.rename(final)
-        for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
+        try:
+            shutil.rmtree(partial_dir, ignore_errors=True)
+            partial_dir.mkdir(parents=True)
+            self.save(self.model, partial_dir)
+            optimizer_state = dict(tree_flatten(self.optimizer.state))
+            mx.save_safetensors(str(partial_dir / OPTIMIZER_FILE), optimizer_state)
+            state = {"step": self.step, "run_id": self.run_id, "fingerprint": self.fingerprint, "losses": self.losses,
+                     "val_losses": self.val_losses, "config": attrs.asdict(self.config)}
+            (partial_dir / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks it complete
+            shutil.rmtree(final, ignore_errors=True)
+            partial_dir.rename(final)
+        except OSError as exc:
+            shutil.rmtree(partial_dir, ignore_errors=True)  # a half-written checkpoint must not look complete
+            raise write_error(Path(exc.filename) if exc.filename else partial_dir, exc) from exc
+        except RuntimeError as exc:  # mx.save_safetensors reports a failed write as RuntimeError
+            shutil.rmtree(partial_dir, ignore_errors=True)
+            raise write_error(partial_dir, OSError(str(exc))) from exc
+        for old in self.checkpoints(self.run_id)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
         log.debug("checkpoint saved", path=str(final), step=self.step)
         return final
@@ -220,8 +285,10 @@ class Trainer:
         if not found:
             log.warning("no checkpoint to resume from; starting at step 0", out=str(self.out))
             return 0
-        folder = found[-1]
-        state = json.loads((folder / STATE_FILE).read_text())
+        # the latest written (checkpoints of one run only come from older versions mixed in one folder)
+        folder = max(found, key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
+        state = read_state(folder)
+        check_fingerprint(folder, state.get("fingerprint"), self.fingerprint)
         saved = {k: v for k, v in state["config"].items() if k not in ("checkpoint_every", "eval_every", "report_every")}
         now = {k: v for k, v in attrs.asdict(self.config).items() if k in saved}
         changed = sorted(k for k in saved if saved[k] != now.get(k))
@@ -240,6 +307,7 @@ class Trainer:
         self.optimizer.state = tree_map_with_path(lambda path, _: saved_state[path], self.optimizer.state)
         mx.eval(self.model.parameters(), self.optimizer.state)
         self.step = int(state["step"])
+        self.run_id = state.get("run_id") or self.run_id
         self.losses = [tuple(x) for x in state["losses"]]
         self.val_losses = [tuple(x) for x in state["val_losses"]]
         log.debug("resumed", checkpoint=str(folder), step=self.step)
@@ -301,6 +369,37 @@ class Trainer:
         mean_loss = self.losses[-1][1] if self.losses else float("nan")
         return TrainResult(steps=self.step, start_step=start, loss=mean_loss, val_loss=val_loss, losses=self.losses,
                            val_losses=self.val_losses, tokens=tokens_total, seconds=time.perf_counter() - started, checkpoint=last_checkpoint)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {folder / STATE_FILE}: {exc}; remove that checkpoint folder or pass --overwrite") from exc
+    if not isinstance(state, dict):
+        raise ConfigError(f"{folder / STATE_FILE} is not a trainer state (a JSON object); remove that checkpoint folder or pass --overwrite")
+    return state
+
+
+def check_fingerprint(folder: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse to resume from a checkpoint made with other data, another model or other settings."""
+    if not now:
+        return
+    if saved is None:
+        raise ConfigError(f"cannot resume from {folder}: it was written without a record of its data, model and settings "
+                          "(an older stratlm), so it may belong to another run; pass --overwrite to start over")
+    changed = []
+    for key in sorted(set(saved) | set(now)):
+        was, new = saved.get(key), now.get(key)
+        if was == new:
+            continue
+        if isinstance(was, dict) and isinstance(new, dict):
+            changed += [f"{key}.{k} (was {was.get(k)!r}, now {new.get(k)!r})" for k in sorted(set(was) | set(new)) if was.get(k) != new.get(k)]
+        else:
+            changed.append(f"{key} (was {was!r}, now {new!r})")
+    if changed:
+        raise ConfigError(f"cannot resume from {folder}: the run differs from the checkpoint's: {'; '.join(changed)}. "
+                          "Resume with the same data, model and settings, or pass --overwrite to start a new run there")
 
 
 def batches_of(items: Sequence[Any], batch_size: int) -> Iterable[Sequence[Any]]:

@@ -91,7 +91,8 @@ def choose_run(loaded: LoadedModel, n: int, texts: Sequence[str] | None = None) 
     """(start, distance) of the run of n blocks that changes the hidden state least (first and last block kept)."""
     depth = len(loaded.model.layers)
     if n > depth - 2:
-        raise ConfigError(f"cannot choose {n} blocks to collapse by measurement in a {depth}-block model: the first and last block are kept; use n <= {depth - 2} or give start")
+        raise ConfigError(f"cannot choose {n} blocks to collapse by measurement in a {depth}-block model: the first and last block are kept; "
+                          f"use n <= {depth - 2} or give start")
     distances = run_distances(loaded, n, texts)
     candidates = range(1, depth - n)  # runs that keep block 0 and the last block
     start = min(candidates, key=lambda l: distances[l])

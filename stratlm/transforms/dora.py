@@ -272,7 +272,8 @@ def load_adapter_weights(model: nn.Module, path: str | Path, config: AdapterConf
         raise ModelLoadError(f"cannot read {weights_path}: {exc}") from exc
     n_blocks = len(model.layers)
     if file_config.layers is None and file_config.num_layers > n_blocks:
-        raise ModelLoadError(f"the adapter in {path} is for a model with at least {file_config.num_layers} blocks; this model has {n_blocks}: it was trained for another architecture")
+        raise ModelLoadError(f"the adapter in {path} is for a model with at least {file_config.num_layers} blocks; this model has {n_blocks}: "
+                             "it was trained for another architecture")
     try:
         add_adapters(model, file_config)
     except ConfigError as exc:

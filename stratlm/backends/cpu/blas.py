@@ -62,7 +62,7 @@ def use_optimized_blas() -> dict[str, str | None]:
         try:
             shim = load_gemv_shim(path)  # before the library: its cblas_sgemm must come first
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            getattr(lib, "cblas_sgemm")
+            _ = lib.cblas_sgemm  # raises AttributeError when the library lacks plain cblas symbols
         except (OSError, AttributeError) as exc:
             status["reason"] = f"{path} unusable: {exc}"
             continue
