@@ -33,6 +33,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp()) / "adapter"
     finetune(base, from_records(records, base.tokenizer), valid_fraction=0, adapter=AdapterConfig(rank=8, fine_tune_type=args.kind),
              train=TrainConfig(steps=3, batch_size=2, learning_rate=1e-3, warmup_steps=0), out=out, on_progress=None)
+    print("adapter trained", flush=True)
     engines = {
         "base": Engine(base),
         f"{args.kind} unfused (fuse_adapter=False)": Engine(base, adapter=out, fuse_adapter=False),
@@ -47,12 +48,13 @@ def main() -> None:
         for name in names:
             result = engines[name].generate(PROMPT, max_tokens=args.max_tokens, ignore_eos=True)
             speeds[name].append(result.stats.generation_tps)
-    base_median = statistics.median(speeds["base"])
-    print("| engine | decode tok/s, median (min-max) | vs base |")
+            print(f"round {r}: {name}: {result.stats.generation_tps:.2f} tok/s", flush=True)
+    print("| engine | decode tok/s, median (min-max) | vs base, per round: median (min-max) |")
     print("| --- | --- | --- |")
     for name, values in speeds.items():
-        med = statistics.median(values)
-        print(f"| {name} | {med:.1f} ({min(values):.1f}-{max(values):.1f}) | {med / base_median:.2f}x |")
+        ratios = [v / b for v, b in zip(values, speeds["base"])]  # each round's runs were side by side
+        print(f"| {name} | {statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f}) | "
+              f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) |")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,33 @@ async def run_level(base: str, model: str, clients: int, requests: int, max_toke
             "mean_tokens": sum(r["tokens"] for r in ok) / max(1, len(ok))}
 
 
+def make_random_model(out: str, config_json: str, tokenizer_dir: str, dtype: str) -> None:
+    """A model folder with random weights of the given config's shape and a real tokenizer (for a
+    GPU machine that cannot download checkpoints): both servers load it like any checkpoint."""
+    import shutil
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from stratlm.core.model import LoadedModel
+    from stratlm.core.registry import get_registry
+    from stratlm.core.tokenizer import Tokenizer
+    from stratlm.loaders.loading import DTYPES, build_model, family_for, save_model
+
+    config = json.loads(Path(config_json).read_text())
+    registry = get_registry()
+    mx.random.seed(0)
+    model = build_model(config, registry)
+    model.set_dtype(DTYPES[dtype])
+    # init scale ~ 1/sqrt(fan_in) keeps activations finite through many layers
+    model.update(nn.utils.tree_map(lambda a: (mx.random.normal(a.shape) * (a.shape[-1] ** -0.5)).astype(a.dtype) if a.ndim == 2 else a, model.parameters()))
+    tokenizer = Tokenizer.from_folder(tokenizer_dir, eos_token_ids=[config.get("eos_token_id", 2)])
+    save_model(LoadedModel(model=model, tokenizer=tokenizer, family=family_for(config, registry), source="random"), out)
+    for name in ("chat_template.jinja",):
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copy(Path(tokenizer_dir) / name, Path(out) / name)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -130,7 +157,12 @@ def main() -> None:
     ap.add_argument("--stratlm-args", default="", help="extra arguments for stratlm serve, e.g. '--max-running 64'")
     ap.add_argument("--mlx-args", default="", help="extra arguments for mlx_lm server, e.g. '--decode-concurrency 64'")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--random-config", default=None, help="first write --model with random weights of this config.json's shape")
+    ap.add_argument("--tokenizer", default=None, help="with --random-config: the tokenizer folder to save with it")
+    ap.add_argument("--dtype", default="bfloat16", help="with --random-config: the weights' dtype")
     args = ap.parse_args()
+    if args.random_config:
+        make_random_model(args.model, args.random_config, args.tokenizer, args.dtype)
 
     targets = [("url", args.url)] if args.url else [(kind, None) for kind in args.servers]
     rows = []
@@ -161,7 +193,8 @@ def main() -> None:
     print("| server | clients | requests | req/s | output tok/s | TTFT p50 (s) | TTFT p99 (s) | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['output_tok_per_s']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['errors']} |")
+        print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['output_tok_per_s']:.1f} "
+              f"| {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['errors']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

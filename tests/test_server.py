@@ -21,7 +21,7 @@ import pytest
 from stratlm import Engine
 from stratlm.loaders.loading import embedded_model_path, save_model
 from stratlm.server.backend import supported_params
-from stratlm.testing import tiny_model
+from stratlm.testing import CHAT_TEMPLATE, byte_tokenizer, tiny_model
 
 KEY = "sk-test-key"
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,14 +73,20 @@ class ServerProcess:
             self.proc.kill()
 
 
+# the test template also renders tools and a template option, so their arrival shows in the prompt's length (a token a byte)
+TEMPLATE = CHAT_TEMPLATE + "{% for t in tools or [] %}<tool>{{ t['function']['name'] }}</tool>{% endfor %}{% if enable_thinking %}<think>{% endif %}"
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return str(save_model(tiny_model("llama", seed=0), tmp_path_factory.mktemp("tiny") / "model"))
+    loaded = tiny_model("llama", seed=0)
+    loaded = loaded.replace(tokenizer=byte_tokenizer(TEMPLATE))
+    return str(save_model(loaded, tmp_path_factory.mktemp("tiny") / "model"))
 
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_dir):
-    server = ServerProcess(tiny_dir, "--api-key", KEY, "--max-body", "1MiB")
+    server = ServerProcess(tiny_dir, "--api-key", KEY, "--max-body", "1MiB", "--allowed-origins", "http://ui.example")
     yield server
     server.stop()
 
@@ -170,9 +176,34 @@ def test_n_choices_stream_like_they_answer_and_top_logprobs(tiny_server):
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
 
 
+def test_completions_several_prompts_echo_and_usage(tiny_server, tiny_engine):
+    body = {"prompt": ["ab", "cde"], "n": 2, "echo": True, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    r = post(tiny_server, "/v1/completions", body).json()
+    texts = [c["text"] for c in r["choices"]]
+    solo = [tiny_engine.generate(p, max_tokens=3, chat_template=False, ignore_eos=True).text for p in ("ab", "cde")]
+    assert texts == ["ab" + solo[0]] * 2 + ["cde" + solo[1]] * 2
+    assert (r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"], r["usage"]["total_tokens"]) == (5, 12, 17)
+
+
+def test_tools_and_chat_template_kwargs_reach_the_template(tiny_server):
+    def prompt_tokens(**extra):
+        r = post(tiny_server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    base = prompt_tokens()
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+    assert prompt_tokens(tools=[tool]) == base + len("<tool>get_weather</tool>")
+    assert prompt_tokens(chat_template_kwargs={"enable_thinking": True}) == base + len("<think>")
+    assert prompt_tokens(messages=[{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]) == base
+
+
 def test_models_and_metrics(tiny_server, tiny_dir):
     models = httpx.get(tiny_server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert models["data"][0]["id"] == tiny_dir
+    asks = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    preflight = httpx.options(tiny_server.url + "/v1/chat/completions", headers=asks)
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "http://ui.example"
     text = httpx.get(tiny_server.url + "/metrics").text
     for name in ("stratlm_requests_waiting", "stratlm_requests_running", "stratlm_generated_tokens_total", "stratlm_prefix_cache_hit_rate",
                  "stratlm_time_to_first_token_seconds_bucket", "stratlm_generation_tokens_per_second"):

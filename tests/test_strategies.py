@@ -122,13 +122,13 @@ def test_vote_counts_answers_and_breaks_ties_by_mean_logprob(tiny):
         candidate("maybe 7", [-1.0]),
         candidate("no idea", [-0.01]),
     ]
-    result = Vote(tiny, n=5).count(samples, GenerationParams())
+    result = Vote(tiny, n=5).choose(samples, GenerationParams())
     # 12 and 7 both have two votes; the best completion for 12 has mean logprob -0.2, for 7 -0.2 too: the answer string decides
     assert result.extra["votes"] == {"12": 2, "7": 2}
     assert (result.extra["answer"], result.extra["count"]) == ("12", 2)
     assert result.text == "12 it is"
     samples[1] = candidate("it is 7", [-0.1])
-    result = Vote(tiny, n=5).count(samples, GenerationParams())
+    result = Vote(tiny, n=5).choose(samples, GenerationParams())
     assert (result.extra["answer"], result.extra["count"], result.text) == ("7", 2, "it is 7")
     assert [s["answer"] for s in result.extra["samples"]] == ["12", "7", "12", "7", None]
 

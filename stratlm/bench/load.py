@@ -61,7 +61,7 @@ class LoadResult:
 def make_workload(loaded: LoadedModel, config: LoadConfig, text_tokens: Callable[[int], list[int]]) -> Workload:
     rng = random.Random(config.seed)
     prompts, lengths, arrivals, t = [], [], [], 0.0
-    for i in range(config.requests):
+    for _ in range(config.requests):
         n = rng.randint(max(1, config.prompt_tokens // 2), max(1, config.prompt_tokens * 3 // 2))
         start = rng.randint(0, 500)
         prompts.append(text_tokens(start + n)[start:])  # different prompts: no accidental prefix sharing

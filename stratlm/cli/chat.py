@@ -7,7 +7,7 @@ import sys
 
 from stratlm.core.errors import StratlmError
 
-from .common import add_generation_options, add_model_options, benchmark_lines, engine_from_args, generation_kwargs
+from .common import add_generation_options, add_model_options, add_parallel_option, benchmark_lines, engine_from_args, generation_kwargs
 
 HELP = ("commands: /help lists these, /reset clears the history, /system TEXT sets the system message, /stats toggles speed lines, /exit quits; "
         "Ctrl-C stops an answer, Ctrl-D or Ctrl-C at the prompt leaves")
@@ -17,6 +17,7 @@ COMMANDS = ("/help", "/reset", "/system", "/stats", "/exit", "/quit")
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat interactively with a model", description="Chat with a model; the conversation history is kept. " + HELP)
     add_model_options(p)
+    add_parallel_option(p)
     add_generation_options(p)
     p.set_defaults(run=run)
 

@@ -23,7 +23,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("-t", "--transform", action="append", default=[], metavar="NAME[:k=v,...]", help="apply a transform by name (repeatable, in order)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
     g.add_argument("--quantized", choices=("keep", "dequantize"), default=None,
-                   help="run quantized weights as such, or expand them (default: dequantize on CPU)")
+                   help="run quantized weights as such, or expand them to --dtype (default: keep, on stratlm's CPU kernels "
+                   "or the GPU; dequantize only where the CPU kernels cannot be built)")
+
+
+def add_parallel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", choices=("tensor", "pipeline"), default=None,
+                   help="split the model over the processes started by `mlx.launch -n N` (see docs/distributed.md); rank 0 prints")
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -77,6 +83,7 @@ def engine_from_args(args: argparse.Namespace):
         fuse_adapter=not getattr(args, "no_fuse_adapter", False),
         dtype=args.dtype,
         quantized=args.quantized,
+        parallel=getattr(args, "parallel", None),
         registry=getattr(args, "registry", None),
         **parse_options(getattr(args, "option", [])),
     )

@@ -6,13 +6,14 @@ import argparse
 import json
 import sys
 
-from .common import add_generation_options, add_model_options, benchmark_lines, box, box_bottom, box_top, engine_from_args, generation_kwargs, result_json
+from .common import add_generation_options, add_model_options, add_parallel_option, benchmark_lines, box, box_bottom, box_top, engine_from_args, generation_kwargs, result_json
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text for one or more prompts", description="Generate text. PROMPT '-' reads it from standard input.")
     p.add_argument("prompt", nargs="*", help="the prompt(s); several prompts are decoded together by the strategy")
     add_model_options(p)
+    add_parallel_option(p)
     add_generation_options(p)
     p.add_argument("--logprobs", action="store_true", help="report each generated token's log-probability (with --json)")
     p.add_argument("--json", action="store_true", help="print the result(s) as JSON instead of boxes")

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None, registry: Registry | None = None) -> int
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `stratlm ... | head`: the reader left; nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
+        return 141
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] not in EXTRAS:
             if args.verbose:
@@ -83,6 +88,15 @@ def main(argv: list[str] | None = None, registry: Registry | None = None) -> int
         extra = EXTRAS[exc.name.split(".")[0]]
         print(f"error: `stratlm {args.command}` needs the package {exc.name.split('.')[0]!r}, which is not installed: "
               f"pip install 'stratlm[{extra}]'", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.filename is None:
+            if args.verbose:
+                raise
+            print(f"error: unexpected {type(exc).__name__}: {exc} (run `stratlm -v ...` for the traceback)", file=sys.stderr)
+            return 1
+        # a file or folder the command was pointed at (or writes to) cannot be used: name it
+        print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug, not bad input: still one line unless -v asks for the traceback
         if args.verbose:

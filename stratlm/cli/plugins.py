@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from stratlm.core.errors import plural
 from stratlm.core.registry import KINDS, get_registry
@@ -21,6 +22,9 @@ def describe(kind: str, obj) -> str:
     if kind == "model alias":
         return str(obj)
     doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    if not doc:  # no docstring of its own: its module's says what it is
+        module = sys.modules.get(getattr(obj, "__module__", "") or "")
+        doc = ((module.__doc__ if module else None) or "").strip().splitlines()
     return doc[0] if doc else ""
 
 

@@ -95,7 +95,12 @@ def finish(result, args: argparse.Namespace) -> None:
           f"in {t.seconds:.0f} s: loss {t.loss:.4f}" + (f", validation loss {t.val_loss:.4f}" if t.val_loss is not None else ""))
     print(f"adapter: {result.adapter_path}  (Engine(model=..., adapter={str(result.adapter_path)!r}), or mlx_lm.load(..., adapter_path=...))")
     if args.fuse_to:
-        save_model(fuse(result.loaded), args.fuse_to)
+        from stratlm.training.trainer import write_error
+
+        try:
+            save_model(fuse(result.loaded), args.fuse_to)
+        except OSError as exc:
+            raise write_error(Path(exc.filename) if exc.filename else Path(args.fuse_to), exc, lost=f"the adapter itself is saved in {result.adapter_path}") from exc
         print(f"fused model: {args.fuse_to}")
 
 

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import mlx.core as mx
 
+from .errors import ConfigError
+
 
 class KVCache:
     # storage holds whole blocks of `step` positions and grows by at least a quarter: at most
@@ -183,3 +185,137 @@ class StaticKVCache(KVCache):
         if have:
             needed = max(needed, have + self.growth)
         return max(self.capacity, ((needed + self.step - 1) // self.step) * self.step)
+
+
+class RotatingKVCache(KVCache):
+    """The cache of a sliding-window attention layer (Mistral, Gemma 3's local layers, Phi-3):
+    a query at position q sees the keys at q - window + 1 .. q, so only the last positions are
+    kept, in a ring of `size` slots (position p in slot p % size), written in place when decoding.
+
+    The ring holds `window - 1 + trim_room` positions: the window for the next query, plus
+    `trim_room` positions a speculative step may take back (`trim`); forgetting more than that
+    once the ring has wrapped would need positions already overwritten, and is refused.
+    Keys come back in slot order, not time order: attention does not care, and the mask
+    (`make_mask`) is built from each slot's position. Left padding works as for KVCache (the
+    padded positions are masked); positions are never shifted, so `filter` keeps them.
+    """
+
+    def __init__(self, window: int, left_padding: Sequence[int] | None = None, trim_room: int = 64):
+        super().__init__(left_padding)
+        if window < 1:
+            raise ConfigError(f"a sliding window holds at least 1 position, got {window}")
+        self.window = int(window)
+        self.trim_room = int(trim_room)
+        self.size = self.window - 1 + max(1, self.trim_room)
+        self.written = 0  # the end of the positions ever written: slots hold positions written - size .. written - 1
+
+    # -- the protocol ----------------------------------------------------------------------
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        if n == 1:  # decoding: write the slot in place, attend over the ring
+            self._write(keys, values)
+            held = min(self.offset, self.size)
+            return self.keys[:, :, :held], self.values[:, :, :held]
+        # several positions (a prompt chunk, a speculative verify): the ring as it was, then the
+        # new positions; each new query needs up to window - 1 earlier ones, which the ring holds
+        held = min(self.offset, self.size)
+        if held:
+            all_keys = mx.concatenate([self.keys[:, :, :held], keys], axis=2)
+            all_values = mx.concatenate([self.values[:, :, :held], values], axis=2)
+        else:
+            all_keys, all_values = keys, values
+        self._write(keys, values)
+        return all_keys, all_values
+
+    def make_room(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        raise NotImplementedError("RotatingKVCache has no contiguous storage to write into; use update_and_fetch")
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, max(0, n))
+        # the next query needs the window - 1 positions before the new offset; once the ring has
+        # wrapped, those older than `written - size` were overwritten
+        if self.written > self.size and self.written - (self.offset - n) > self.trim_room:
+            raise ConfigError(
+                f"a sliding-window cache (window {self.window}) can take back at most {self.trim_room} positions "
+                f"(counting earlier trims not yet written over) once it has wrapped, not {self.written - (self.offset - n)}: "
+                f"draft at most {self.trim_room} tokens a step"
+            )
+        self.offset -= n
+        return n
+
+    # -- what attention needs ----------------------------------------------------------------
+    def slot_positions(self, last: int, held: int) -> mx.array:
+        """The position each of the first `held` slots holds when `last` is the newest written."""
+        slots = mx.arange(held)
+        return last - (last - slots) % self.size
+
+    def make_mask(self, n_new: int) -> mx.array | str | None:
+        """The mask for n_new queries at offset.. against the keys update_and_fetch returns:
+        one new position: the ring after the write; several: the ring before it, then them."""
+        offset = self.offset
+        if n_new == 1:
+            if self.left_padding is None and offset < self.window:
+                return None  # every slot written so far is inside the window
+            held = min(offset + 1, self.size)
+            key_pos = self.slot_positions(offset, held)
+        else:
+            if self.left_padding is None and offset == 0 and n_new <= self.window:
+                return "causal"
+            held = min(offset, self.size)
+            new = mx.arange(offset, offset + n_new)
+            key_pos = mx.concatenate([self.slot_positions(offset - 1, held), new]) if held else new
+        query_pos = mx.arange(offset, offset + n_new)
+        mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - self.window)
+        mask = mask[None, None]
+        if self.left_padding is not None:
+            mask = mask & (key_pos[None, None, None, :] >= self.left_padding[:, None, None, None])
+        return mask
+
+    # -- batch bookkeeping -------------------------------------------------------------------
+    def filter(self, rows: Sequence[int] | mx.array) -> None:
+        """Keep only these batch rows (positions stay as they are: the ring is not shifted)."""
+        rows = mx.array(rows, dtype=mx.int32) if not isinstance(rows, mx.array) else rows
+        if self.keys is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+        if self.left_padding is not None:
+            self.left_padding = self.left_padding[rows]
+            if not bool(mx.any(self.left_padding > 0).item()):
+                self.left_padding = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        held = min(self.offset, self.size)
+        return 2 * self.keys[:, :, :held].nbytes
+
+    def _write(self, keys: mx.array, values: mx.array) -> None:
+        """Store the new positions (the last `size` of them) in their slots; advance the offset."""
+        n = keys.shape[2]
+        keep = min(n, self.size)
+        first = self.offset + n - keep  # position of the first one kept
+        self._reserve(min(self.offset + n, self.size), keys, values)
+        start = first % self.size
+        head = min(keep, self.size - start)
+        self.keys[:, :, start : start + head] = keys[:, :, n - keep : n - keep + head]
+        self.values[:, :, start : start + head] = values[:, :, n - keep : n - keep + head]
+        if head < keep:  # wrapped past the last slot
+            self.keys[:, :, : keep - head] = keys[:, :, n - keep + head :]
+            self.values[:, :, : keep - head] = values[:, :, n - keep + head :]
+        self.offset += n
+        self.written = max(self.written, self.offset)
+
+    def _reserve(self, length: int, keys: mx.array, values: mx.array) -> None:
+        """Storage for at least `length` slots: grown in blocks like KVCache, never past `size`."""
+        have = 0 if self.keys is None else self.keys.shape[2]
+        if length <= have:
+            return
+        target = min(self.size, max(length, have + have // 4, ((length + self.step - 1) // self.step) * self.step))
+        B, H, _, Dk = keys.shape
+        if self.keys is None:
+            self.keys = mx.zeros((B, H, target, Dk), keys.dtype)
+            self.values = mx.zeros((B, H, target, values.shape[3]), values.dtype)
+        else:
+            extra = [(0, 0), (0, 0), (0, target - have), (0, 0)]
+            self.keys, self.values = mx.pad(self.keys, extra), mx.pad(self.values, extra)
+            mx.eval(self.keys, self.values)

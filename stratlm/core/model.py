@@ -49,6 +49,9 @@ class Model(nn.Module):
         forward; used when STRATLM_COMPILE is not set. Default: no."""
         return False
 
+    #: Whether the model applies its config's sliding window itself (a rotating cache, banded masks)
+    sliding_window_attention: bool = False
+
     @property
     def vocab_size(self) -> int:
         return int(self.config["vocab_size"])
@@ -56,19 +59,24 @@ class Model(nn.Module):
     def make_cache(self, left_padding: Sequence[int] | None = None) -> list[KVCache]:
         return [KVCache(left_padding) for _ in self.layers]
 
+    def attention_masks(self, n_new: int, cache: list[KVCache] | None) -> list[mx.array | str | None]:
+        """One attention mask per layer for n_new positions (default: every layer alike, from the
+        first layer's cache; a family with sliding-window layers gives those their own)."""
+        return [attention_mask(n_new, cache[0] if cache else None)] * len(self.layers)
+
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         hidden = self.embed(tokens)
-        mask = attention_mask(tokens.shape[1], cache[0] if cache else None)
+        masks = self.attention_masks(tokens.shape[1], cache)
         for i, block in enumerate(self.layers):
-            hidden = block(hidden, mask, cache[i] if cache else None)
+            hidden = block(hidden, masks[i], cache[i] if cache else None)
         return self.head(hidden)
 
     def hidden_states(self, tokens: mx.array) -> list[mx.array]:
         """The residual stream entering each block, and leaving the last one (len = layers + 1)."""
         hidden = self.embed(tokens)
-        mask = attention_mask(tokens.shape[1], None)
+        masks = self.attention_masks(tokens.shape[1], None)
         states = [hidden]
-        for block in self.layers:
+        for block, mask in zip(self.layers, masks):
             hidden = block(hidden, mask, None)
             states.append(hidden)
         return states
@@ -143,13 +151,13 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int | None:
-        """Longest prompt the model handles exactly. Attention here is always full, so a model
-        trained with a sliding window (Mistral v0.1, Qwen with use_sliding_window) is exact
-        only up to its window: prompts are limited to it."""
+        """Longest prompt the model handles exactly. A model trained with a sliding window
+        (Mistral v0.1, Gemma 3, Phi-3) is exact past it only when its family applies the window
+        (Model.sliding_window_attention); otherwise prompts are limited to the window."""
         config = self.model.config
         limit = config.get("max_position_embeddings")
         window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-        if window and (limit is None or window < limit):
+        if window and (limit is None or window < limit) and not self.model.sliding_window_attention:
             return int(window)
         return limit
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 from .errors import ConfigError
 from .registry import Registry, get_registry
@@ -78,10 +78,10 @@ class Strategy:
         yield result
 
 
-class Transform:
-    """Model -> model. Returns a new model (or one whose layers are wrapped); never patches globals."""
+class Transform(Protocol):
+    """Model -> model: what `register_transforms` registers by name (collapse, heal, fuse, dora, ...)
+    and the Engine composes at run time. Returns a new LoadedModel (or one whose layers are
+    wrapped); never modifies its input or patches globals. Options come as keyword arguments
+    (from the command line as text: "collapse:n=4,mode=drop")."""
 
-    name: str = ""
-
-    def __call__(self, loaded: "LoadedModel", **options: Any) -> "LoadedModel":
-        raise NotImplementedError
+    def __call__(self, loaded: "LoadedModel", /, **options: Any) -> "LoadedModel": ...

@@ -54,8 +54,8 @@ class Sampler:
         p = self.params
         logits = logits.astype(mx.float32)
         if p.greedy:
-            return nn_log_softmax(logits)
-        logprobs = nn_log_softmax(logits / p.temperature)
+            return log_softmax(logits)
+        logprobs = log_softmax(logits / p.temperature)
         neg_inf = mx.array(-float("inf"), dtype=logprobs.dtype)
         if 0 < p.top_k < logprobs.shape[-1]:
             kth = mx.sort(logprobs, axis=-1)[..., -p.top_k][..., None]
@@ -71,7 +71,7 @@ class Sampler:
             keep_sorted = (cumulative - mx.exp(sorted_lp)) < p.top_p
             keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
             logprobs = mx.where(keep, logprobs, neg_inf)
-        return logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        return log_softmax(logprobs)
 
     def sample(self, logits: mx.array, history: History | None = None) -> mx.array:
         """Next token per row. logits: (B, V) -> (B,) int32."""
@@ -81,5 +81,7 @@ class Sampler:
         return mx.random.categorical(self.distribution(logits), axis=-1, key=self.next_key()).astype(mx.int32)
 
 
-def nn_log_softmax(x: mx.array) -> mx.array:
+def log_softmax(x: mx.array) -> mx.array:
+    """Log-probabilities over the last axis, in x's dtype (the one helper for it: mlx.nn's is
+    mx.compile'd, which on the CPU JIT-compiles a kernel at first use)."""
     return x - mx.logsumexp(x, axis=-1, keepdims=True)

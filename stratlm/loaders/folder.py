@@ -47,7 +47,8 @@ def read_json_object(path: Path, holds: str) -> dict[str, Any]:
     return value
 
 
-def read_safetensors(folder: Path) -> dict[str, mx.array]:
+def safetensors_paths(folder: Path) -> list[Path]:
+    """The weight files of a model folder (the index's shards, or every *.safetensors but an adapter's)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -60,10 +61,15 @@ def read_safetensors(folder: Path) -> dict[str, mx.array]:
         paths = [p for p in paths if p.name != "adapters.safetensors"]
     if not paths:
         raise ModelLoadError(f"{folder} has no *.safetensors weights")
-    weights: dict[str, mx.array] = {}
     for p in paths:
         if not p.exists():
             raise ModelLoadError(f"shard {p.name} listed in model.safetensors.index.json is missing from {folder}")
+    return paths
+
+
+def read_safetensors(folder: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for p in safetensors_paths(folder):
         try:
             weights.update(mx.load(str(p)))
         except Exception as exc:
@@ -71,18 +77,26 @@ def read_safetensors(folder: Path) -> dict[str, mx.array]:
     return weights
 
 
+def quantization_group_size(config: dict[str, Any]) -> int | None:
+    """The group size of an mlx-lm quantized folder's weights (None: not quantized)."""
+    q = config.get("quantization") or config.get("quantization_config") or {}
+    return q.get("group_size") if "bits" in q else None
+
+
 def load_folder(folder: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: bool, source: str = "") -> LoadedModel:
     config = read_config(folder)
     family = family_for(config, registry)
-    q = config.get("quantization") or config.get("quantization_config") or {}
-    group_size = q.get("group_size") if "bits" in q else None
     weights = read_safetensors(folder)
-    model = assemble(config, weights, family=family, dtype=dtype, group_size=group_size, keep_quantized=keep_quantized, where=str(folder))
+    model = assemble(config, weights, family=family, dtype=dtype, group_size=quantization_group_size(config), keep_quantized=keep_quantized, where=str(folder))
+    return LoadedModel(model=model, tokenizer=folder_tokenizer(folder), family=family, source=source or str(folder), path=folder)
+
+
+def folder_tokenizer(folder: Path) -> Tokenizer:
+    """The folder's tokenizer, with every EOS id its generation_config.json and config.json declare."""
     eos = set()
     for name in ("generation_config.json", "config.json"):
         p = folder / name
         if p.exists():
             value = read_json_object(p, "generation settings such as eos_token_id").get("eos_token_id")
             eos.update(value if isinstance(value, list) else [value] if value is not None else [])
-    tokenizer = Tokenizer.from_folder(folder, eos)
-    return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source or str(folder), path=folder)
+    return Tokenizer.from_folder(folder, eos)

@@ -5,6 +5,7 @@ config reads from the metadata, RoPE scaling, Q/K row order and the tokenizer ar
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +71,14 @@ def check_blocks(config: dict[str, Any], raw: dict[str, mx.array], name: str) ->
         raise ModelLoadError(f"{name}: the metadata says {layers} blocks but the file has tensors for {len(blocks)}; the file is corrupt")
 
 
-def load_gguf(path: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: bool, source: str = "") -> LoadedModel:
+def read_model_tensors(path: Path, registry: Registry, keep_quantized: bool) -> tuple[ModelFamily, dict[str, Any], dict[str, mx.array], dict[str, Any]]:
+    """The family, the Hugging Face style config, the tensors under the model's names (Q/K rows in
+    the Hugging Face order) and the metadata of a GGUF file."""
     meta, raw = read_tensors(path, keep_quantized)
     family = family_for_gguf(str(meta.get("general.architecture", "")), registry, path.name)
     spec = family.gguf
     factors = raw.pop("rope_freqs.weight", None)
-    try:
+    with metadata_errors(path, family):
         config = spec.config(meta, raw, family.model_types[0])
         check_blocks(config, raw, path.name)
         if factors is not None:
@@ -85,14 +88,29 @@ def load_gguf(path: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: b
         weights = {spec.parameter_name(k): v for k, v in raw.items()}
         if spec.unpermute_qk is not None:
             weights = spec.unpermute_qk(weights, config)
-        model = assemble(config, weights, family=family, dtype=dtype, group_size=GGUF_GROUP_SIZE, keep_quantized=keep_quantized, where=str(path))
+    return family, config, weights, meta
+
+
+@contextlib.contextmanager
+def metadata_errors(path: Path, family: ModelFamily):
+    try:
+        yield
     except (KeyError, TypeError, ValueError, ArithmeticError, IndexError) as exc:
         # metadata that disagrees with itself or with the tensors (a corrupt or hand-edited file)
         raise ModelLoadError(f"{path.name}: its metadata does not describe a valid {family.name} model ({type(exc).__name__}: {exc})") from exc
+
+
+def model_tokenizer(path: Path, family: ModelFamily, meta: dict[str, Any]):
     try:
-        tokenizer = (spec.tokenizer or gguf_tokenizer)(meta)
+        return (family.gguf.tokenizer or gguf_tokenizer)(meta)
     except StratlmError:
         raise
     except Exception as exc:  # the tokenizers library raises plain Exception ("Error while initializing BPE")
         raise ModelLoadError(f"{path.name}: its tokenizer cannot be built from the tokenizer.ggml.* metadata (corrupt vocabulary or merges?): {exc}") from exc
-    return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=source or str(path), path=path)
+
+
+def load_gguf(path: Path, registry: Registry, dtype: mx.Dtype, keep_quantized: bool, source: str = "") -> LoadedModel:
+    family, config, weights, meta = read_model_tensors(path, registry, keep_quantized)
+    with metadata_errors(path, family):
+        model = assemble(config, weights, family=family, dtype=dtype, group_size=GGUF_GROUP_SIZE, keep_quantized=keep_quantized, where=str(path))
+    return LoadedModel(model=model, tokenizer=model_tokenizer(path, family, meta), family=family, source=source or str(path), path=path)

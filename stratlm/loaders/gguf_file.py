@@ -76,6 +76,8 @@ class GGUFFile:
     data_offset: int
     alignment: int
     _map: np.ndarray = attrs.field(repr=False)
+    #: each metadata key's GGUF value type (an array's: (ARRAY, element type)), for writing it back
+    value_types: dict[str, int | tuple[int, int]] = attrs.field(factory=dict, repr=False)
 
     def raw(self, tensor: TensorInfo) -> np.ndarray:
         """The tensor's bytes (uint8, a view into the file's memory map)."""
@@ -195,11 +197,16 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise cur.fail(f"tensor_count is {tensor_count}, more tensors than the file can hold")
 
     metadata: dict[str, Any] = {}
+    value_types: dict[str, int | tuple[int, int]] = {}
     for i in range(kv_count):
         key = cur.string(f"the key of metadata entry {i}", limit=MAX_KEY_LENGTH)
         if key in metadata:
             raise cur.fail(f"metadata key {key!r} appears twice")
         vtype = cur.unpack("<I", f"the value type of {key!r}")
+        if vtype == ARRAY and cur.pos + 4 <= size:
+            value_types[key] = (ARRAY, struct.unpack_from("<I", buf, cur.pos)[0])
+        else:
+            value_types[key] = vtype
         metadata[key] = cur.value(vtype, f"metadata {key!r}")
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -252,4 +259,4 @@ def read_gguf(path: str | Path) -> GGUFFile:
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
             raise ModelLoadError(f"{name}: tensors {a!r} and {b!r} overlap in the data section; the tensor table is corrupt")
-    return GGUFFile(path, version, metadata, tensors, data_offset, alignment, mapped)
+    return GGUFFile(path, version, metadata, tensors, data_offset, alignment, mapped, value_types)

@@ -237,16 +237,47 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([ql, qh, sc.view(np.uint8), _to_f16_bytes(d)], axis=1)
 
 
-def _q5_0(x: np.ndarray) -> np.ndarray:
-    """Q5_0: per 32 values an fp16 d and 5-bit codes, value = d * (code - 16) (ggml's rounding)."""
+def _symmetric_fit(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes in [-nmax, nmax - 1] and a scale per row minimising the squared error: ggml's
+    make_qx_quants search (19 trial scales around max/nmax, each refit by least squares)."""
     pick = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
-    d = pick / -16
-    with np.errstate(divide="ignore"):
-        inv = np.where(d != 0, 1 / d, 0)
-    q = np.clip(np.trunc(x * inv + 16.5), 0, 31).astype(np.uint8)
+    best_d, best_q, best_score = np.zeros_like(pick), np.zeros(x.shape, np.int8), np.full(pick.shape, -1.0, np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for t in range(-9, 10):
+            inv = np.where(pick != 0, -(nmax + 0.1 * t) / pick, 0)
+            q = np.clip(np.rint(x * inv), -nmax, nmax - 1)
+            sum_xq, sum_qq = (x * q).sum(axis=1, keepdims=True), (q * q).sum(axis=1, keepdims=True)
+            d = np.where(sum_qq > 0, sum_xq / sum_qq, 0)
+            score = np.where(sum_qq > 0, sum_xq * d, 0)  # the error falls by d * sum(x q) with the fitted d
+            better = score > best_score
+            best_d, best_score = np.where(better, d, best_d), np.where(better, score, best_score)
+            best_q = np.where(better, q, best_q).astype(np.int8)
+    return best_d.astype(np.float32), best_q
+
+
+def _q5_0(x: np.ndarray) -> np.ndarray:
+    """Q5_0: per 32 values an fp16 d and 5-bit codes, value = d * (code - 16), the scale searched
+    for the least squared error (ggml's reference rounds max/-16 only: ~1.3x the error)."""
+    d, q = _symmetric_fit(x, 16)
+    d16 = d.astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):  # codes for the fp16-rounded scale
+        q = np.where(d16 != 0, np.clip(np.rint(x / d16), -16, 15), 0)
+    q = (q + 16).astype(np.uint8)
     qh = np.packbits((q >> 4).astype(np.uint8), axis=1, bitorder="little")
     qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
-    return np.concatenate([_to_f16_bytes(d), qh, qs], axis=1)
+    return np.concatenate([_to_f16_bytes(d16), qh, qs], axis=1)
+
+
+def _q5_1(x: np.ndarray) -> np.ndarray:
+    """Q5_1: per 32 values an fp16 scale and min and 5-bit codes, value = d * code + m."""
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = ((hi - lo) / 31).astype(np.float16).astype(np.float32)
+    m = lo.astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(np.rint(np.where(d > 0, (x - m) / d, 0)), 0, 31).astype(np.uint8)
+    qh = np.packbits((q >> 4).astype(np.uint8), axis=1, bitorder="little")
+    qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    return np.concatenate([_to_f16_bytes(d), _to_f16_bytes(m), qh, qs], axis=1)
 
 
 def _q8_0(x: np.ndarray) -> np.ndarray:
@@ -257,7 +288,7 @@ def _q8_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_to_f16_bytes(d), q.view(np.uint8)], axis=1)
 
 
-QUANTIZERS = {"Q4_K": _q4_k, "Q6_K": _q6_k, "Q5_0": _q5_0, "Q8_0": _q8_0}
+QUANTIZERS = {"Q4_K": _q4_k, "Q6_K": _q6_k, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0}
 
 
 def quantize(values: np.ndarray, type_name: str) -> np.ndarray:

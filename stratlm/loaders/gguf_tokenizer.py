@@ -25,13 +25,23 @@ GGUF_PRE_TOKENIZER_SPLITS = {
 def gguf_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """The tokenizer `tokenizer.ggml.model` names: "gpt2" (byte-level BPE) or "llama" (SentencePiece)."""
     kind = str(meta.get("tokenizer.ggml.model", ""))
-    builders = {"gpt2": bpe_tokenizer}
+    builders = {"gpt2": bpe_tokenizer, "llama": sentencepiece_tokenizer}
     if kind not in builders:
         raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not supported; supported: {', '.join(repr(k) for k in builders)}")
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise ModelLoadError("the GGUF has no valid tokenizer.ggml.tokens (a non-empty list of strings)")
     return builders[kind](meta)
+
+
+def _flag(meta: dict[str, Any], key: str, default: bool) -> bool:
+    value = meta.get(key)
+    return default if value is None else bool(value.item() if hasattr(value, "item") else value)
+
+
+def _token_types(meta: dict[str, Any], n: int) -> list[int]:
+    types = meta.get("tokenizer.ggml.token_type")
+    return [1] * n if types is None else (types.tolist() if hasattr(types, "tolist") else list(types))  # tolist: 2 s faster than iterating
 
 
 def bpe_tokenizer(meta: dict[str, Any]) -> Tokenizer:
@@ -41,26 +51,69 @@ def bpe_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     become special tokens, user-defined ones (Qwen3's <think>) plain added tokens, and BOS is
     prepended when `tokenizer.ggml.add_bos_token` says so.
     """
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RustTokenizer
-    from transformers import PreTrainedTokenizerFast
 
     kind = str(meta.get("tokenizer.ggml.model", ""))
     if kind != "gpt2":
-        raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not supported; supported: 'gpt2' (byte-level BPE)")
+        raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not byte-level BPE ('gpt2')")
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    types = meta.get("tokenizer.ggml.token_type")
-    types = [1] * len(tokens) if types is None else (types.tolist() if hasattr(types, "tolist") else list(types))  # tolist: 2 s faster than iterating
     rust = RustTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     split = GGUF_PRE_TOKENIZER_SPLITS.get(str(meta.get("tokenizer.ggml.pre", "")))
     if split is None:
         rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        rust.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
+        rust.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     rust.decoder = decoders.ByteLevel()
+    return _finish(rust, meta, tokens, add_bos_default=False)
+
+
+def sentencepiece_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    """SentencePiece-style BPE (`tokenizer.ggml.model = "llama"`: Llama 2, Mistral, TinyLlama files),
+    built as transformers' GGUF loader builds it (its LlamaTokenizer): the vocabulary with byte
+    fallback to the <0xNN> tokens, no normalizer, "▁" for spaces and one "▁" before the text
+    (unless `tokenizer.ggml.add_space_prefix` is false), merges from the file or, when it has
+    none, recovered from the vocabulary ranked by the tokens' scores. BOS is added unless
+    `tokenizer.ggml.add_bos_token` is false (llama.cpp's default for these vocabularies)."""
+    from tokenizers import decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if "tokenizer.ggml.merges" in meta:
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise ModelLoadError("a SentencePiece GGUF tokenizer needs tokenizer.ggml.merges or one tokenizer.ggml.scores value per token")
+        merges = merges_from_scores(tokens, [float(x) for x in scores])
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    prefix = _flag(meta, "tokenizer.ggml.add_space_prefix", True)
+    rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    rust.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    return _finish(rust, meta, tokens, add_bos_default=True)
+
+
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens,
+    best score first (transformers' generate_merges: ties by the pieces' lengths, then ids)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores):
+        local = [(token[:k], token[k:], score) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _finish(rust: Any, meta: dict[str, Any], tokens: list[str], add_bos_default: bool) -> Tokenizer:
+    """Special and added tokens, BOS/EOS post-processing, the chat template, end-of-turn ids."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    types = _token_types(meta, len(tokens))
     rust.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == GGUF_CONTROL])
     rust.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == GGUF_USER_DEFINED])
 
@@ -68,15 +121,18 @@ def bpe_tokenizer(meta: dict[str, Any]) -> Tokenizer:
         value = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[int(value.item() if hasattr(value, "item") else value)] if value is not None else None
 
-    bos = token("bos")
-    add_bos = meta.get("tokenizer.ggml.add_bos_token")
-    if bos is not None and add_bos is not None and bool(add_bos.item() if hasattr(add_bos, "item") else add_bos):
-        bos_id = tokens.index(bos)
-        rust.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    bos, eos = token("bos"), token("eos")
+    add_bos = bos is not None and _flag(meta, "tokenizer.ggml.add_bos_token", add_bos_default)
+    add_eos = eos is not None and _flag(meta, "tokenizer.ggml.add_eos_token", False)
+    if add_bos or add_eos:
+        first, last = ([f"{bos}"] if add_bos else []), ([f"{eos}"] if add_eos else [])
+        specials = sorted({(t, tokens.index(t)) for t in first + last})
+        rust.post_processor = processors.TemplateProcessing(
+            single=" ".join(first + ["$A"] + last), pair=" ".join(first + ["$A"] + last + first + ["$B"] + last), special_tokens=specials)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=rust,
         bos_token=bos,
-        eos_token=token("eos"),
+        eos_token=eos,
         unk_token=token("unknown"),
         pad_token=token("padding"),
         chat_template=meta.get("tokenizer.chat_template"),

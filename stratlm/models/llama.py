@@ -1,4 +1,4 @@
-"""Llama family (Llama 2/3, SmolLM2, Mistral-style dense models), and how its GGUF files read:
+"""Llama family (Llama 2/3, SmolLM2), and how its GGUF files read:
 llama.cpp's tensor names, the config from the metadata, Llama 3's RoPE frequency factors and the
 Q/K rows llama.cpp's converter permutes for ggml's RoPE."""
 
@@ -111,7 +111,7 @@ def unpermute_qk(weights: dict[str, mx.array], config: dict[str, Any]) -> dict[s
 FAMILY = ModelFamily(
     name="llama",
     build=build,
-    model_types=("llama", "mistral"),
+    model_types=("llama",),
     gguf=GGUFSpec(
         architectures=("llama",),
         tensor_names=GGUF_NAMES,

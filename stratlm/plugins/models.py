@@ -5,9 +5,9 @@ from stratlm.core.hookspecs import hookimpl
 from stratlm.loaders.folder import FolderLoader
 from stratlm.loaders.gguf import GGUFLoader
 from stratlm.loaders.hub import HubLoader
-from stratlm.models import llama, qwen3
+from stratlm.models import gemma3, granite, llama, mistral, olmo2, phi3, qwen2, qwen3, qwen3_moe, smollm3
 
-FAMILIES = (llama, qwen3)
+FAMILIES = (llama, qwen3, qwen2, mistral, gemma3, phi3, qwen3_moe, olmo2, granite, smollm3)
 
 
 @hookimpl

@@ -8,10 +8,10 @@ from stratlm.specs import parse_transform_specs
 from stratlm.core.hookspecs import hookimpl
 from stratlm.core.registry import get_registry
 from stratlm.transforms.collapse import collapse
-from stratlm.transforms.dora import CONFIG_FILE, FINE_TUNE_TYPES, fuse, with_adapter
+from stratlm.transforms.dora import CONFIG_FILE, FINE_TUNE_TYPES, dora, fuse, with_adapter
 from stratlm.transforms.heal import heal
 
-TRANSFORMS = {"collapse": collapse, "heal": heal, "fuse": fuse}
+TRANSFORMS = {"collapse": collapse, "heal": heal, "fuse": fuse, "dora": dora}
 
 
 @hookimpl

@@ -45,7 +45,7 @@ class APIError(Exception):
 
 # -- the app ---------------------------------------------------------------------------------------
 def create_app(backend: Any, *, model_names: Sequence[str], api_key: str | None = None, default_max_tokens: int = 512,
-               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY, allowed_origins: Sequence[str] = ()) -> FastAPI:
     """backend: an Engine with a scheduler (or the interim one); model_names: the served model's id
     first, then the aliases a request's `model` may also use."""
     app = FastAPI(title="stratlm", docs_url=None, redoc_url=None, openapi_url=None)
@@ -72,6 +72,11 @@ def create_app(backend: Any, *, model_names: Sequence[str], api_key: str | None 
                 server.http_requests.labels(request.url.path, "401").inc()
                 return APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key").response()
         return await call_next(request)
+
+    if allowed_origins:  # browser clients on other origins; added last, so preflights are answered before the key check
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
 
     @app.get("/health")
     async def health():
@@ -236,12 +241,15 @@ class Server:
         handles = self.submit(prompts, choices, strategy, options, params, extra, chat)
         meta = Meta(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], model=model, created=int(time.time()), chat=chat,
                     strategy=strategy or self.default_strategy, arrived=arrived, prompts=prompts if not chat else [],
-                    echo=getattr(req, "echo", False), logprobs=params.get("logprobs", False))
+                    echo=getattr(req, "echo", False), logprobs=params.get("logprobs", False), per_prompt=choices)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self.stream(request, handles, meta, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        results = await self.collect(request, handles, meta)
+        try:
+            results = await self.collect(request, handles, meta)
+        except StratlmError as exc:  # the engine failed the request after accepting it
+            raise submit_error(exc, "messages" if chat else "prompt") from None
         if results is None:  # the client left; nobody reads this
             return Response(status_code=499)
         self.http_requests.labels(request.url.path, "200").inc()
@@ -330,7 +338,7 @@ class Server:
                 results[index] = end
                 yield sse(chunk(meta, [self.final_choice(index, end, meta)], stratlm=self.extension([end], meta, index)))
             if include_usage:
-                yield sse(chunk(meta, [], usage=usage(results)))
+                yield sse(chunk(meta, [], usage=usage(results, meta.per_prompt)))
             yield "data: [DONE]\n\n"
             self.http_requests.labels(request.url.path, "200").inc()
             self.latency.observe(time.perf_counter() - meta.arrived)
@@ -359,7 +367,7 @@ class Server:
                 text = meta.prompt_of(i, len(results)) + r.text if meta.echo else r.text
                 choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
         return {"id": meta.id, "object": "chat.completion" if meta.chat else "text_completion", "created": meta.created, "model": meta.model,
-                "choices": choices, "usage": usage(results), "system_fingerprint": None, "stratlm": self.extension(results, meta)}
+                "choices": choices, "usage": usage(results, meta.per_prompt), "system_fingerprint": None, "stratlm": self.extension(results, meta)}
 
     def extension(self, results: list[GenerationResult | None], meta: "Meta", index: int | None = None) -> dict[str, Any]:
         """stratlm's own results: the strategy and what it reports (votes, scores, acceptance) per choice."""
@@ -399,14 +407,14 @@ class Server:
 class Meta:
     """What the answer to one request carries besides the results."""
 
-    def __init__(self, *, id: str, model: str, created: int, chat: bool, strategy: str, arrived: float, prompts: list, echo: bool, logprobs: bool):
-        self.id, self.model, self.created, self.chat, self.strategy = id, model, created, chat, strategy
+    def __init__(self, *, id: str, model: str, created: int, chat: bool, strategy: str, arrived: float, prompts: list, echo: bool, logprobs: bool,
+                 per_prompt: int = 1):
+        self.id, self.model, self.created, self.chat, self.strategy, self.per_prompt = id, model, created, chat, strategy, per_prompt
         self.arrived, self.prompts, self.echo, self.logprobs = arrived, prompts, echo, logprobs
         self.first_seen = False
 
     def prompt_of(self, choice: int, total: int) -> str:
-        per_prompt = total // max(1, len(self.prompts))
-        return self.prompts[choice // per_prompt] if self.prompts else ""
+        return self.prompts[choice // self.per_prompt] if self.prompts else ""
 
 
 def chunk(meta: Meta, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -418,12 +426,13 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def usage(results: Sequence[GenerationResult | None]) -> dict[str, Any]:
+def usage(results: Sequence[GenerationResult | None], per_prompt: int = 1) -> dict[str, Any]:
+    """OpenAI's counting: n choices of one prompt read it once; completions add up."""
+    firsts = [r for r in results[::per_prompt] if r is not None]
     done = [r for r in results if r is not None]
-    # n choices of one prompt: the prompt is read once (as OpenAI counts it), completions add up
-    prompt = sum(r.stats.prompt_tokens for r in done[:1]) if len({r.prompt for r in done}) <= 1 else sum(r.stats.prompt_tokens for r in done)
+    prompt = sum(r.stats.prompt_tokens for r in firsts)
     completion = sum(len(r.token_ids) for r in done)
-    cached = sum(getattr(r.stats, "cached_prompt_tokens", 0) or 0 for r in done[:1])
+    cached = sum(getattr(r.stats, "cached_prompt_tokens", 0) or 0 for r in firsts)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -472,10 +481,16 @@ class EngineCollector:
                          ("generated_tokens", "Tokens generated")):
             yield CounterMetricFamily(f"stratlm_{key}", doc, value=m.get(key, 0))
         prompt = m.get("prompt_tokens", 0)
-        yield GaugeMetricFamily("stratlm_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache",
-                                value=m.get("cached_prompt_tokens", 0) / prompt if prompt else 0.0)
+        hit_rate = m["prefix_cache_hit_rate"] if "prefix_cache_hit_rate" in m else (m.get("cached_prompt_tokens", 0) / prompt if prompt else 0.0)
+        yield GaugeMetricFamily("stratlm_prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache", value=hit_rate)
         yield GaugeMetricFamily("stratlm_generation_tokens_per_second", "Tokens generated per second since the scrape up to a minute ago",
                                 value=(c1 - c0) / (t1 - t0) if t1 > t0 else 0.0)
+        for key, value in m.items():  # whatever else the scheduler reports (KV bytes reserved, prefilling, ...)
+            if key not in self.SHOWN and isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield GaugeMetricFamily(f"stratlm_{key}", f"the scheduler's {key.replace('_', ' ')}", value=value)
+
+    SHOWN = frozenset({"waiting", "running", "requests_finished", "requests_cancelled", "prompt_tokens", "cached_prompt_tokens", "generated_tokens",
+                       "prefix_cache_hit_rate"})
 
 
 def model_names(source: str | None, loaded: Any, registry: Any) -> list[str]:

@@ -9,16 +9,14 @@ callable works too (e.g. a reward function of `result.text`).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import attrs
 
-from stratlm.decoding.sampler import Sampler
-from stratlm.core.strategy import RequestPolicy, Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 
-from .batched import batch_results, check_prompts, run_batch
-from .options import int_option, plugin_option
+from .candidates import Candidates, without_unasked_logprobs
+from .options import plugin_option
 
 Scorer = Callable[[GenerationResult], float]
 
@@ -37,46 +35,15 @@ def mean_logprob_score(candidate: GenerationResult) -> float:
 SCORERS: dict[str, Scorer] = {"logprob": logprob_score, "mean_logprob": mean_logprob_score}
 
 
-def sample_candidates(strategy: Strategy, prompts: Sequence[Sequence[int]], params: GenerationParams, n: int) -> list[list[GenerationResult]]:
-    """n sampled completions per prompt, all decoded in one batch, with their logprobs (for scoring)."""
-    check_prompts(prompts)
-    with_logprobs = attrs.evolve(params, logprobs=True)
-    sampler = Sampler(params.sampling, strategy.registry)
-    results = batch_results(run_batch(strategy.target, prompts, with_logprobs, sampler, copies=n, stream=False), len(prompts) * n)
-    return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
+class BestOfN(Candidates):
+    """n sampled candidates per prompt; the one the scorer rates highest is the result."""
 
-
-class CandidatesPolicy(RequestPolicy):
-    """n rows sampled from one prefilled prompt, with their log-probabilities; `combine` (the
-    strategy's choose or count) makes the one result from them."""
-
-    def __init__(self, params: GenerationParams, n: int, combine: Callable[[list[GenerationResult], GenerationParams], GenerationResult]):
-        super().__init__(attrs.evolve(params, logprobs=True), rows=n)
-        self.asked, self.combine = params, combine
-
-    def finish(self, results: list[GenerationResult]) -> GenerationResult:
-        return self.combine(results, self.asked)
-
-
-def without_unasked_logprobs(result: GenerationResult, params: GenerationParams) -> GenerationResult:
-    return result if params.logprobs else attrs.evolve(result, logprobs=None)
-
-
-class BestOfN(Strategy):
     name = "best-of-n"
     options = ("n", "scorer")
-    default_temperature = 0.7
 
     def __init__(self, target: Any, n: int | str = 4, scorer: str | Scorer = "logprob", **options: Any):
-        super().__init__(target, **options)
-        self.n = int_option(self.name, "n", n)
+        super().__init__(target, n, **options)
         self.scorer_name, self.scorer = plugin_option(self.name, "scorer", scorer, "scorer", self.registry)
-
-    def policy(self, prompt: Sequence[int], params: GenerationParams) -> RequestPolicy:
-        return CandidatesPolicy(params, self.n, self.choose)
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
-        return [self.choose(candidates, params) for candidates in sample_candidates(self, prompts, params, self.n)]
 
     def choose(self, candidates: list[GenerationResult], params: GenerationParams) -> GenerationResult:
         scores = [float(self.scorer(c)) for c in candidates]

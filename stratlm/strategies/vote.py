@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import attrs
 
-from stratlm.core.strategy import RequestPolicy, Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 
-from .best_of_n import CandidatesPolicy, mean_logprob_score, sample_candidates, without_unasked_logprobs
-from .options import int_option, plugin_option
+from .best_of_n import mean_logprob_score
+from .candidates import Candidates, without_unasked_logprobs
+from .options import plugin_option
 
 Extractor = Callable[[str], "str | None"]
 
@@ -63,23 +63,18 @@ def whole_text(text: str) -> str | None:
 EXTRACTORS: dict[str, Extractor] = {"last_number": last_number, "boxed": boxed, "text": whole_text}
 
 
-class Vote(Strategy):
+class Vote(Candidates):
+    """n sampled candidates per prompt; the most frequent extracted answer wins (self-consistency)."""
+
     name = "vote"
     options = ("n", "extractor")
-    default_temperature = 0.7
 
     def __init__(self, target: Any, n: int | str = 5, extractor: str | Extractor = "last_number", **options: Any):
-        super().__init__(target, **options)
-        self.n = int_option(self.name, "n", n)
+        super().__init__(target, n, **options)
         self.extractor_name, self.extractor = plugin_option(self.name, "extractor", extractor, "answer extractor", self.registry)
 
-    def policy(self, prompt: Sequence[int], params: GenerationParams) -> RequestPolicy:
-        return CandidatesPolicy(params, self.n, self.count)
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
-        return [self.count(samples, params) for samples in sample_candidates(self, prompts, params, self.n)]
-
-    def count(self, samples: list[GenerationResult], params: GenerationParams) -> GenerationResult:
+    def choose(self, samples: list[GenerationResult], params: GenerationParams) -> GenerationResult:
+        """The most frequent answer's most likely completion."""
         answers = [self.extractor(s.text) for s in samples]
         quality = [mean_logprob_score(s) for s in samples]
         votes = Counter(a for a in answers if a is not None)

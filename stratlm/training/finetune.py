@@ -131,8 +131,8 @@ def finetune(
         try:
             adapter_path = save_adapter(model, out, adapter, **extra)
         except OSError as exc:
-            raise write_error(Path(exc.filename) if exc.filename else Path(out), exc) from exc
+            raise write_error(Path(exc.filename) if exc.filename else Path(out), exc, lost=f"the last checkpoint in {out} holds the trained adapter") from exc
         except RuntimeError as exc:  # mx.save_safetensors
-            raise write_error(Path(out), OSError(str(exc))) from exc
+            raise write_error(Path(out), OSError(str(exc)), lost=f"the last checkpoint in {out} holds the trained adapter") from exc
     return FinetuneResult(loaded=result.replace(source=f"{loaded.source}+dora"), training=outcome, adapter_path=adapter_path,
                           train_examples=len(train_set), valid_examples=len(valid_set) if valid_set else 0)

@@ -10,6 +10,7 @@ sees exactly the batches the interrupted one would have.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -43,9 +44,9 @@ class CheckpointError(StratlmError, OSError):
     """A checkpoint or adapter could not be written (full disk, read-only folder, a file in the way)."""
 
 
-def write_error(path: Path, exc: OSError) -> CheckpointError:
-    reason = exc.strerror or type(exc).__name__
-    return CheckpointError(f"cannot write {path}: {reason}; free some space or choose another --out folder (the steps since the last checkpoint are lost)")
+def write_error(path: Path, exc: OSError, lost: str = "the steps since the last checkpoint are lost") -> CheckpointError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return CheckpointError(f"cannot write {path}: {reason}; free some space or choose another folder" + (f" ({lost})" if lost else ""))
 
 
 def previous_run(out: Path) -> list[str]:
@@ -81,7 +82,7 @@ def prepare_out(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise write_error(Path(exc.filename) if exc.filename else out, exc) from exc
+        raise write_error(Path(exc.filename) if exc.filename else out, exc, lost="") from exc
     return out
 
 
@@ -112,6 +113,16 @@ class TrainConfig:
     max_length: int = 1024
 
     def __attrs_post_init__(self) -> None:
+        for name in ("learning_rate", "min_learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise ConfigError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.report_every < 1:
+            raise ConfigError(f"report_every must be >= 1 (steps between progress lines), got {self.report_every}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 tokens (one to read, one to predict), got {self.max_length}")
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if self.checkpoint_every < 0 or self.eval_every < 0:
@@ -337,6 +348,10 @@ class Trainer:
                 mx.eval(step_loss, step_tokens, self.model.trainable_parameters(), self.optimizer.state)
                 self.step += 1
                 loss_value = float(step_loss.item()) / cfg.grad_accumulation
+                if not math.isfinite(loss_value):  # diverged: every later step would be NaN too
+                    raise ConfigError(f"the training loss became {loss_value} at step {self.step}; lower the learning rate "
+                                      f"(now {cfg.learning_rate:g}) or the adapter scale"
+                                      + (f"; the last checkpoint is {self.checkpoints(self.run_id)[-1]}" if self.checkpoints(self.run_id) else ""))
                 window_loss += loss_value
                 window_steps += 1
                 window_tokens += int(step_tokens.item())

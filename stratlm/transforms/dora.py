@@ -133,6 +133,8 @@ class AdapterConfig:
             raise ConfigError(f"adapter rank must be a positive integer, got {self.rank!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"adapter dropout must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
+            raise ConfigError(f"adapter scale must be a finite number, got {self.scale!r}")
         if self.fine_tune_type not in FINE_TUNE_TYPES:
             raise ConfigError(f"fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)}, got {self.fine_tune_type!r}")
         if self.num_layers == 0 or self.num_layers < -1:
@@ -322,3 +324,33 @@ def fuse(loaded: LoadedModel, dequantize: bool = False) -> LoadedModel:
     result = copy_loaded(loaded)
     fuse_model(result.model, dequantize)
     return result
+
+
+def _names(value: Any) -> tuple | None:
+    """A list option as Python or as command-line text: ("q_proj", "v_proj") or "q_proj+v_proj"."""
+    if value is None or isinstance(value, (list, tuple)):
+        return value
+    return tuple(part.strip() for part in str(value).split("+") if part.strip())
+
+
+def dora(loaded: LoadedModel, adapter: str | Path | None = None, rank: int | None = None, scale: float | None = None,
+         dropout: float | None = None, num_layers: int | None = None, layers: Any = None, keys: Any = None,
+         fine_tune_type: str | None = None) -> LoadedModel:
+    """Transform: DoRA (or LoRA) adapters. With `adapter` (an mlx-lm adapter folder): a copy with it
+    applied, unmerged (add the "fuse" transform to merge it). Without: a copy with fresh trainable
+    adapters (rank, scale, dropout; `keys` e.g. "q_proj+v_proj", default every linear layer;
+    `layers` e.g. "0+3" or the last `num_layers` blocks, default all; fine_tune_type dora|lora)."""
+    shape = {"rank": rank, "scale": scale, "dropout": dropout, "num_layers": num_layers, "layers": layers, "keys": keys, "fine_tune_type": fine_tune_type}
+    given = {k: v for k, v in shape.items() if v is not None}
+    if adapter is not None:
+        if given:
+            raise ConfigError(f"transform 'dora' with adapter= takes the adapter's own settings; leave out {', '.join(sorted(given))} "
+                              "(or leave out adapter= for fresh adapters)")
+        return with_adapter(loaded, adapter)
+    if "layers" in given:
+        given["layers"] = [int(i) for i in _names(given["layers"])]
+    if "keys" in given:
+        given["keys"] = _names(given["keys"])
+    result = copy_loaded(loaded)
+    add_adapters(result.model, AdapterConfig(**given))
+    return result.replace(source=f"{loaded.source}+{given.get('fine_tune_type', 'dora')}")

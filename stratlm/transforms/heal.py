@@ -25,6 +25,7 @@ from stratlm.core.errors import ConfigError
 from stratlm.core.model import LoadedModel
 from stratlm.loaders.loading import load_model
 from stratlm.core.log import get_logger
+from stratlm.decoding.sampler import log_softmax
 
 from .collapse import Origin, origin_of
 from stratlm.training.data import Dataset, Example, batch_arrays, load_jsonl, micro_batch
@@ -56,10 +57,6 @@ def self_distillation_data(teacher: LoadedModel, n_train: int, n_heldout: int, m
 
 
 # -- the loss --------------------------------------------------------------------------------------
-def log_softmax(logits: mx.array) -> mx.array:
-    logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
 
 def kl_per_token(teacher_lp: mx.array, student_lp: mx.array) -> mx.array:
     """KL(teacher || student) at each position. (..., V) log-probabilities -> (...)."""
@@ -74,7 +71,7 @@ def make_distill_loss(probe_block: int | None, hidden_weight: float) -> Callable
         else:
             logits = student(tokens)
         ntoks = weights.sum()
-        kl = (kl_per_token(teacher_lp, log_softmax(logits)) * weights).sum() / mx.maximum(ntoks, 1)
+        kl = (kl_per_token(teacher_lp, log_softmax(logits.astype(mx.float32))) * weights).sum() / mx.maximum(ntoks, 1)
         if hidden_weight > 0 and probe_block is not None:
             diff = (states[probe_block + 1].astype(mx.float32) - teacher_hidden) ** 2
             kl = kl + hidden_weight * (diff.mean(-1) * weights).sum() / mx.maximum(ntoks, 1)
@@ -170,10 +167,10 @@ def heal_model(
         inputs, teacher_hidden = tokens[:, :-1], mx.zeros((1,))
         if hidden_weight > 0:
             states = teacher_model.model.hidden_states(inputs)
-            teacher_lp = log_softmax(teacher_model.model.head(states[-1]))
+            teacher_lp = log_softmax(teacher_model.model.head(states[-1]).astype(mx.float32))
             teacher_hidden = states[teacher_probe + 1].astype(mx.float32)
         else:
-            teacher_lp = log_softmax(teacher_model.model(inputs))
+            teacher_lp = log_softmax(teacher_model.model(inputs).astype(mx.float32))
         return inputs, weights, mx.stop_gradient(teacher_lp), mx.stop_gradient(teacher_hidden)
 
     config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
@@ -203,8 +200,8 @@ def compare_to_teacher(model: LoadedModel, teacher: LoadedModel, text: Dataset, 
         tokens, weights = batch_arrays(chunk)
         tokens, w = mx.array(tokens), mx.array(weights)[:, 1:]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        t_lp = log_softmax(teacher.model(inputs))
-        s_lp = log_softmax(model.model(inputs))
+        t_lp = log_softmax(teacher.model(inputs).astype(mx.float32))
+        s_lp = log_softmax(model.model(inputs).astype(mx.float32))
         kl_sum += float((kl_per_token(t_lp, s_lp) * w).sum().item())
         agree += float(((t_lp.argmax(-1) == s_lp.argmax(-1)) * w).sum().item())
         nll += float((-mx.take_along_axis(s_lp, targets[..., None], axis=-1)[..., 0] * w).sum().item())

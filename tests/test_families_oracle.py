@@ -1,0 +1,425 @@
+"""The other families' logits against Hugging Face transformers (PyTorch CPU, fp32) on random
+tiny configs: prefill without a cache, a prompt then cached decoding, and a left-padded batch of
+two rows of different lengths (as the batch strategy pads) against each row alone.
+
+Each case builds the transformers model, saves it with `save_pretrained` and loads that folder
+through `load_model`, so config parsing, checkpoint names and the loader are under test too.
+Sliding-window cases use a window much smaller than the sequence, and sequences long enough
+for the rotating cache to wrap (its ring holds window - 1 + 64 positions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import mlx.core as mx  # noqa: E402
+
+from stratlm.core.cache import RotatingKVCache  # noqa: E402
+from stratlm.core.errors import ConfigError  # noqa: E402
+from stratlm.loaders.loading import load_model  # noqa: E402
+from stratlm.testing import byte_tokenizer  # noqa: E402
+
+VOCAB = 259  # the byte tokenizer's vocabulary
+TOL = 1e-4
+LONG = 96  # > the ring (window - 1 + 64) of every windowed case: decoding wraps it
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=512, initializer_range=0.2,
+            pad_token_id=None, bos_token_id=None, eos_token_id=None)
+
+# name -> (transformers config class, model class, overrides, sequence length)
+CASES = {
+    "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True, rope_theta=1000000.0), 24),
+    "qwen2-untied-mha": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False), 24),
+    # layers from max_window_layers on slide (transformers' layer_types), the first attends fully
+    "qwen2-sliding-layers": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1), LONG),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=5, tie_word_embeddings=False), LONG),
+    "mistral-no-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None, num_key_value_heads=1), 24),
+    # local, global, local: windowed layers with their own RoPE base, the global one's scaled
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}), LONG),
+    "phi3-window": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=5), LONG),
+    # LongRoPE (short factors here: every position within original_max_position_embeddings) on half of each head
+    "phi3-longrope-partial": ("Phi3Config", "Phi3ForCausalLM", dict(
+        num_key_value_heads=4, tie_word_embeddings=True, original_max_position_embeddings=64,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.5, 3.0, 7.0], "long_factor": [2.0, 5.0, 11.0, 19.0]}), 24),
+    # layer 0 routes each token to 2 of 4 experts (renormalized), layer 1 is dense; the long
+    # prompt sorts its (token, expert) pairs by expert, decoding does not
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=True), LONG),
+    "qwen3-moe-every-layer": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, norm_topk_prob=False, tie_word_embeddings=True), 24),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(tie_word_embeddings=False), 24),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.5), 24),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(num_hidden_layers=4, no_rope_layer_interval=2), 24),
+    "gemma3-untied-mha": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=False, sliding_window=64), 24),
+}
+
+
+def hf_model(case: str, seed: int = 0):
+    config_cls, model_cls, overrides, _ = CASES[case]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**BASE, **overrides})
+    config._attn_implementation = "eager"
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # norms and biases start at 1 or 0: make them matter too
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """name -> (transformers model, the same weights loaded by stratlm from a saved folder)."""
+    out = {}
+    for name in CASES:
+        hf = hf_model(name)
+        folder = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(folder)
+        byte_tokenizer().save(folder)
+        out[name] = (hf, load_model(str(folder), dtype="float32").model)
+        FOLDERS[name] = folder
+    return out
+
+
+FOLDERS: dict = {}  # name -> the saved folder (filled by the fixture)
+
+
+def reference(hf, ids) -> np.ndarray:
+    with torch.no_grad():
+        return hf(torch.tensor(np.asarray(ids))).logits.numpy()
+
+
+def ids_for(name: str, rows: int = 1, seed: int = 1) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, VOCAB, (rows, CASES[name][3]))
+
+
+def decode_stepwise(model, ids: np.ndarray, prompt: int, cache=None) -> np.ndarray:
+    """A prompt of `prompt` positions in one forward, then one position at a time."""
+    cache = cache if cache is not None else model.make_cache()
+    steps = [np.array(model(mx.array(ids[:, :prompt]), cache))]
+    steps += [np.array(model(mx.array(ids[:, i : i + 1]), cache)) for i in range(prompt, ids.shape[1])]
+    return np.concatenate(steps, axis=1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_prefill_and_cached_decode_match_transformers(pairs, name):
+    hf, ours = pairs[name]
+    ids = ids_for(name)
+    ref = reference(hf, ids)
+    assert ref.std() > 0.5, "logits too flat for the comparison to mean anything"
+    assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
+    assert np.abs(decode_stepwise(ours, ids, 9) - ref).max() < TOL
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_left_padded_batch_matches_transformers_per_row(pairs, name):
+    """Two rows of different lengths, left-padded in one batch (pad id 0, masked), prefilled then
+    decoded: each row's logits are transformers' for that row alone."""
+    hf, ours = pairs[name]
+    rng = np.random.RandomState(3)
+    total = CASES[name][3]
+    rows = [rng.randint(0, VOCAB, total).tolist(), rng.randint(0, VOCAB, total - 5).tolist()]
+    prompt = [8, 3]  # prompt lengths; the rest is decoded one token a step
+    padding = [max(prompt) - p for p in prompt]
+    cache = ours.make_cache(left_padding=padding)
+    batch = mx.array([[0] * pad + r[:p] for r, p, pad in zip(rows, prompt, padding)])
+    prefill = np.array(ours(batch, cache))
+    steps = []
+    for i in range(total - max(prompt)):
+        # row 0 decodes its own tokens; row 1 (shorter) runs out first and then repeats its last one
+        column = [r[min(p + i, len(r) - 1)] for r, p in zip(rows, prompt)]
+        steps.append(np.array(ours(mx.array([[c] for c in column]), cache))[:, 0])
+    for b, (r, p, pad) in enumerate(zip(rows, prompt, padding)):
+        n = min(len(r), p + len(steps))
+        ref = reference(hf, [r[:n]])[0]
+        assert np.abs(prefill[b, pad:] - ref[:p]).max() < TOL
+        got = np.stack([s[b] for s in steps[: n - p]])
+        assert np.abs(got - ref[p:n]).max() < TOL
+
+
+def test_prompts_in_chunks_and_speculative_trims_over_a_wrapped_window(pairs):
+    """Multi-position forwards on a wrapped ring (prefill chunks, a speculative verify) and trims
+    of rejected positions give transformers' logits; trimming more than the ring keeps is refused."""
+    hf, ours = pairs["mistral-window"]
+    ids = ids_for("mistral-window", seed=4)
+    ref = reference(hf, ids)
+    cache = ours.make_cache()
+    got = [np.array(ours(mx.array(ids[:, i : i + 7]), cache)) for i in range(0, 77, 7)]  # 11 chunks: wraps
+    assert np.abs(np.concatenate(got, axis=1) - ref[:, :77]).max() < TOL
+    # a verify of 6 drafted positions of which 2 are accepted: the 4 rejected ones are wrong tokens
+    drafted = np.concatenate([ids[:, 77:79], (ids[:, 79:83] + 1) % VOCAB], axis=1)
+    verify = np.array(ours(mx.array(drafted), cache))
+    assert np.abs(verify[:, :2] - ref[:, 77:79]).max() < TOL
+    assert all(c.trim(4) == 4 for c in cache)
+    rest = np.concatenate([np.array(ours(mx.array(ids[:, i : i + 1]), cache)) for i in range(79, ids.shape[1])], axis=1)
+    assert np.abs(rest - ref[:, 79:]).max() < TOL
+    assert isinstance(cache[0], RotatingKVCache) and cache[0].offset == ids.shape[1]
+    with pytest.raises(ConfigError, match="at most 64 positions"):
+        cache[0].trim(65)
+
+
+def test_batch_rows_filtered_from_a_wrapped_window(pairs):
+    """Dropping a finished row (the batch strategy's filter) keeps the other row's positions."""
+    hf, ours = pairs["mistral-window"]
+    ids = ids_for("mistral-window", rows=2, seed=5)
+    ref = reference(hf, ids[1:])
+    cache = ours.make_cache(left_padding=[0, 0])
+    decode_stepwise(ours, ids[:, :80], 10, cache)
+    for c in cache:
+        c.filter([1])
+    rest = np.concatenate([np.array(ours(mx.array(ids[1:, i : i + 1]), cache)) for i in range(80, ids.shape[1])], axis=1)
+    assert np.abs(rest - ref[:, 80:]).max() < TOL
+
+
+def test_the_window_is_exercised(pairs):
+    """The windowed case's reference differs from full attention on the same weights: an
+    implementation ignoring the window would fail the comparisons above."""
+    hf, _ = pairs["mistral-window"]
+    full = hf_model("mistral-window")
+    full.config.sliding_window = None
+    ids = ids_for("mistral-window")
+    assert np.abs(reference(hf, ids) - reference(full, ids)).max() > 1e-2
+
+
+def test_longrope_long_factors_past_the_original_context(pairs):
+    """A forward reaching past original_max_position_embeddings rotates with the long factors."""
+    hf, ours = pairs["phi3-longrope-partial"]
+    ids = np.random.RandomState(6).randint(0, VOCAB, (1, 80))
+    ref = reference(hf, ids)
+    assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
+    assert np.abs(reference(hf, ids[:, :60]) - ref[:, :60]).max() > 1e-2  # short factors there: the switch is exercised
+
+
+def test_quantized_experts_run_through_gather_qmm(pairs, tmp_path):
+    """A 4-bit MoE model saved and loaded with its experts kept quantized (gather_qmm) gives the
+    logits of the same weights dequantized to fp32 at load."""
+    import mlx.nn as nn
+
+    from stratlm.loaders.loading import save_model
+    from stratlm.models.qwen3_moe import QuantizedSwitchLinear
+
+    folder = tmp_path / "q"
+    loaded = load_model(str(FOLDERS["qwen3-moe"]), dtype="float32")
+    nn.quantize(loaded.model, group_size=32, bits=4)
+    loaded.model.config = {**loaded.model.config, "quantization": {"group_size": 32, "bits": 4}}
+    save_model(loaded, folder)
+    kept = load_model(str(folder), dtype="float32", quantized="keep").model
+    dense = load_model(str(folder), dtype="float32", quantized="dequantize").model
+    assert isinstance(kept.layers[0].mlp.switch_mlp.gate_proj, QuantizedSwitchLinear)
+    ids = mx.array(ids_for("qwen3-moe"))
+    assert np.abs(np.array(kept(ids)) - np.array(dense(ids))).max() < TOL
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen3-moe"])
+def test_strategies_over_the_new_caches(pairs, name):
+    """Greedy, batch and speculative decoding (a model draft: its cache and the target's trimmed
+    every step) give the same tokens on a windowed/MoE model, generating past the window; best-of-n
+    (one prefill, its cache rows replicated) runs."""
+    from stratlm.engine import Engine
+
+    loaded = load_model(str(FOLDERS[name]), dtype="float32")
+    prompts = ["a prompt longer than the window", "short"]
+    kwargs = dict(chat_template=False, max_tokens=20, ignore_eos=True)
+    greedy = [Engine(loaded, "greedy").generate(p, **kwargs).token_ids for p in prompts]
+    assert [r.token_ids for r in Engine(loaded, "batch").generate(prompts, **kwargs)] == greedy
+    speculative = Engine(loaded, "speculative", draft=loaded, num_draft=3)
+    assert [speculative.generate(p, **kwargs).token_ids for p in prompts] == greedy
+    best = Engine(loaded, "best-of-n", n=3).generate(prompts[0], temperature=0.8, seed=1, **kwargs)
+    assert len(best.token_ids) == 20
+
+
+def test_qwen2_gguf_with_biases_loads_to_transformers_logits(tmp_path):
+    """A Qwen2 GGUF written as llama.cpp's converter does (Q/K rows as they are, biases kept)
+    loads to the logits of the transformers model it was written from."""
+    pytest.importorskip("gguf")
+    from test_gguf import byte_vocab, write_gguf  # the GGUF tests' writer
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**{**BASE, "vocab_size": len(byte_vocab()), "tie_word_embeddings": False})
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    path = tmp_path / "qwen2.gguf"
+    write_gguf(path, hf, "qwen2", gguf_quant_type("F32"))
+    ids = np.random.RandomState(0).randint(0, len(byte_vocab()), (2, 12))
+    ours = load_model(str(path), dtype="float32").model
+    assert np.abs(np.array(ours(mx.array(ids))) - reference(hf, ids)).max() < TOL
+
+
+def gguf_quant_type(name: str):
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, name)
+
+
+def _windowed_attention_reference(q, keys, values, q_pos, window, padding):
+    """Attention of queries at positions q_pos over every key so far, masked to the window and
+    the row's padding (numpy, float64)."""
+    k_pos = np.arange(keys.shape[2])
+    allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+    allowed = allowed[None, None] & (k_pos[None, None, None, :] >= np.asarray(padding)[:, None, None, None])
+    scores = np.einsum("bhqd,bhkd->bhqk", q, keys) / np.sqrt(q.shape[-1])
+    scores = np.where(allowed, scores, -np.inf)
+    with np.errstate(invalid="ignore"):  # a padding query may see no key: its row is not compared
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bhkd->bhqd", weights, values)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    window=st.integers(1, 6),
+    room=st.integers(1, 4),
+    padding=st.lists(st.integers(0, 3), min_size=2, max_size=2),
+    ops=st.lists(st.one_of(st.tuples(st.just("add"), st.integers(1, 9)), st.tuples(st.just("trim"), st.integers(0, 4))), min_size=1, max_size=14),
+)
+def test_rotating_cache_equals_windowed_attention_over_everything(window, room, padding, ops):
+    """Any sequence of appends (one position or several) and trims (within the room) through a
+    small ring gives the attention over all positions masked to the window and the padding."""
+    rng = np.random.RandomState(0)
+    cache = RotatingKVCache(window, left_padding=padding, trim_room=room)
+    keys = np.zeros((2, 1, 0, 4))
+    values = np.zeros((2, 1, 0, 4))
+    written = 0
+    for op, n in ops:
+        if op == "trim":
+            n = min(n, cache.offset)
+            high = max(written, cache.offset)
+            if high > cache.size and high - (cache.offset - n) > room:  # positions it needs were overwritten
+                with pytest.raises(ConfigError, match="can take back at most"):
+                    cache.trim(n)
+                continue
+            assert cache.trim(n) == n
+            keys, values = keys[:, :, : cache.offset], values[:, :, : cache.offset]
+            continue
+        written = max(written, cache.offset + n)
+        q, k, v = (rng.randn(2, 1, n, 4) for _ in range(3))
+        q_pos = np.arange(cache.offset, cache.offset + n)
+        keys, values = np.concatenate([keys, k], axis=2), np.concatenate([values, v], axis=2)
+        mask = cache.make_mask(n)
+        ck, cv = cache.update_and_fetch(mx.array(k, dtype=mx.float32), mx.array(v, dtype=mx.float32))
+        got = np.array(mx.fast.scaled_dot_product_attention(mx.array(q, dtype=mx.float32), ck, cv, scale=0.5, mask=mask))
+        ref = _windowed_attention_reference(q, keys, values, q_pos, window, padding)
+        live = q_pos[None, :] >= np.asarray(padding)[:, None]  # a padding query's own output is never used
+        assert np.abs(got - ref).max(axis=(1, 3))[live].max(initial=0) < 1e-4
+
+
+def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
+    """A Qwen3-MoE GGUF in llama.cpp's layout (experts stacked in ffn_{gate,up,down}_exps, the
+    router in ffn_gate_inp, qwen3moe.expert_* metadata) loads to the logits of the transformers
+    model it was written from."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import MERGES, byte_vocab  # the GGUF tests' vocabulary
+
+    tokens = byte_vocab()
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(**{**BASE, "vocab_size": len(tokens), "tie_word_embeddings": False, "num_experts": 4,
+                                             "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True})
+    hf = transformers.Qwen3MoeForCausalLM(config).eval()
+    w = gguf.GGUFWriter(str(tmp_path / "moe.gguf"), "qwen3moe")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_expert_feed_forward_length(config.moe_intermediate_size)
+    w.add_expert_count(config.num_experts)
+    w.add_expert_used_count(config.num_experts_per_tok)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(MERGES)
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    base = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+            "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+            "mlp.gate": "ffn_gate_inp"}
+    experts: dict = {}
+    for key, tensor in hf.state_dict().items():
+        data = tensor.numpy().astype(np.float32)
+        if key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            w.add_tensor({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(key, "output.weight"), data)
+            continue
+        _, _, layer, rest = key.split(".", 3)
+        if ".experts." in rest:  # mlp.experts.gate_up_proj (experts, 2 * inter, hidden) / down_proj, or per expert
+            experts.setdefault(layer, {})[rest] = data
+            continue
+        w.add_tensor(f"blk.{layer}.{base[rest.rsplit('.', 1)[0]]}.weight", data)
+    for layer, parts in experts.items():
+        if "mlp.experts.gate_up_proj" in parts:
+            gate_up, down = parts["mlp.experts.gate_up_proj"], parts["mlp.experts.down_proj"]
+            gate, up = np.split(gate_up, 2, axis=1)
+        else:
+            n = config.num_experts
+            gate, up, down = (np.stack([parts[f"mlp.experts.{e}.{p}.weight"] for e in range(n)]) for p in ("gate_proj", "up_proj", "down_proj"))
+        for name, data in (("ffn_gate_exps", gate), ("ffn_up_exps", up), ("ffn_down_exps", down)):
+            w.add_tensor(f"blk.{layer}.{name}.weight", np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = np.random.RandomState(0).randint(0, len(tokens), (2, 12))
+    ours = load_model(str(tmp_path / "moe.gguf"), dtype="float32").model
+    assert np.abs(np.array(ours(mx.array(ids))) - reference(hf, ids)).max() < TOL
+
+
+HUB_STYLE = {  # config.json as the hub checkpoints spell them (before transformers 5's rope_parameters)
+    "gemma3-1b-style": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        model_type="gemma3_text", num_hidden_layers=3, sliding_window=4, sliding_window_pattern=2, rope_theta=1000000.0,
+        rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0}, query_pre_attn_scalar=16,
+        hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None, attn_logit_softcapping=None)),
+    "phi3.5-style": ("Phi3Config", "Phi3ForCausalLM", dict(
+        model_type="phi3", rope_theta=10000.0, original_max_position_embeddings=32, sliding_window=262144,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 2.0, 3.0, 5.0, 8.0, 9.0],
+                      "long_factor": [1.0, 1.2, 2.0, 4.0, 8.0, 16.0, 24.0, 30.0]})),
+    "qwen3-30b-a3b-style": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_STYLE))
+def test_hub_style_configs_read_as_transformers_reads_them(tmp_path, name):
+    """A config.json in the hub's older spelling (rope_theta / rope_local_base_freq / rope_scaling,
+    sliding_window_pattern, num_experts) gives the model transformers builds from it."""
+    import json
+
+    config_cls, model_cls, hub = HUB_STYLE[name]
+    hub = {**BASE, **hub}
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls).from_dict(dict(hub))).eval()
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            if "norm" in pname:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hub))  # what the hub checkpoint holds
+    byte_tokenizer().save(tmp_path)
+    ids = np.random.RandomState(7).randint(0, VOCAB, (1, 40))  # past the window and original_max_position_embeddings
+    ours = load_model(str(tmp_path), dtype="float32").model
+    ref = reference(hf, ids)
+    assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
+    if name != "phi3.5-style":  # LongRoPE picks its factors by a forward's last position: stepwise differs by design
+        assert np.abs(decode_stepwise(ours, ids, 6) - ref).max() < TOL
