@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
-from stratlm.core.errors import ConfigError, ModelLoadError
+from stratlm.core.errors import ConfigError, ModelLoadError, StratlmError
 from stratlm.device import cuda_active
 from stratlm.core.model import LoadedModel
 from stratlm.core.strategy import Strategy, Transform
@@ -421,7 +421,13 @@ def apply_transforms(loaded: LoadedModel, transforms: Sequence[TransformSpec], r
 def apply_adapter(loaded: LoadedModel, path: Path, registry: Registry) -> LoadedModel:
     if not (path / "adapter_config.json").exists():
         raise ModelLoadError(f"{path} is not an adapter folder: it needs adapter_config.json and adapters.safetensors")
-    result = registry.pm.hook.load_adapter(loaded=loaded, path=path)
+    try:
+        result = registry.pm.hook.load_adapter(loaded=loaded, path=path)
+    except StratlmError:
+        raise
+    except Exception as exc:  # a plugin's bug: name the hook and the error rather than crash
+        plugins = ", ".join(impl.plugin_name for impl in registry.pm.hook.load_adapter.get_hookimpls())
+        raise ModelLoadError(f"an adapter plugin failed on {path}: {type(exc).__name__}: {exc} (load_adapter plugins: {plugins})") from exc
     if result is None:
         raise ModelLoadError(f"no installed plugin reads the adapter in {path} (see its adapter_config.json fine_tune_type)")
     return result
