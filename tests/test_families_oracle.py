@@ -485,3 +485,61 @@ def test_gemma3_gguf_loads_to_transformers_logits(tmp_path):
     ref = reference(hf, ids)
     assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
     assert np.abs(decode_stepwise(ours, ids, 5) - ref).max() < TOL
+
+
+def test_phi3_gguf_with_longrope_loads_to_transformers_logits(tmp_path):
+    """A Phi-3.5-style GGUF (fused attn_qkv and ffn_up, LongRoPE factors as rope_factors_long /
+    _short tensors, partial rotary from the RoPE dimension count) loads to transformers' logits,
+    past the original context (long factors)."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import MERGES, byte_vocab
+
+    tokens = byte_vocab()
+    short, long = [1.0, 1.5, 3.0, 7.0], [2.0, 5.0, 11.0, 19.0]
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(**{**BASE, "vocab_size": len(tokens), "original_max_position_embeddings": 32, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "short_factor": short, "long_factor": long}})
+    hf = transformers.Phi3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    w = gguf.GGUFWriter(str(tmp_path / "phi3.gguf"), "phi3")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_rope_scaling_orig_ctx_len(32)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_dimension_count(8)
+    w.add_rope_freq_base(10000.0)
+    w.add_sliding_window(0)
+    w.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(512 / 32) / np.log(32))))
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(MERGES)
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_tensor("rope_factors_long.weight", np.array(long, dtype=np.float32))
+    w.add_tensor("rope_factors_short.weight", np.array(short, dtype=np.float32))
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
+             "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for key, tensor in hf.state_dict().items():
+        data = tensor.numpy().astype(np.float32)
+        top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+        if key in top:
+            w.add_tensor(top[key], data)
+            continue
+        _, _, layer, rest = key.split(".", 3)
+        w.add_tensor(f"blk.{layer}.{names[rest.rsplit('.', 1)[0]]}.weight", data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = np.random.RandomState(0).randint(0, len(tokens), (1, 40))
+    ours = load_model(str(tmp_path / "phi3.gguf"), dtype="float32").model
+    assert np.abs(np.array(ours(mx.array(ids))) - reference(hf, ids)).max() < TOL
