@@ -223,7 +223,8 @@ def test_quantized_experts_run_through_gather_qmm(pairs, tmp_path):
 @pytest.mark.parametrize("name", ["gemma3", "qwen3-moe"])
 def test_strategies_over_the_new_caches(pairs, name):
     """Greedy, batch and speculative decoding (a model draft: its cache and the target's trimmed
-    every step) give the same tokens on a windowed/MoE model, generating past the window."""
+    every step) give the same tokens on a windowed/MoE model, generating past the window; best-of-n
+    (one prefill, its cache rows replicated) runs."""
     from stratlm.engine import Engine
 
     loaded = load_model(str(FOLDERS[name]), dtype="float32")
@@ -233,6 +234,8 @@ def test_strategies_over_the_new_caches(pairs, name):
     assert [r.token_ids for r in Engine(loaded, "batch").generate(prompts, **kwargs)] == greedy
     speculative = Engine(loaded, "speculative", draft=loaded, num_draft=3)
     assert [speculative.generate(p, **kwargs).token_ids for p in prompts] == greedy
+    best = Engine(loaded, "best-of-n", n=3).generate(prompts[0], temperature=0.8, seed=1, **kwargs)
+    assert len(best.token_ids) == 20
 
 
 def test_qwen2_gguf_with_biases_loads_to_transformers_logits(tmp_path):
@@ -315,3 +318,228 @@ def test_rotating_cache_equals_windowed_attention_over_everything(window, room, 
         ref = _windowed_attention_reference(q, keys, values, q_pos, window, padding)
         live = q_pos[None, :] >= np.asarray(padding)[:, None]  # a padding query's own output is never used
         assert np.abs(got - ref).max(axis=(1, 3))[live].max(initial=0) < 1e-4
+
+
+def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
+    """A Qwen3-MoE GGUF in llama.cpp's layout (experts stacked in ffn_{gate,up,down}_exps, the
+    router in ffn_gate_inp, qwen3moe.expert_* metadata) loads to the logits of the transformers
+    model it was written from."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import MERGES, byte_vocab  # the GGUF tests' vocabulary
+
+    tokens = byte_vocab()
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(**{**BASE, "vocab_size": len(tokens), "tie_word_embeddings": False, "num_experts": 4,
+                                             "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True})
+    hf = transformers.Qwen3MoeForCausalLM(config).eval()
+    w = gguf.GGUFWriter(str(tmp_path / "moe.gguf"), "qwen3moe")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_expert_feed_forward_length(config.moe_intermediate_size)
+    w.add_expert_count(config.num_experts)
+    w.add_expert_used_count(config.num_experts_per_tok)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(MERGES)
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    base = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+            "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+            "mlp.gate": "ffn_gate_inp"}
+    experts: dict = {}
+    for key, tensor in hf.state_dict().items():
+        data = tensor.numpy().astype(np.float32)
+        if key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            w.add_tensor({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(key, "output.weight"), data)
+            continue
+        _, _, layer, rest = key.split(".", 3)
+        if ".experts." in rest:  # mlp.experts.gate_up_proj (experts, 2 * inter, hidden) / down_proj, or per expert
+            experts.setdefault(layer, {})[rest] = data
+            continue
+        w.add_tensor(f"blk.{layer}.{base[rest.rsplit('.', 1)[0]]}.weight", data)
+    for layer, parts in experts.items():
+        if "mlp.experts.gate_up_proj" in parts:
+            gate_up, down = parts["mlp.experts.gate_up_proj"], parts["mlp.experts.down_proj"]
+            gate, up = np.split(gate_up, 2, axis=1)
+        else:
+            n = config.num_experts
+            gate, up, down = (np.stack([parts[f"mlp.experts.{e}.{p}.weight"] for e in range(n)]) for p in ("gate_proj", "up_proj", "down_proj"))
+        for name, data in (("ffn_gate_exps", gate), ("ffn_up_exps", up), ("ffn_down_exps", down)):
+            w.add_tensor(f"blk.{layer}.{name}.weight", np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = np.random.RandomState(0).randint(0, len(tokens), (2, 12))
+    ours = load_model(str(tmp_path / "moe.gguf"), dtype="float32").model
+    assert np.abs(np.array(ours(mx.array(ids))) - reference(hf, ids)).max() < TOL
+
+
+HUB_STYLE = {  # config.json as the hub checkpoints spell them (before transformers 5's rope_parameters)
+    "gemma3-1b-style": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        model_type="gemma3_text", num_hidden_layers=3, sliding_window=4, sliding_window_pattern=2, rope_theta=1000000.0,
+        rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0}, query_pre_attn_scalar=16,
+        hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=None, attn_logit_softcapping=None)),
+    "phi3.5-style": ("Phi3Config", "Phi3ForCausalLM", dict(
+        model_type="phi3", rope_theta=10000.0, original_max_position_embeddings=32, sliding_window=262144,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 2.0, 3.0, 5.0, 8.0, 9.0],
+                      "long_factor": [1.0, 1.2, 2.0, 4.0, 8.0, 16.0, 24.0, 30.0]})),
+    "qwen3-30b-a3b-style": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_STYLE))
+def test_hub_style_configs_read_as_transformers_reads_them(tmp_path, name):
+    """A config.json in the hub's older spelling (rope_theta / rope_local_base_freq / rope_scaling,
+    sliding_window_pattern, num_experts) gives the model transformers builds from it."""
+    import json
+
+    config_cls, model_cls, hub = HUB_STYLE[name]
+    hub = {**BASE, **hub}
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls).from_dict(dict(hub))).eval()
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            if "norm" in pname:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hub))  # what the hub checkpoint holds
+    byte_tokenizer().save(tmp_path)
+    ids = np.random.RandomState(7).randint(0, VOCAB, (1, 40))  # past the window and original_max_position_embeddings
+    ours = load_model(str(tmp_path), dtype="float32").model
+    ref = reference(hf, ids)
+    assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
+    if name != "phi3.5-style":  # LongRoPE picks its factors by a forward's last position: stepwise differs by design
+        assert np.abs(decode_stepwise(ours, ids, 6) - ref).max() < TOL
+
+
+def test_gemma3_gguf_loads_to_transformers_logits(tmp_path):
+    """A Gemma 3 GGUF as llama.cpp's converter writes it (every norm weight + 1, its own names
+    for the four block norms, the sliding window in the metadata, 5 local : 1 global layers)
+    loads to the logits of the transformers model it was written from."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import MERGES, byte_vocab
+
+    tokens = byte_vocab()
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(**{**BASE, "vocab_size": len(tokens), "num_hidden_layers": 6, "sliding_window": 4,
+                                              "query_pre_attn_scalar": 16})
+    config._attn_implementation = "eager"
+    hf = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    w = gguf.GGUFWriter(str(tmp_path / "gemma3.gguf"), "gemma3")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_freq_base(1000000.0)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_sliding_window(config.sliding_window)
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(MERGES)
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+             "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for key, tensor in hf.state_dict().items():
+        data = tensor.numpy().astype(np.float32)
+        if key.endswith("norm.weight"):
+            data = data + 1.0  # the converter's norm shift
+        if key == "lm_head.weight":
+            continue  # tied
+        if key in ("model.embed_tokens.weight", "model.norm.weight"):
+            w.add_tensor("token_embd.weight" if "embed" in key else "output_norm.weight", data)
+            continue
+        _, _, layer, rest = key.split(".", 3)
+        w.add_tensor(f"blk.{layer}.{names[rest.rsplit('.', 1)[0]]}.weight", data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = np.random.RandomState(0).randint(0, len(tokens), (1, 20))
+    ours = load_model(str(tmp_path / "gemma3.gguf"), dtype="float32").model
+    ref = reference(hf, ids)
+    assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
+    assert np.abs(decode_stepwise(ours, ids, 5) - ref).max() < TOL
+
+
+def test_phi3_gguf_with_longrope_loads_to_transformers_logits(tmp_path):
+    """A Phi-3.5-style GGUF (fused attn_qkv and ffn_up, LongRoPE factors as rope_factors_long /
+    _short tensors, partial rotary from the RoPE dimension count) loads to transformers' logits,
+    past the original context (long factors)."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import MERGES, byte_vocab
+
+    tokens = byte_vocab()
+    short, long = [1.0, 1.5, 3.0, 7.0], [2.0, 5.0, 11.0, 19.0]
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(**{**BASE, "vocab_size": len(tokens), "original_max_position_embeddings": 32, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "short_factor": short, "long_factor": long}})
+    hf = transformers.Phi3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    w = gguf.GGUFWriter(str(tmp_path / "phi3.gguf"), "phi3")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_rope_scaling_orig_ctx_len(32)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_dimension_count(8)
+    w.add_rope_freq_base(10000.0)
+    w.add_sliding_window(0)
+    w.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(512 / 32) / np.log(32))))
+    w.add_file_type(0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(MERGES)
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_tensor("rope_factors_long.weight", np.array(long, dtype=np.float32))
+    w.add_tensor("rope_factors_short.weight", np.array(short, dtype=np.float32))
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
+             "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for key, tensor in hf.state_dict().items():
+        data = tensor.numpy().astype(np.float32)
+        top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+        if key in top:
+            w.add_tensor(top[key], data)
+            continue
+        _, _, layer, rest = key.split(".", 3)
+        w.add_tensor(f"blk.{layer}.{names[rest.rsplit('.', 1)[0]]}.weight", data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = np.random.RandomState(0).randint(0, len(tokens), (1, 40))
+    ours = load_model(str(tmp_path / "phi3.gguf"), dtype="float32").model
+    assert np.abs(np.array(ours(mx.array(ids))) - reference(hf, ids)).max() < TOL

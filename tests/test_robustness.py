@@ -249,6 +249,8 @@ CLI_CASES = [
     (G + ["--max-tokens", "0"], None, 1, "max_tokens must be a positive integer"),
     (G + ["--max-tokens", "x"], None, 2, "argument --max-tokens: invalid int value"),
     (G + ["--stop", ""], None, 1, "stop strings must be non-empty"),
+    (G + ["--stop", "caf\udce9"], None, 1, "stop string 'caf.udce9' is not valid UTF-8 text"),
+    (["transform", "nosuch", "--out", "{root}/t"], None, 1, r"name at least one transform after the model \('nosuch' was read as the model\)"),
     (G + ["--chat-template-kwargs", "{{bad"], None, 1, "--chat-template-kwargs is not valid JSON"),
     (G + ["--chat-template-kwargs", "[1]"], None, 1, "--chat-template-kwargs must be a JSON object"),
     (G + ["-s", "gredy"], None, 1, "unknown strategy 'gredy'. Did you mean 'greedy'"),
@@ -329,8 +331,8 @@ def test_chat_commands_bad_lines_and_ctrl_c_at_the_prompt(cli_files, monkeypatch
 
     from stratlm.cli.main import main
 
-    lines = "/help\n/frobnicate\ncaf\udce9\n/exit\n"  # the third line holds a byte that is not UTF-8 (as surrogateescape reads it)
-    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    lines = b"/help\n/frobnicate\ncaf\xe9\n/exit\n"  # the third line holds a byte that is not UTF-8
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
     assert main(["chat", "-m", str(cli_files / "model"), "--max-tokens", "2"]) == 0
     captured = capsys.readouterr()
     assert "/reset clears the history" in captured.out
@@ -411,3 +413,41 @@ def test_a_plugin_whose_hook_raises_is_named_and_skipped_and_a_duplicate_name_fa
     assert main(["generate", "hi", "-m", model, "--max-tokens", "2", "--quiet"], registry=registry) == 0  # unrelated commands work
     assert main(["generate", "hi", "-m", model, "-s", "sample"], registry=registry) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: strategy 'sample' is registered twice")
+
+
+def test_bench_without_mlx_lm_names_the_extra(cli_files, monkeypatch, capsys):
+    import sys
+
+    from stratlm.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)  # `import mlx_lm` now fails as it does when the extra is not installed
+    code = main(["bench", "-m", str(cli_files / "model"), "--baselines", "same-process", "--reps", "1", "--warmup", "0",
+                 "--prompt-tokens", "4", "--max-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1] == "error: `stratlm bench` needs the package 'mlx_lm', which is not installed: pip install 'stratlm[bench]'", err
+
+
+class RaisingAdapterPlugin:
+    """A third-party adapter reader with a bug."""
+
+    @staticmethod
+    def load_adapter(loaded, path):
+        raise KeyError("lora_alpha")
+
+
+def test_an_adapter_plugin_that_raises_is_named_in_the_error(base, tmp_path):
+    from stratlm import Engine
+    from stratlm.core.errors import ModelLoadError
+    from stratlm.core.hookspecs import hookimpl
+    from stratlm.core.registry import get_registry
+
+    plugin = RaisingAdapterPlugin()
+    plugin.load_adapter = hookimpl(RaisingAdapterPlugin.load_adapter)
+    registry = get_registry()
+    registry.pm.register(plugin, name="stratlm-buggy-adapters")
+    try:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "ia3"}))
+        with pytest.raises(ModelLoadError, match=r"an adapter plugin failed on .*: KeyError: 'lora_alpha' \(load_adapter plugins: .*stratlm-buggy-adapters"):
+            Engine(base, adapter=tmp_path)
+    finally:
+        registry.pm.unregister(plugin)

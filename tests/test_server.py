@@ -86,7 +86,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_dir):
-    server = ServerProcess(tiny_dir, "--api-key", KEY, "--max-body", "1MiB")
+    server = ServerProcess(tiny_dir, "--api-key", KEY, "--max-body", "1MiB", "--allowed-origins", "http://ui.example")
     yield server
     server.stop()
 
@@ -201,6 +201,9 @@ def test_tools_and_chat_template_kwargs_reach_the_template(tiny_server):
 def test_models_and_metrics(tiny_server, tiny_dir):
     models = httpx.get(tiny_server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert models["data"][0]["id"] == tiny_dir
+    asks = {"Origin": "http://ui.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    preflight = httpx.options(tiny_server.url + "/v1/chat/completions", headers=asks)
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "http://ui.example"
     text = httpx.get(tiny_server.url + "/metrics").text
     for name in ("stratlm_requests_waiting", "stratlm_requests_running", "stratlm_generated_tokens_total", "stratlm_prefix_cache_hit_rate",
                  "stratlm_time_to_first_token_seconds_bucket", "stratlm_generation_tokens_per_second"):

@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     g.add_argument("--kv-budget", default=None, metavar="SIZE", help="KV cache memory for the running requests, e.g. 2GB or 512MiB")
     g.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none (default 512)")
     g.add_argument("--max-body", default="4MiB", metavar="SIZE", help="largest request body accepted (default 4MiB)")
+    g.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN",
+                   help="origins browsers may call from (CORS), e.g. http://localhost:3000 or '*'")
     g.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn's log level")
     p.set_defaults(run=run)
 
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
                        dtype=args.dtype, quantized=args.quantized, registry=getattr(args, "registry", None))
     backend = make_backend(engine_args, max_running=args.max_running, max_queue=args.max_queue, kv_budget=kv_budget)
     names = model_names(source, backend.loaded, backend.registry)
-    app = create_app(backend, model_names=names, api_key=args.api_key, default_max_tokens=args.default_max_tokens, max_body_bytes=max_body)
+    app = create_app(backend, model_names=names, api_key=args.api_key, default_max_tokens=args.default_max_tokens, max_body_bytes=max_body,
+                     allowed_origins=args.allowed_origins)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     print(f"stratlm serve: {names[0]} on http://{args.host}:{args.port}/v1 (OpenAI API; /health, /metrics)", flush=True)

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     items = list(args.items)
     model = None if items[0].partition(":")[0] in known else items.pop(0)
     if not items:
-        raise ConfigError(f"name at least one transform after the model; known transforms: {', '.join(sorted(known))}")
+        raise ConfigError(f"name at least one transform after the model ({model!r} was read as the model); known transforms: {', '.join(sorted(known))}")
     specs = [(name, {"on_progress": print_progress, **options} if name == "heal" else options) for name, options in parse_transforms(items)]
     for name, options in specs:  # unknown names and options fail before the model loads
         check_transform_options(name, registry.get("transform", name), options)

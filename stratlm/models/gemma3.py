@@ -13,8 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from stratlm.core.errors import ModelLoadError
-from stratlm.core.model import ModelFamily
+from stratlm.core.model import GGUFSpec, ModelFamily
 
+from . import llama
 from .transformer import Attention, Block, DecoderLM, TransformerArgs, drop_unused
 
 # Gemma3TextConfig's defaults: the multimodal checkpoints' text_config leaves most of them out
@@ -123,7 +124,51 @@ def sanitize(weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, 
     return drop_unused(out, text_config(config))
 
 
-FAMILY = ModelFamily(name="gemma3", build=build, model_types=("gemma3_text", "gemma3"), sanitize=sanitize)
+# -- GGUF (llama.cpp's gemma3 architecture) -----------------------------------------------------
+GGUF_NAMES = {
+    **llama.GGUF_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], model_type: str) -> dict[str, Any]:
+    """What llama.cpp's converter writes, and what its gemma3 graph assumes without writing:
+    local layers' RoPE base 10000, five local layers to one global, queries scaled by
+    head_dim ** -0.5 except the 27B (hidden_size / heads)."""
+    config = llama.gguf_config(meta, weights, "gemma3_text")
+
+    def get(key: str) -> Any:
+        value = meta.get(f"gemma3.{key}")
+        return value.item() if hasattr(value, "item") else value
+
+    hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    config.update(
+        sliding_window=get("attention.sliding_window"),
+        sliding_window_pattern=6,
+        rope_local_base_freq=get("rope.freq_base_swa") or 10000.0,
+        query_pre_attn_scalar=hidden // heads if layers == 62 else config["head_dim"],
+        final_logit_softcapping=get("final_logit_softcapping"),
+        hidden_activation="gelu_pytorch_tanh",
+    )
+    return config
+
+
+def undo_norm_shift(weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
+    """llama.cpp's converter stores every Gemma norm weight plus 1 (its RMSNorm multiplies by the
+    weight): back to the offset from 1 that Gemma's norm (and every other loader) holds. Run by
+    the GGUF loader where a converter's changes to the weights are undone (`unpermute_qk`)."""
+    return {k: v - 1.0 if k.endswith("norm.weight") else v for k, v in weights.items()}
+
+
+FAMILY = ModelFamily(
+    name="gemma3",
+    build=build,
+    model_types=("gemma3_text", "gemma3"),
+    gguf=GGUFSpec(architectures=("gemma3",), tensor_names=GGUF_NAMES, config=gguf_config, unpermute_qk=undo_norm_shift),
+    sanitize=sanitize,
+)
 
 ALIASES = {
     "gemma-3-270m": "google/gemma-3-270m-it",

@@ -10,8 +10,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from stratlm.core.model import ModelFamily
+from stratlm.core.model import GGUFSpec, ModelFamily
 
+from . import llama
 from .transformer import MLP, Attention, Block, DecoderLM, TransformerArgs, drop_unused
 
 
@@ -67,7 +68,46 @@ def build(config: dict[str, Any]) -> DecoderLM:
     return DecoderLM(config, args, Phi3Block)
 
 
-FAMILY = ModelFamily(name="phi3", build=build, model_types=("phi3",), sanitize=drop_unused)
+# -- GGUF (llama.cpp's phi3 architecture) -------------------------------------------------------
+GGUF_NAMES = {**llama.GGUF_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}  # ffn_up holds gate then up
+
+
+def gguf_config(meta: dict[str, Any], weights: dict[str, mx.array], model_type: str) -> dict[str, Any]:
+    """The config, with LongRoPE from the rope_factors_long / _short tensors the converter
+    writes (and the attention factor it computed), the partial rotary from the RoPE dimension
+    count and the sliding window (0: none, as the converter writes for Phi-4)."""
+    config = llama.gguf_config(meta, weights, model_type)
+
+    def get(key: str) -> Any:
+        value = meta.get(f"phi3.{key}")
+        return value.item() if hasattr(value, "item") else value
+
+    rope_dims = get("rope.dimension_count")
+    if rope_dims and rope_dims != config["head_dim"]:
+        config["partial_rotary_factor"] = rope_dims / config["head_dim"]
+    config["sliding_window"] = get("attention.sliding_window") or None
+    long, short = weights.get("rope_factors_long.weight"), weights.get("rope_factors_short.weight")
+    if long is not None and short is not None:
+        original = get("rope.scaling.original_context_length") or config["max_position_embeddings"]
+        config["original_max_position_embeddings"] = original
+        config["rope_scaling"] = {"rope_type": "longrope", "long_factor": long.astype(mx.float32).tolist(), "short_factor": short.astype(mx.float32).tolist(),
+                                  "original_max_position_embeddings": original, "factor": config["max_position_embeddings"] / original,
+                                  "attention_factor": get("rope.scaling.attn_factor")}
+    return config
+
+
+def sanitize(weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:
+    """The GGUF's LongRoPE factor tensors are in the config (gguf_config), not parameters."""
+    return drop_unused({k: v for k, v in weights.items() if not k.startswith("rope_factors_")}, config)
+
+
+FAMILY = ModelFamily(
+    name="phi3",
+    build=build,
+    model_types=("phi3",),
+    gguf=GGUFSpec(architectures=("phi3",), tensor_names=GGUF_NAMES, config=gguf_config),
+    sanitize=sanitize,
+)
 
 ALIASES = {
     "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",

@@ -18,7 +18,7 @@ def layer_types(config: dict[str, Any]) -> tuple[str, ...] | None:
         return tuple(config["layer_types"])
     if not config.get("use_sliding_window", False) or config.get("sliding_window") is None:
         return None
-    first = config.get("max_window_layers", config["num_hidden_layers"])
+    first = config.get("max_window_layers", 28)  # transformers' default
     return tuple("sliding_attention" if i >= first else "full_attention" for i in range(config["num_hidden_layers"]))
 
 

@@ -8,11 +8,13 @@ from typing import Any
 from stratlm.core.model import GGUFSpec, ModelFamily
 
 from .llama import GGUF_NAMES, gguf_config
+from .qwen2 import layer_types
 from .transformer import DecoderLM, TransformerArgs, drop_unused
 
 
 def build(config: dict[str, Any]) -> DecoderLM:
-    return DecoderLM(config, TransformerArgs.from_config(config, qk_norm=True))
+    config = {**config, "use_sliding_window": config.get("use_sliding_window", False)}  # transformers' default, as Qwen2's
+    return DecoderLM(config, TransformerArgs.from_config(config, qk_norm=True, layer_types=layer_types(config)))
 
 
 FAMILY = ModelFamily(

@@ -18,6 +18,7 @@ from stratlm.core.errors import ModelLoadError
 from stratlm.core.model import GGUFSpec, ModelFamily
 
 from .llama import GGUF_NAMES, gguf_config
+from .qwen2 import layer_types
 from .transformer import MLP, Block, DecoderLM, TransformerArgs, drop_unused
 
 SORT_FROM = 64  # (token, expert) pairs from which they are sorted by expert: each expert's rows read together
@@ -133,7 +134,8 @@ def build(config: dict[str, Any]) -> DecoderLM:
         def __init__(self, a: TransformerArgs, layer: int = 0):
             super().__init__(a, layer, moe)
 
-    return DecoderLM(config, TransformerArgs.from_config(config, qk_norm=True), Qwen3MoEBlock)
+    config = {**config, "use_sliding_window": config.get("use_sliding_window", False)}
+    return DecoderLM(config, TransformerArgs.from_config(config, qk_norm=True, layer_types=layer_types(config)), Qwen3MoEBlock)
 
 
 EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI) over a backend with submit(...) and metrics(): the engine's
-scheduler or stratlm.server.backend.InterimScheduler. See docs/server.md for every field."""
+"""The OpenAI-compatible HTTP API (FastAPI) over an Engine's scheduler (engine.submit / engine.metrics).
+See docs/server.md for every field."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ValidationError
 
-from stratlm.core.errors import ConfigError, StratlmError, UnknownNameError
+from stratlm.core.errors import ConfigError, QueueFullError, RequestFailedError, StratlmError, UnknownNameError
 from stratlm.core.log import get_logger
 from stratlm.core.types import GenerationResult
 
-from .backend import QueueFullError, supported_params
+from .backend import supported_params
 from .schemas import IGNORED_FIELDS, ChatCompletionRequest, CommonRequest, CompletionRequest
 
 log = get_logger(__name__)
@@ -45,7 +45,7 @@ class APIError(Exception):
 
 # -- the app ---------------------------------------------------------------------------------------
 def create_app(backend: Any, *, model_names: Sequence[str], api_key: str | None = None, default_max_tokens: int = 512,
-               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY, allowed_origins: Sequence[str] = ()) -> FastAPI:
     """backend: an Engine with a scheduler (or the interim one); model_names: the served model's id
     first, then the aliases a request's `model` may also use."""
     app = FastAPI(title="stratlm", docs_url=None, redoc_url=None, openapi_url=None)
@@ -72,6 +72,11 @@ def create_app(backend: Any, *, model_names: Sequence[str], api_key: str | None 
                 server.http_requests.labels(request.url.path, "401").inc()
                 return APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key").response()
         return await call_next(request)
+
+    if allowed_origins:  # browser clients on other origins; added last, so preflights are answered before the key check
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
 
     @app.get("/health")
     async def health():
@@ -436,7 +441,7 @@ def submit_error(exc: BaseException, prompt_param: str = "prompt") -> APIError:
     """The engine's errors as HTTP answers: bad input 400, a full queue 429 with Retry-After."""
     if isinstance(exc, APIError):
         return exc
-    if type(exc).__name__ == "RequestFailedError":  # the engine failed the request: our fault, not the client's
+    if isinstance(exc, RequestFailedError):  # the engine failed the request: our fault, not the client's
         return APIError(500, str(exc), type="server_error", code="request_failed")
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), code="queue_full", type="rate_limit_error", headers={"Retry-After": "1"})
