@@ -77,35 +77,31 @@ def run_stratlm(loaded: LoadedModel, work: Workload, max_running: int) -> LoadRe
 
     engine = Engine(loaded, scheduler={"max_running": max_running, "prefix_cache_bytes": 0, "max_queue": max(1024, len(work.prompts))})
     scheduler, strategy = engine.scheduler, engine.strategy
-    first: list[float | None] = [None] * len(work.prompts)
-    ends: list[float] = [0.0] * len(work.prompts)
-    counts: list[int] = [0] * len(work.prompts)
-    arrived: list[float] = [0.0] * len(work.prompts)
+    results: list[Any] = [None] * len(work.prompts)
 
     def consume(i: int, handle) -> None:
         for _ in handle:
-            if first[i] is None:
-                first[i] = time.perf_counter()
-        result = handle.result()
-        ends[i], counts[i] = time.perf_counter(), len(result.token_ids)
+            pass
+        results[i] = handle.result()
 
     start = time.perf_counter()
-    threads = []
+    threads, ends = [], [0.0] * len(work.prompts)
     for i, (prompt, n, at) in enumerate(zip(work.prompts, work.max_tokens, work.arrivals)):
         delay = start + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        arrived[i] = time.perf_counter()
         handle = scheduler.submit(prompt, engine.params(max_tokens=n, ignore_eos=True), strategy)
-        thread = threading.Thread(target=consume, args=(i, handle), daemon=True)
+        thread = threading.Thread(target=lambda i=i, h=handle: (consume(i, h), ends.__setitem__(i, time.perf_counter())), daemon=True)
         thread.start()
         threads.append(thread)
     for thread in threads:
         thread.join()
     wall = max(ends) - start
     engine.close()
-    return LoadResult("stratlm scheduler", sum(counts), wall, [f - a for f, a in zip(first, arrived)],
-                      [(e - f) / max(1, c - 1) for f, e, c in zip(first, ends, counts)])
+    # the scheduler's own clocks: submit -> first token (queue + prefill), then per token
+    stats = [r.stats for r in results]
+    return LoadResult("stratlm scheduler", sum(len(r.token_ids) for r in results), wall, [s.queue_time + s.prompt_time for s in stats],
+                      [s.generation_time / max(1, s.generation_tokens) for s in stats])
 
 
 def run_static(loaded: LoadedModel, work: Workload) -> LoadResult:
@@ -162,6 +158,7 @@ def run_mlx_lm(folder: str, work: Workload, max_running: int) -> LoadResult:
                 ends[i] = t
                 done += 1
     gen.close()
+    first = [f if f is not None else e for f, e in zip(first, ends)]
     return LoadResult("mlx-lm BatchGenerator", sum(counts), max(ends) - start, [f - a for f, a in zip(first, arrived)],
                       [(e - f) / max(1, c - 1) for f, e, c in zip(first, ends, counts)])
 
