@@ -172,7 +172,7 @@ def smollm2_q4_k_m(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_smollm2_q4_k_m_answers_and_agrees_with_its_fp32_expansion(smollm2_q4_k_m):
+def test_smollm2_q4_k_m_answers_and_agrees_with_its_fp32_expansion(smollm2_q4_k_m, exact_kernels):
     """llama.cpp's Q4_K_M recipe (K-quants where rows are a multiple of 256: ffn_down; the
     fallbacks elsewhere); the kept form (Q4_K 4-bit on the kernels, the rest 8-bit) decodes the
     same greedy tokens as the file expanded to fp32."""
