@@ -20,6 +20,16 @@ from stratlm.testing import tiny_model
 def logits(loaded, ids) -> np.ndarray:
     return np.array(loaded.model(mx.array(ids)).astype(mx.float32))
 
+@pytest.fixture(autouse=True)
+def exact_kernels():
+    """These tests check what the files hold: the CPU kernels multiply in exact fp32 here (their
+    default int8 activations move logits within q8_error_bound, tested with the kernels)."""
+    from stratlm.backends.cpu import kernels
+
+    with kernels.exact_mode():
+        yield
+
+
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):

@@ -18,6 +18,16 @@ from stratlm.loaders.loading import load_model
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 TYPE_IDS = {name: i for i, (name, _, _) in GGML_TYPES.items()}
+
+@pytest.fixture(autouse=True)
+def exact_kernels():
+    """These tests check what the files hold: the CPU kernels multiply in exact fp32 here (their
+    default int8 activations move logits within q8_error_bound, tested with the kernels)."""
+    from stratlm.backends.cpu import kernels
+
+    with kernels.exact_mode():
+        yield
+
 # byte offsets of each block's fp16 scale fields: random bytes there could be inf/nan
 F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108],
               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0]}
