@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
