@@ -234,6 +234,12 @@ def test_strategies_over_the_new_caches(pairs, name):
     assert [r.token_ids for r in Engine(loaded, "batch").generate(prompts, **kwargs)] == greedy
     speculative = Engine(loaded, "speculative", draft=loaded, num_draft=3)
     assert [speculative.generate(p, **kwargs).token_ids for p in prompts] == greedy
+    # another model drafting more tokens a step than a sliding-window ring can take back (most
+    # rejected): drafting is capped at what the caches can trim, and the tokens stay the target's
+    other = load_model(str(FOLDERS["mistral-window"]), dtype="float32")
+    long = dict(kwargs, max_tokens=90)
+    expected = Engine(loaded, "greedy").generate(prompts[0], **long).token_ids
+    assert Engine(loaded, "speculative", draft=other, num_draft=100).generate(prompts[0], **long).token_ids == expected
     best = Engine(loaded, "best-of-n", n=3).generate(prompts[0], temperature=0.8, seed=1, **kwargs)
     assert len(best.token_ids) == 20
 

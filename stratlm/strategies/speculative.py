@@ -222,6 +222,10 @@ def verify(logits: mx.array, drafted: list[int], draft_logprobs: mx.array | None
 MAX_PAUSE = 8  # the longest run of plain steps after repeated useless drafts
 
 
+def max_trims(cache: list) -> list[int]:
+    return [c.max_trim for c in cache if getattr(c, "max_trim", None) is not None]
+
+
 def speculative_decode(
     model: Any,
     prompt: Sequence[int],
@@ -235,6 +239,9 @@ def speculative_decode(
     """Yield (token, raw target log-probability or None) until max_tokens; the caller may stop earlier."""
     cache = model.make_cache()
     draft.reset()
+    # a cache that can take back only so many positions (a sliding window's ring), the target's or
+    # a draft model's, bounds the drafts
+    num_draft = min([num_draft] + max_trims(cache) + max_trims(getattr(draft, "cache", None) or []))
     start = time.perf_counter()
     logits = prefill(model, mx.array([list(prompt)], dtype=mx.int32), cache)
     token = sampler.sample(logits, sampler.start_history(mx.array([list(prompt)], dtype=mx.int32)))
