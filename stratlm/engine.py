@@ -6,17 +6,19 @@ import contextlib
 import difflib
 import inspect
 import os
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
 from stratlm.core.errors import ConfigError, ModelLoadError, StratlmError
 from stratlm.device import cuda_active
 from stratlm.core.model import LoadedModel
-from stratlm.core.strategy import Transform
+from stratlm.core.strategy import Strategy, Transform
 from stratlm.loaders.loading import load_model
 from stratlm.core.log import get_logger
 from stratlm.core.registry import Registry, get_registry
 from stratlm.core.types import GenerationParams, GenerationResult, SamplingParams
+from stratlm.decoding.scheduler import RequestHandle, Scheduler, SchedulerConfig
 
 log = get_logger(__name__)
 
@@ -28,6 +30,10 @@ TransformSpec = Union[str, tuple]  # "collapse" or ("collapse", {"n": 4})
 class Engine:
     """Load a model (alias, hub id, folder, .gguf; None = the embedded SmolLM2), apply an adapter
     and transforms, and decode with a strategy. Extra keyword options go to the strategy.
+
+    Every generation runs in the engine's scheduler (continuous batching, prefix caching): call
+    it from any number of threads or asyncio tasks. `scheduler`: a SchedulerConfig or a dict
+    of its options (max_running, max_queue, kv_budget, prefix_cache_bytes, prefill_chunk).
 
     An adapter is merged into the base weights at load (`fuse_adapter=False` keeps it as
     separate layers, as training needs; that form decodes many times slower).
@@ -48,6 +54,7 @@ class Engine:
         dtype: str | None = None,
         quantized: str | None = None,
         registry: Registry | None = None,
+        scheduler: SchedulerConfig | dict | None = None,
         parallel: str | None = None,
         **options: Any,
     ):
@@ -61,6 +68,7 @@ class Engine:
             raise ConfigError(f"adapter must be an adapter folder's path, got {type(adapter).__name__}: {adapter!r:.60}")
         if isinstance(transforms, str) or not isinstance(transforms, (list, tuple)):
             raise ConfigError(f"transforms is a list, e.g. ['heal'] or [('collapse', {{'n': 4}})], got {type(transforms).__name__}: {transforms!r:.60}")
+        self.scheduler_config = SchedulerConfig.make(scheduler)
         # names first: a typo should not cost a model load
         strategy_class = self.registry.get("strategy", strategy)
         for spec in transforms:
@@ -79,6 +87,10 @@ class Engine:
         if cuda_active() and parallel is None:  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
             self.loaded.model.optimize_for_inference()
         self.strategy = strategy_class(self.loaded, registry=self.registry, **options)
+        self.strategy_name = strategy
+        self._strategies: dict[tuple, Strategy] = {}
+        self._scheduler: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()
         self.parallel = parallel
         self.last_result: GenerationResult | None = None
         log.debug("engine ready", model=self.loaded.source, strategy=strategy, transforms=list(transforms))
@@ -92,8 +104,8 @@ class Engine:
         return self.loaded.model
 
     # -- prompts ---------------------------------------------------------------------------------
-    def render(self, prompt: Prompt, *, chat_template: bool | None = None, chat_template_kwargs: dict | None = None,
-               system: str | None = None) -> tuple[str, list[int]]:
+    def render(self, prompt: Prompt, *, chat_template: bool | None = None, chat_template_kwargs: dict | None = None, system: str | None = None,
+               tools: Sequence[dict] | None = None) -> tuple[str, list[int]]:
         """The prompt text the model sees and its token ids.
 
         chat_template None: apply the model's template when it has one (instruct models).
@@ -127,7 +139,10 @@ class Engine:
             messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
         use_template = tok.has_chat_template if chat_template is None else chat_template
         if use_template:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
+            extra = dict(chat_template_kwargs or {})
+            if tools:
+                extra["tools"] = list(tools)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
             ids = tok.encode(text, add_special_tokens=False)
         else:
             text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
@@ -141,18 +156,70 @@ class Engine:
         return make_params(self.strategy.default_temperature, **check_keywords(kwargs))
 
     # -- generation ------------------------------------------------------------------------------
+    @property
+    def scheduler(self) -> Scheduler:
+        """The loop that runs every request (started at first use)."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.loaded, self.scheduler_config)
+            return self._scheduler
+
+    def strategy_for(self, name: str | None = None, options: dict | None = None) -> Strategy:
+        """The engine's strategy (no name), or one made by name with options, kept for reuse."""
+        if name is None and not options:
+            return self.strategy
+        name = name or self.strategy_name
+        options = dict(options or {})
+        try:
+            key = (name, tuple(sorted((k, repr(v)) for k, v in options.items())))
+        except TypeError:
+            key = None
+        with self._scheduler_lock:
+            made = self._strategies.get(key) if key is not None else None
+        if made is None:
+            made = self.registry.get("strategy", name)(self.loaded, registry=self.registry, **options)
+            if key is not None:
+                with self._scheduler_lock:
+                    self._strategies.setdefault(key, made)
+        return made
+
+    def submit(self, prompt: Prompt, *, strategy: str | None = None, strategy_options: dict | None = None, chat_template: bool | None = None,
+               chat_template_kwargs: dict | None = None, system: str | None = None, tools: Sequence[dict] | None = None, **kwargs: Any) -> RequestHandle:
+        """Queue one prompt; the handle streams its text pieces and ends with its result.
+        Everything is checked now: a bad parameter, prompt or strategy raises here, and so does
+        a full queue (QueueFullError)."""
+        chosen = self.strategy_for(strategy, strategy_options)
+        params = make_params(chosen.default_temperature, **check_keywords(kwargs))
+        text, ids = self.render(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system, tools=tools)
+        handle = self.scheduler.submit(ids, params, chosen)
+        handle.prompt = text
+        return handle
+
     def generate(self, prompt: Prompt | Sequence[Prompt], *, chat_template: bool | None = None, chat_template_kwargs: dict | None = None,
                  system: str | None = None, **kwargs: Any) -> GenerationResult | list[GenerationResult]:
-        """One prompt (a string or chat messages) -> a result; a list of prompts -> a list of results."""
+        """One prompt (a string or chat messages) -> a result; a list of prompts -> a list of
+        results (decoded together in the scheduler's batch)."""
         batch = is_batch(prompt)
         prompts = list(prompt) if batch else [prompt]
         if not prompts:
             raise ConfigError("the prompt list is empty; give at least one prompt")
-        params = self.params(**kwargs)
-        rendered = [self.render(p, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system) for p in prompts]
-        with self._peer_errors():
-            results = self.strategy.generate([ids for _, ids in rendered], params)
-        results = [r if r.prompt else attrs_replace(r, prompt=text) for r, (text, _) in zip(results, rendered)]
+        if self.parallel is not None:  # a split model runs its strategy directly, on this thread
+            params = self.params(**kwargs)
+            rendered = [self.render(p, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system) for p in prompts]
+            with self._peer_errors():
+                results = self.strategy.generate([ids for _, ids in rendered], params)
+            results = [r if r.prompt else attrs_replace(r, prompt=text) for r, (text, _) in zip(results, rendered)]
+            self.last_result = results[-1]
+            return results if batch else results[0]
+        handles: list[RequestHandle] = []
+        try:
+            for p in prompts:
+                handles.append(self.submit(p, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system, **kwargs))
+            results = [self._result(h) for h in handles]
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
         self.last_result = results[-1]
         return results if batch else results[0]
 
@@ -160,12 +227,63 @@ class Engine:
                system: str | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield text pieces as they are decoded; the full result is then in `last_result`.
 
-        Parameters and the prompt are checked now, before the first piece is asked for."""
-        params = self.params(**kwargs)
-        text, ids = self.render(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system)
-        return self._stream(text, ids, params)
+        Parameters and the prompt are checked now, before the first piece is asked for; closing
+        the iterator early cancels the request."""
+        if self.parallel is not None:
+            params = self.params(**kwargs)
+            text, ids = self.render(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system)
+            return self._stream_direct(text, ids, params)
+        handle = self.submit(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system, **kwargs)
+        return self._stream(handle)
 
-    def _stream(self, text: str, ids: list[int], params: GenerationParams) -> Iterator[str]:
+    def _stream(self, handle: RequestHandle) -> Iterator[str]:
+        try:
+            yield from handle
+            self.last_result = self._result(handle)
+        finally:
+            handle.cancel()
+
+    async def agenerate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
+        """generate for asyncio: one prompt, awaited without blocking the event loop."""
+        handle = self.submit(prompt, **kwargs)
+        try:
+            return self._with_prompt(await handle.aresult(), handle)
+        finally:
+            handle.cancel()
+
+    async def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncIterator[str]:
+        handle = self.submit(prompt, **kwargs)
+        try:
+            async for piece in handle.astream():
+                yield piece
+            self.last_result = self._with_prompt(handle.result(), handle)
+        finally:
+            handle.cancel()
+
+    def _result(self, handle: RequestHandle) -> GenerationResult:
+        return self._with_prompt(handle.result(), handle)
+
+    @staticmethod
+    def _with_prompt(result: GenerationResult, handle: RequestHandle) -> GenerationResult:
+        return result if result.prompt else attrs_replace(result, prompt=handle.prompt)
+
+    def metrics(self) -> dict[str, float]:
+        """The scheduler's counters and gauges (see Scheduler.metrics); empty before first use."""
+        return self._scheduler.metrics() if self._scheduler is not None else {}
+
+    def close(self) -> None:
+        """Stop the scheduler; requests still running end with an error."""
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _stream_direct(self, text: str, ids: list[int], params: GenerationParams) -> Iterator[str]:
         with self._peer_errors() as watch:
             for item in self.strategy.stream(ids, params):
                 if isinstance(item, GenerationResult):
@@ -211,14 +329,14 @@ def load_split(model: Any, parallel: str, *, adapter: Any, transforms: Sequence[
 def make_params(default_temperature: float = 0.0, *, max_tokens: int = 256, temperature: float | None = None, top_k: int = 0,
                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                 frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None, seed: int | None = None,
-                stop: Sequence[str] | str = (), logprobs: bool = False, ignore_eos: bool = False) -> GenerationParams:
+                stop: Sequence[str] | str = (), logprobs: bool = False, top_logprobs: int = 0, ignore_eos: bool = False) -> GenerationParams:
     """GenerationParams from flat keyword arguments (validated: bad values raise ConfigError)."""
     if logit_bias is not None and not isinstance(logit_bias, dict):
         raise ConfigError(f"logit_bias must be a dict of token id -> bias, e.g. {{50256: -100}}, got {type(logit_bias).__name__}")
     sampling = SamplingParams(temperature=default_temperature if temperature is None else temperature, top_k=top_k, top_p=top_p,
                               min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty, logit_bias=logit_bias, seed=seed)
-    params = GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, ignore_eos=ignore_eos)
+    params = GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos)
     for text in params.stop:
         check_text(text, f"stop string {text!r}")
     return params
@@ -234,7 +352,7 @@ def check_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
         close = difflib.get_close_matches(unknown[0], GENERATION_KEYWORDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown generation argument {unknown[0]!r}{hint}; known: {', '.join(GENERATION_KEYWORDS)}, "
-                          "chat_template, chat_template_kwargs, system")
+                          "chat_template, chat_template_kwargs, system, tools (submit: strategy, strategy_options)")
     return kwargs
 
 

@@ -21,3 +21,14 @@ def smollm2():
 @pytest.fixture
 def tiny():
     return tiny_model("llama", seed=0)
+
+
+@pytest.fixture
+def exact_kernels():
+    """stratlm's CPU kernels with fp32 activations (their default int8 activations round each
+    block of 32 inputs; tests/test_kernels.py checks those): for tests that compare a loaded
+    quantized model with mlx-lm's or a dense product at fp32 tolerances."""
+    from stratlm.backends.cpu import kernels
+
+    with kernels.exact_mode():
+        yield

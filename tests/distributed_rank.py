@@ -3,6 +3,8 @@ as mlx.launch sets them), and the model exercise whose logits the test compares 
 
 usage: python distributed_rank.py SPEC.json   (SPEC: {"runs": [{"model", "parallel", "out"}, ...]})
 Each run loads the model split over the group; rank 0 writes the exercise's logits to `out`.
+       python distributed_rank.py --hold MODEL PARALLEL
+decodes for ever (rank 0 prints "decoding" once it has), for killing a rank; errors print one line.
 """
 
 from __future__ import annotations
@@ -42,9 +44,32 @@ def exercise(model) -> dict[str, np.ndarray]:
     return {k: np.array(v.astype(mx.float32)) for k, v in out.items()}
 
 
+def hold(model: str, parallel: str) -> None:
+    from stratlm.core.errors import StratlmError
+    from stratlm.distributed import load_parallel
+
+    try:
+        loaded = load_parallel(model, parallel, dtype="float32", tokenizer=False)
+        loaded.model.watchdog.arm()  # as Engine.generate does: a wait on the group is bounded
+        cache = loaded.model.make_cache()
+        token = mx.argmax(loaded.model(mx.array([[1, 2, 3, 4]], dtype=mx.int32), cache)[:, -1], axis=-1)
+        mx.eval(token)
+        print("decoding", flush=True)
+        while True:
+            token = mx.argmax(loaded.model(token[:, None], cache)[:, -1], axis=-1)
+            mx.eval(token)
+            for c in cache:
+                c.trim(1)  # stay at the same length: decode for ever without growing
+    except StratlmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main() -> None:
     from stratlm.distributed import load_parallel
 
+    if sys.argv[1] == "--hold":
+        return hold(sys.argv[2], sys.argv[3])
     spec = json.loads(open(sys.argv[1]).read())
     loaded = None
     for run in spec["runs"]:

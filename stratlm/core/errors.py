@@ -39,3 +39,15 @@ def plural(noun: str) -> str:
 
 class DuplicateNameError(StratlmError):
     """Two plugins registered the same name for the same kind."""
+
+
+class QueueFullError(StratlmError):
+    """The scheduler's waiting queue is full: the caller should retry later (HTTP 429/503)."""
+
+    def __init__(self, waiting: int, limit: int):
+        self.waiting, self.limit = waiting, limit
+        super().__init__(f"the request queue is full ({waiting} waiting, limit {limit}); retry later or raise the scheduler's max_queue")
+
+
+class RequestFailedError(StratlmError):
+    """A request ended with an error inside the engine (the message names it); other requests go on."""

@@ -12,6 +12,35 @@ if TYPE_CHECKING:  # pragma: no cover
     from .model import LoadedModel
 
 
+class RequestPolicy:
+    """How the scheduler runs one request of a strategy inside the shared decode batch.
+
+    The scheduler prefills the prompt once and decodes `rows` rows from it; each step it asks
+    `propose` for draft tokens a row's next forward verifies (none: a plain step), reports the
+    verdict to `verified`, and when every row has finished, `finish` turns the rows' results
+    into the request's one result. Rows are sampled with `params`; row r's seed is seed + r, so
+    rows differ and a seeded request gives the same output whatever else shares the batch.
+    """
+
+    def __init__(self, params: GenerationParams, rows: int = 1):
+        self.params, self.rows = params, rows
+
+    @property
+    def streams(self) -> bool:
+        """Whether text pieces reach the caller as decoded (one row), or only the final text."""
+        return self.rows == 1
+
+    def propose(self, row: int, sequence: Sequence[int], budget: int) -> list[int]:
+        """Deterministic draft tokens (at most `budget`) for the row whose tokens so far are `sequence`."""
+        return []
+
+    def verified(self, row: int, drafted: int, accepted: int) -> None:
+        """The row's forward checked `drafted` draft tokens and kept `accepted` of them."""
+
+    def finish(self, results: list[GenerationResult]) -> GenerationResult:
+        return results[0]
+
+
 class Strategy:
     """Turns tokenized prompts and parameters into results (or a stream of text pieces).
 
@@ -36,6 +65,11 @@ class Strategy:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         raise NotImplementedError
+
+    def policy(self, prompt: Sequence[int], params: GenerationParams) -> RequestPolicy | None:
+        """How the scheduler runs this request in the shared batch; None: it cannot, and the
+        scheduler runs `stream` for it between batch steps (correct, but not batched)."""
+        return None
 
     def stream(self, prompt: Sequence[int], params: GenerationParams) -> Iterator[str | GenerationResult]:
         """Yield text pieces as they are decoded, then the final GenerationResult."""

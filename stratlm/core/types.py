@@ -84,11 +84,13 @@ class GenerationParams:
     stop: tuple[str, ...] = attrs.field(default=(), converter=stop_strings)
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
     logprobs: bool = False  # report the chosen tokens' log-probabilities
+    top_logprobs: int = 0  # also the most likely alternatives at each position (OpenAI's 0..20)
 
     def __attrs_post_init__(self) -> None:
         _check(is_int(self.max_tokens) and self.max_tokens > 0, f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         _check(isinstance(self.ignore_eos, bool), f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         _check(isinstance(self.logprobs, bool), f"logprobs must be True or False, got {self.logprobs!r}")
+        _check(is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20, f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty strings, got {self.stop!r}")
 
 
@@ -101,6 +103,8 @@ class GenerationStats:
     prompt_time: float = 0.0
     generation_time: float = 0.0
     peak_memory_gb: float = 0.0
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    queue_time: float = 0.0  # waiting for admission before the prefill started
 
     @property
     def prompt_tps(self) -> float:
@@ -117,8 +121,10 @@ class GenerationResult:
 
     text: str
     token_ids: tuple[int, ...] = attrs.field(converter=tuple)
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens or the context) or "cancelled"
     prompt: str = ""
     logprobs: tuple[float, ...] | None = None
     stats: GenerationStats = GenerationStats()
     extra: dict[str, Any] = attrs.field(factory=dict)
+    #: per generated token, the top_logprobs most likely token ids -> log-probability (when asked)
+    top_logprobs: tuple[dict[int, float], ...] | None = None

@@ -28,6 +28,7 @@ class Completion:
         self.detok = StreamingDetokenizer(tokenizer)
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[dict[int, float]] = []
         self.generated = 0  # every sampled token, EOS included: the work done
         self.shown = 0  # characters of detok.text handed out
         self.finish_reason: str | None = None
@@ -37,8 +38,9 @@ class Completion:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token: int, logprob: float | None = None) -> str:
-        """Take the next token; return the text that can be shown now."""
+    def add(self, token: int, logprob: float | None = None, top: dict[int, float] | None = None) -> str:
+        """Take the next token (with its log-probability and the top alternatives', when asked);
+        return the text that can be shown now."""
         if self.finished:
             return ""
         self.generated += 1
@@ -48,6 +50,8 @@ class Completion:
         self.tokens.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
         if not self.incremental:
             if len(self.tokens) >= self.params.max_tokens:
                 self.finish_reason = "length"
@@ -67,6 +71,14 @@ class Completion:
         safe = len(text) - self._held_back(text)
         piece, self.shown = text[self.shown : safe], max(self.shown, safe)
         return piece
+
+    def end(self, reason: str) -> str:
+        """Finish now (the context is full: "length"; the caller left: "cancelled"); return
+        the text held back so far."""
+        if self.finished:
+            return ""
+        self.finish_reason = reason
+        return self._flush()
 
     def _held_back(self, text: str) -> int:
         """Length of the longest suffix of text that is a proper prefix of a stop string."""
@@ -102,6 +114,7 @@ class Completion:
             logprobs=tuple(self.logprobs) if self.params.logprobs else None,
             stats=stats,
             extra=extra,
+            top_logprobs=tuple(self.top_logprobs) if self.params.top_logprobs else None,
         )
 
 

@@ -157,17 +157,35 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor_n
     raise unsupported(tensor_name, type_name)
 
 
+def _pack4(qs: np.ndarray) -> np.ndarray:
+    """ggml's 4-bit layout (byte i: value i in the low nibble, value i + half in the high) ->
+    MLX's (byte i: values 2i and 2i+1), straight from the bytes: the low nibbles of a byte pair
+    make one output byte, their high nibbles another."""
+    a, b = qs[..., 0::2], qs[..., 1::2]
+    return np.concatenate([(a & 0x0F) | (b << 4), (a >> 4) | (b & 0xF0)], axis=-1)
+
+
 def affine(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """An exactly affine type as MLX's quantized triple: (packed uint32 (rows, cols*bits/32),
     scales (rows, cols/32) fp32, biases fp32, bits); value = scale * code + bias, the codes packed
     as `mx.quantize` packs them (value k of a word in bits k*bits)."""
     rows, cols = int(np.prod(shape[:-1])), shape[-1]
-    codes, scales, offsets = _affine_32(type_name, _blocks(raw, type_name))
-    codes = codes.reshape(rows, cols)
-    if type_name in AFFINE_4BIT:
-        packed, bits = codes[:, 0::2] | (codes[:, 1::2] << 4), 4
+    blocks = _blocks(raw, type_name)
+    if type_name in AFFINE_4BIT:  # repacked from the bytes without unpacking the codes (load time)
+        n = blocks.shape[0]
+        if type_name == "Q4_0":
+            d = _f16(blocks, 0)
+            packed, scales, offsets = _pack4(blocks[:, 2:18]), d, -8 * d
+        elif type_name == "Q4_1":
+            packed, scales, offsets = _pack4(blocks[:, 4:20]), _f16(blocks, 0), _f16(blocks, 2)
+        else:
+            d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+            sc, mn = _k_scale_min(blocks[:, 4:16])
+            packed, scales, offsets = _pack4(blocks[:, 16:144].reshape(n, 4, 32)), d * sc, -(dmin * mn)
+        packed, bits = packed.reshape(rows, cols // 2), 4
     else:
-        packed, bits = codes, 8
+        codes, scales, offsets = _affine_32(type_name, blocks)
+        packed, bits = codes.reshape(rows, cols), 8
     packed = np.ascontiguousarray(packed).view(np.uint32).reshape(*shape[:-1], cols * bits // 32)
     groups = (*shape[:-1], cols // GROUP_SIZE)
     return packed, scales.reshape(groups).astype(np.float32), offsets.reshape(groups).astype(np.float32), bits

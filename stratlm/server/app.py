@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI) over a backend with submit(...) and metrics(): the engine's
-scheduler or stratlm.server.backend.InterimScheduler. See docs/server.md for every field."""
+"""The OpenAI-compatible HTTP API (FastAPI) over an Engine's scheduler (engine.submit / engine.metrics).
+See docs/server.md for every field."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ValidationError
 
-from stratlm.core.errors import ConfigError, StratlmError, UnknownNameError
+from stratlm.core.errors import ConfigError, QueueFullError, RequestFailedError, StratlmError, UnknownNameError
 from stratlm.core.log import get_logger
 from stratlm.core.types import GenerationResult
 
-from .backend import QueueFullError, supported_params
+from .backend import supported_params
 from .schemas import IGNORED_FIELDS, ChatCompletionRequest, CommonRequest, CompletionRequest
 
 log = get_logger(__name__)
@@ -441,7 +441,7 @@ def submit_error(exc: BaseException, prompt_param: str = "prompt") -> APIError:
     """The engine's errors as HTTP answers: bad input 400, a full queue 429 with Retry-After."""
     if isinstance(exc, APIError):
         return exc
-    if type(exc).__name__ == "RequestFailedError":  # the engine failed the request: our fault, not the client's
+    if isinstance(exc, RequestFailedError):  # the engine failed the request: our fault, not the client's
         return APIError(500, str(exc), type="server_error", code="request_failed")
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), code="queue_full", type="rate_limit_error", headers={"Retry-After": "1"})

@@ -16,7 +16,7 @@ from stratlm.core.errors import ConfigError
 from stratlm.decoding.completion import Completion, Timer
 from stratlm.decoding.loop import prefill, token_logprobs
 from stratlm.decoding.sampler import Sampler
-from stratlm.core.strategy import Strategy
+from stratlm.core.strategy import RequestPolicy, Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 
 from .options import int_option
@@ -129,6 +129,9 @@ class Batch(Strategy):
     def __init__(self, target: Any, batch_size: int | str | None = None, **options: Any):
         super().__init__(target, **options)
         self.batch_size = None if batch_size is None else int_option(self.name, "batch_size", batch_size)
+
+    def policy(self, prompt: Sequence[int], params: GenerationParams) -> RequestPolicy:
+        return RequestPolicy(params)  # in the scheduler every request shares one continuous batch
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         check_prompts(prompts)

@@ -3,11 +3,11 @@ prefilled once, its cache rows replicated), then one of them chosen and reported
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import attrs
 
-from stratlm.core.strategy import Strategy
+from stratlm.core.strategy import RequestPolicy, Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 from stratlm.decoding.sampler import Sampler
 
@@ -28,6 +28,18 @@ def without_unasked_logprobs(result: GenerationResult, params: GenerationParams)
     return result if params.logprobs else attrs.evolve(result, logprobs=None)
 
 
+class CandidatesPolicy(RequestPolicy):
+    """In the scheduler: n rows sampled from one prefilled prompt, with their log-probabilities;
+    `combine` (the strategy's choose) makes the one result from them."""
+
+    def __init__(self, params: GenerationParams, n: int, combine: Callable[[list[GenerationResult], GenerationParams], GenerationResult]):
+        super().__init__(attrs.evolve(params, logprobs=True), rows=n)
+        self.asked, self.combine = params, combine
+
+    def finish(self, results: list[GenerationResult]) -> GenerationResult:
+        return self.combine(results, self.asked)
+
+
 class Candidates(Strategy):
     """n sampled candidates per prompt; a subclass says which one is the result (`choose`)."""
 
@@ -37,6 +49,9 @@ class Candidates(Strategy):
     def __init__(self, target: Any, n: int | str = 4, **options: Any):
         super().__init__(target, **options)
         self.n = int_option(self.name, "n", n)
+
+    def policy(self, prompt: Sequence[int], params: GenerationParams) -> RequestPolicy:
+        return CandidatesPolicy(params, self.n, self.choose)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         return [self.choose(candidates, params) for candidates in sample_candidates(self, prompts, params, self.n)]

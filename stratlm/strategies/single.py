@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from stratlm.core.strategy import Strategy
+from stratlm.core.strategy import RequestPolicy, Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 from stratlm.decoding.loop import run_single
 
@@ -16,6 +16,9 @@ class SingleSequence(Strategy):
 
     name = "greedy"
     default_temperature = 0.0
+
+    def policy(self, prompt: Sequence[int], params: GenerationParams) -> RequestPolicy:
+        return RequestPolicy(params)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         return [list(self.stream(p, params))[-1] for p in prompts]

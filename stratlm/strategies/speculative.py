@@ -32,9 +32,9 @@ from stratlm.decoding.loop import prefill, token_logprobs, within_context
 from stratlm.core.model import LoadedModel
 from stratlm.loaders.loading import load_model
 from stratlm.core.registry import Registry
-from stratlm.decoding.processors import History
 from stratlm.decoding.sampler import Sampler
-from stratlm.core.strategy import Strategy
+from stratlm.decoding.speculation import common_prefix_length, process_positions, verify
+from stratlm.core.strategy import RequestPolicy, Strategy
 from stratlm.core.types import GenerationParams, GenerationResult
 
 from .batched import check_prompts
@@ -50,21 +50,13 @@ class DraftSource(Protocol):
 
 
 # -- draft sources ---------------------------------------------------------------------------------
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class ModelDraft:
     """A smaller model sharing the target's tokenizer; its cache follows the sequence (trimmed, never recomputed)."""
 
     def __init__(self, target: LoadedModel, draft: LoadedModel):
         check_same_vocabulary(target, draft)
         self.model = draft.model
+        mx.eval(self.model.parameters())  # made on the caller's thread, run on the scheduler's: nothing lazy may cross
         self.source = draft.source
         self.reset()
 
@@ -120,6 +112,8 @@ class LookupDraft:
 
     #: a lookup draft costs nothing to make, and a copied span is usually long: draft further
     preferred_num_draft = 8
+    #: proposals depend on the sequence only (no model, no state): the scheduler runs it in its batch
+    stateless = True
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min(min_ngram, max_ngram)
@@ -179,51 +173,48 @@ class SpeculativeCounts:
         }
 
 
-def process_positions(logits: mx.array, sequence: Sequence[int], drafted: list[int], sampler: Sampler, start: int) -> mx.array:
-    """The logits processors applied at each verified position: row i follows sequence + drafted[:i]
-    (the generated tokens begin at `start`). A token's distribution is then exactly what the
-    plain loop would give it, so the output distribution stays the target's."""
-    if not sampler.processors:
-        return logits
-    rows = []
-    for i in range(len(drafted) + 1):
-        history = History(mx.array([list(sequence) + drafted[:i]], dtype=mx.int32), start)
-        rows.append(sampler.process(logits[i : i + 1], history))
-    return mx.concatenate(rows, axis=0)
-
-
-def verify(logits: mx.array, drafted: list[int], draft_logprobs: mx.array | None, sampler: Sampler) -> tuple[int, int]:
-    """logits (m+1, V) of the target (processed) at the positions before each draft token and
-    after the last. Returns (how many draft tokens are accepted, the token that follows them)."""
-    m = len(drafted)
-    if sampler.params.greedy:
-        best = mx.argmax(logits, axis=-1).tolist()
-        n = common_prefix_length(drafted, best)
-        return n, best[n]
-    p = sampler.distribution(logits)  # log-probabilities, (m+1, V)
-    n = 0
-    if m:
-        index = mx.array(drafted, dtype=mx.int32)[:, None]
-        p_x = mx.take_along_axis(p[:m], index, axis=-1)[:, 0]
-        q_x = mx.take_along_axis(draft_logprobs, index, axis=-1)[:, 0] if draft_logprobs is not None else mx.zeros((m,))
-        u = mx.random.uniform(shape=(m,), key=sampler.next_key())
-        accepted = (mx.log(u) < p_x - q_x).tolist()  # u < p(x) / q(x)
-        n = accepted.index(False) if False in accepted else m
-    if n == m:
-        dist = p[m]
-    else:
-        q = mx.exp(draft_logprobs[n]) if draft_logprobs is not None else (mx.arange(p.shape[-1]) == drafted[n]).astype(mx.float32)
-        residual = mx.maximum(mx.exp(p[n]) - q, 0.0)
-        # p == q leaves nothing: then rejection had probability 0; guard against rounding anyway
-        dist = mx.where(residual.sum() > 0, mx.log(residual), p[n])
-    return n, int(mx.random.categorical(dist, key=sampler.next_key()).item())
-
-
 MAX_PAUSE = 8  # the longest run of plain steps after repeated useless drafts
 
 
 def max_trims(cache: list) -> list[int]:
     return [c.max_trim for c in cache if getattr(c, "max_trim", None) is not None]
+
+
+def next_pause(backoff: int, drafted: int, accepted: int) -> int:
+    """Plain steps before the next draft: a forward over k+1 tokens costs several single-token
+    ones on CPU, so a draft less than half accepted did not pay for itself: back off."""
+    return 0 if 2 * accepted >= drafted else min(2 * backoff or 1, MAX_PAUSE)
+
+
+class DraftPolicy(RequestPolicy):
+    """Speculative decoding of one request inside the scheduler's batch, for a stateless draft
+    source: each row proposes from its own tokens, and the batch's forward verifies every row's
+    draft (rows verify different numbers of tokens in the same forward)."""
+
+    def __init__(self, params: GenerationParams, draft: DraftSource, num_draft: int):
+        super().__init__(params)
+        self.draft, self.num_draft = draft, num_draft
+        self.counts = SpeculativeCounts()
+        self.pause = self.backoff = 0
+
+    def propose(self, row: int, sequence: Sequence[int], budget: int) -> list[int]:
+        if self.pause:
+            self.pause -= 1
+            return []
+        tokens, _ = self.draft.propose(sequence, min(self.num_draft, budget), None)
+        return list(tokens)
+
+    def verified(self, row: int, drafted: int, accepted: int) -> None:
+        c = self.counts
+        c.drafted += drafted
+        c.accepted += accepted
+        c.target_forwards += 1
+        c.tokens_from_verification += accepted + 1
+        self.backoff = self.pause = next_pause(self.backoff, drafted, accepted)
+
+    def finish(self, results: list[GenerationResult]) -> GenerationResult:
+        result = results[0]
+        return attrs.evolve(result, extra={**result.extra, **self.counts.as_extra()})
 
 
 def speculative_decode(
@@ -272,10 +263,7 @@ def speculative_decode(
         counts.target_forwards += 1
         counts.tokens_from_verification += len(out)
         if drafted:
-            # a forward over k+1 tokens costs several single-token ones on CPU: a draft less
-            # than half accepted did not pay for itself, so back off
-            backoff = 0 if 2 * n >= len(drafted) else min(2 * backoff or 1, MAX_PAUSE)
-            pause = backoff
+            backoff = pause = next_pause(backoff, len(drafted), n)
         sequence += out
         for pair in zip(out, lps):
             yield pair
@@ -296,6 +284,11 @@ class Speculative(Strategy):
         self.draft = make_draft(target, draft, self.registry)
         # default: what the draft source prefers (prompt lookup 8), else 4
         self.num_draft = num_draft or getattr(self.draft, "preferred_num_draft", 4)
+
+    def policy(self, prompt: Sequence[int], params: GenerationParams) -> RequestPolicy | None:
+        if not getattr(self.draft, "stateless", False):
+            return None  # a draft model keeps its own cache: the serial loop runs it
+        return DraftPolicy(params, self.draft, self.num_draft)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams) -> list[GenerationResult]:
         check_prompts(prompts)

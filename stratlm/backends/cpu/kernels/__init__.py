@@ -5,6 +5,11 @@
 MLX Primitive on the CPU stream, reading the 4- or 8-bit weights directly (decode) or through
 dequantized fp32 tiles and cblas_sgemm (prefill). Gradients flow to x.
 
+Few rows take int8 activations by default: each row is quantized per block of 32 and the 4- or
+8-bit weights meet it in integer dot products (AVX2 maddubs, AVX-VNNI or AVX-512 VNNI, picked
+from CPUID at run time), within `q8_error_bound` of the exact product; `set_exact(True)` or
+STRATLM_KERNELS_EXACT=1 keeps fp32 activations (exact up to fp32 rounding).
+
 The extension (quantized.cpp + nanobind) is compiled once with the system C++ compiler and
 cached under ${XDG_CACHE_HOME:-~/.cache}/stratlm/, keyed by the sources, MLX, nanobind, Python
 and the flags. `available()` says whether it loaded and passed its self-test; `status` says why
@@ -13,6 +18,7 @@ not. STRATLM_KERNELS=off disables it. Import stratlm before mlx.core (the optimi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -33,7 +39,7 @@ from stratlm.env import flag
 log = get_logger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = ("quantized.cpp", "quantized_kernel.h")
+SOURCES = ("quantized.cpp", "quantized_kernel.h", "q8_kernel.h")
 MODULE = "_stratlm_quantized"
 # NB_DOMAIN=mlx: MLX's Python module registers mx.array in nanobind's "mlx" domain
 CXXFLAGS = ("-std=c++20", "-O3", "-fPIC", "-fvisibility=hidden", "-DNDEBUG", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx")
@@ -101,7 +107,9 @@ def _try_load():
 
 
 def _self_test(mod, mx) -> str | None:
-    """Compare with mx.dequantize + matmul on the CPU; a description of the disagreement, or None."""
+    """Compare with mx.dequantize + matmul on the CPU, in the exact mode and (within its error
+    bound, q8_error_bound) with int8 activations; a description of the disagreement, or None."""
+    exact = mod.exact()
     try:
         with mx.stream(mx.cpu):
             key = mx.random.key(0)
@@ -111,15 +119,53 @@ def _self_test(mod, mx) -> str | None:
                     w = mx.random.normal((37, 128), key=k1)
                     x = mx.random.normal((m, 128), key=k2)
                     q, s, b = mx.quantize(w, group_size=32, bits=bits)
-                    got = mod.quantized_matmul(x, q, s, b, group_size=32, bits=bits)
-                    want = x @ mx.dequantize(q, s, b, group_size=32, bits=bits).T
-                    err = mx.max(mx.abs(got - want)).item()
-                    scale = mx.max(mx.abs(want)).item()
-                    if not err <= 1e-4 * max(scale, 1.0):
-                        return f"bits={bits} M={m}: max error {err:g}"
+                    wd = mx.dequantize(q, s, b, group_size=32, bits=bits)
+                    want = x @ wd.T
+                    scale = max(mx.max(mx.abs(want)).item(), 1.0)
+                    for mode in (True, False):
+                        mod.set_exact(mode)
+                        got = mod.quantized_matmul(x, q, s, b, group_size=32, bits=bits)
+                        excess = mx.abs(got - want) - (0 if mode else q8_error_bound(x, wd)) - 1e-4 * scale
+                        if not mx.max(excess).item() <= 0:
+                            return f"bits={bits} M={m} exact={mode}: error exceeds the bound by {mx.max(excess).item():g}"
     except Exception as exc:  # e.g. a nanobind ABI mismatch: mx.array not accepted
         return f"{type(exc).__name__}: {exc}"
+    finally:
+        mod.set_exact(exact)
     return None
+
+
+def q8_error_bound(x, w):
+    """The most int8 activations (per block of 32, d = max|x| / 127) can move x @ w.T, before
+    fp32 rounding: each x moves by at most d / 2, so |error| <= sum_j d_j / 2 * sum_{k in j} |w_k|."""
+    import mlx.core as mx
+
+    *lead, k = x.shape
+    blocks = x.reshape(-1, k // 32, 32)
+    half_d = mx.max(mx.abs(blocks), axis=-1) / 254.0  # (M, NB)
+    w_abs = mx.abs(w).reshape(w.shape[0], k // 32, 32).sum(axis=-1)  # (N, NB)
+    return (half_d @ w_abs.T).reshape(*lead, w.shape[0])
+
+
+@contextlib.contextmanager
+def exact_mode(on: bool = True):
+    """set_exact(on) inside the block, the previous setting after it."""
+    mod = _load()
+    before = mod.exact() if mod is not None else None
+    set_exact(on)
+    try:
+        yield
+    finally:
+        if before is not None:
+            mod.set_exact(before)
+
+
+def set_exact(on: bool) -> None:
+    """fp32 activations (exact against the dequantized weights) instead of int8 per block of 32
+    (faster; within q8_error_bound). Also STRATLM_KERNELS_EXACT=1."""
+    mod = _load()
+    if mod is not None:
+        mod.set_exact(bool(on))
 
 
 class BuildError(Exception):

@@ -29,7 +29,9 @@
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/allocator.h"
@@ -60,6 +62,20 @@ struct Problem {
   float* out;         // M x N
   int M, N, K, G, gs, bits;
 };
+
+// Activations quantized to int8 per block of 32 (the int8 path): q the values in the kernel's
+// layout (Q8Layout), d the block scales (x ~ d * q), xs the exact fp32 sums of x per weight
+// group (the bias term), dv the block scales spread over the lanes of the 512-bit kernel.
+struct Q8Act {
+  const int8_t* q;
+  const float* d;
+  const float* xs;
+  const float* dv;
+};
+// NATURAL: x's order; SPLIT: each block's 16 even then 16 odd positions (the low and high
+// nibbles of 16 packed bytes); PAIR: two blocks j, j+1 as [j even, j+1 even, j odd, j+1 odd]
+// (a trailing odd block SPLIT)
+enum Q8Layout { NATURAL = 0, SPLIT = 1, PAIR = 2 };
 
 // most activation rows the direct kernel takes per pass over the weights (clamped to the
 // ISA's MB_MAX; more rows are done in passes of balanced sizes); a tuning knob
@@ -175,6 +191,21 @@ static void dequant_rows(const Problem& p, int n0, int n1, float* dst) {
     }
   }
 }
+
+// int8 path: maddubs (u8 x s8 -> pairs summed to int16: 15 * 127 * 2 fits) then madd
+static SQ_INLINE __m256i dot4(const uint8_t* wp, __m256i x) {
+  __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp));
+  __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w, 4), w), _mm256_set1_epi8(0x0F));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x), _mm256_set1_epi16(1));
+}
+// 8-bit weights go to 255 * 127 * 2, past int16: widen both to int16 and madd
+static SQ_INLINE __m256i dot8(const uint8_t* wp, __m256i x) {
+  __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+  __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(x)));
+  __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(x, 1)));
+  return _mm256_add_epi32(lo, hi);
+}
+#include "q8_kernel.h"
 }  // namespace avx2
 #ifdef __clang__
 #pragma clang attribute pop
@@ -283,6 +314,137 @@ static void dequant_rows(const Problem& p, int n0, int n1, float* dst) {
 #pragma clang attribute pop
 #endif
 #pragma GCC pop_options
+
+// ---------------------------------------------------------------- AVX-VNNI (256-bit, VEX)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avxvnni"))), apply_to = function)
+#endif
+namespace avxvnni {
+// vpdpbusd: u8 x s8, four products summed into int32 (no int16 step, 8-bit weights fit too)
+static SQ_INLINE __m256i dot4(const uint8_t* wp, __m256i x) {
+  __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp));
+  __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w, 4), w), _mm256_set1_epi8(0x0F));
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wv, x);
+}
+static SQ_INLINE __m256i dot8(const uint8_t* wp, __m256i x) {
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp)), x);
+}
+#include "q8_kernel.h"
+}  // namespace avxvnni
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------- AVX-512 VNNI
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#ifdef __clang__
+#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), \
+                             apply_to = function)
+#endif
+namespace avx512vnni {
+static SQ_INLINE __m256i dot4(const uint8_t* wp, __m256i x) {
+  __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp));
+  __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(w, 4), w), _mm256_set1_epi8(0x0F));
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, x);
+}
+static SQ_INLINE __m256i dot8(const uint8_t* wp, __m256i x) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp)), x);
+}
+#include "q8_kernel.h"
+
+static inline __m512 q8z_vbias(__m512 acc, const float* b, const float* xs, int G) {
+  int g = 0;
+  for (; g + 16 <= G; g += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(b + g), _mm512_loadu_ps(xs + g), acc);
+  if (g < G) {
+    __mmask16 mk = (__mmask16)((1u << (G - g)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, b + g), _mm512_maskz_loadu_ps(mk, xs + g), acc);
+  }
+  return acc;
+}
+
+// Two blocks per 512-bit step (PAIR layout for 4 bits, NATURAL for 8): int32 lane i sums
+// bytes 4i..4i+3; a.dv holds each lane's block scale, idx picks each lane's weight scale.
+template <int BITS, int GS, int R>
+static void q8z_block(const Problem& p, const Q8Act& a, int n0, int m) {
+  constexpr int SPG = GS / 32;
+  constexpr int WB = 32 * BITS / 8;
+  const int NB = p.K / 32, NP = NB / 2;
+  const size_t row_bytes = (size_t)p.K * BITS / 8;
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(p.w) + (size_t)n0 * row_bytes;
+  const float* s = p.s + (size_t)n0 * p.G;
+  const int8_t* xq = a.q + (size_t)m * p.K;
+  const float* dv = a.dv + (size_t)m * NP * 16;
+  const __m512i idx = BITS == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1)
+                                : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int jp = 0; jp < NP; ++jp) {
+    __m512i xv = _mm512_loadu_si512(xq + (size_t)jp * 64);
+    __m512 dvv = _mm512_loadu_ps(dv + (size_t)jp * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wr = w + r * row_bytes + (size_t)jp * 2 * WB;
+      __m512i wv;
+      if constexpr (BITS == 4) {
+        __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
+        wv = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(y), _mm256_srli_epi16(y, 4), 1), low);
+      } else {
+        wv = _mm512_loadu_si512(wr);
+      }
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+      const float* sr = s + (size_t)r * p.G;
+      __m512 sv;
+      if constexpr (GS == 32) {
+        sv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sr + 2 * jp)))));
+      } else {
+        sv = _mm512_set1_ps(sr[2 * jp / SPG]);  // both blocks of a pair share the group
+      }
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dvv), sv, acc[r]);
+    }
+  }
+  __m256 tail[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) tail[r] = _mm256_setzero_ps();
+  if (NB % 2) q8_blocks256<BITS, GS, R>(p, a, n0, m, 2 * NP, tail);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    __m512 t = q8z_vbias(acc[r], p.b + (size_t)(n0 + r) * p.G, a.xs + (size_t)m * p.G, p.G);
+    p.out[(size_t)m * p.N + n0 + r] = _mm512_reduce_add_ps(t) + q8_hsum(tail[r]);
+  }
+}
+
+template <int BITS, int GS>
+static void q8z_rows_bg(const Problem& p, const Q8Act& a, int n0, int n1) {
+  constexpr int R = 4;
+  int n = n0;
+  for (; n + R <= n1; n += R)
+    for (int m = 0; m < p.M; ++m) q8z_block<BITS, GS, R>(p, a, n, m);
+  for (; n < n1; ++n)
+    for (int m = 0; m < p.M; ++m) q8z_block<BITS, GS, 1>(p, a, n, m);
+}
+
+static void q8z_rows(const Problem& p, const Q8Act& a, int n0, int n1) {
+  if (p.bits == 4) {
+    if (p.gs == 32) q8z_rows_bg<4, 32>(p, a, n0, n1);
+    else if (p.gs == 64) q8z_rows_bg<4, 64>(p, a, n0, n1);
+    else q8z_rows_bg<4, 128>(p, a, n0, n1);
+  } else {
+    if (p.gs == 32) q8z_rows_bg<8, 32>(p, a, n0, n1);
+    else if (p.gs == 64) q8z_rows_bg<8, 64>(p, a, n0, n1);
+    else q8z_rows_bg<8, 128>(p, a, n0, n1);
+  }
+}
+}  // namespace avx512vnni
+#ifdef __clang__
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
 #endif  // SQ_X86
 
 static void dequant_rows_generic(const Problem& p, int n0, int n1, float* dst) {
@@ -297,21 +459,49 @@ static void dequant_rows_generic(const Problem& p, int n0, int n1, float* dst) {
 }
 
 // ---------------------------------------------------------------- ISA choice
-enum Isa { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
+// The float kernels use AVX-512 or AVX2; the int8 path uses AVX-512 VNNI (512-bit), AVX-VNNI
+// (256-bit), or AVX2's maddubs. Chosen at run time from CPUID; set_isa forces a lesser one.
+enum Isa { GENERIC = 0, AVX2 = 1, AVXVNNI = 2, AVX512 = 3, AVX512VNNI = 4, N_ISA = 5 };
+static const char* const ISA_NAMES[N_ISA] = {"generic", "avx2", "avxvnni", "avx512", "avx512vnni"};
 
-static int detect_isa() {
+static bool cpu_has(int isa) {
 #if SQ_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return AVX512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  switch (isa) {
+    case GENERIC: return true;
+    case AVX2: return avx2;
+    case AVXVNNI: return avx2 && __builtin_cpu_supports("avxvnni");
+    case AVX512: return avx512;
+    case AVX512VNNI: return avx512 && __builtin_cpu_supports("avx512vnni");
+  }
+  return false;
+#else
+  return isa == GENERIC;
 #endif
+}
+static int detect_isa() {
+  for (int isa = N_ISA - 1; isa > 0; --isa)
+    if (cpu_has(isa)) return isa;
   return GENERIC;
 }
 static const int g_best_isa = detect_isa();
 static std::atomic<int> g_isa{g_best_isa};
-static const char* isa_name(int isa) { return isa == AVX512 ? "avx512" : isa == AVX2 ? "avx2" : "generic"; }
+static const char* isa_name(int isa) { return ISA_NAMES[isa]; }
+// which float kernels an ISA setting runs
+static int float_isa(int isa) { return isa >= AVX512 ? AVX512 : isa >= AVX2 ? AVX2 : GENERIC; }
+
+// int8 activations (default) or the exact fp32 path (STRATLM_KERNELS_EXACT=1, set_exact)
+static bool env_exact() {
+  const char* e = std::getenv("STRATLM_KERNELS_EXACT");
+  if (e == nullptr) return false;
+  std::string v(e);
+  for (auto& c : v) c = (char)std::tolower((unsigned char)c);
+  return v == "1" || v == "on" || v == "true" || v == "yes";
+}
+static std::atomic<bool> g_exact{env_exact()};
 
 // ---------------------------------------------------------------- thread pool
 // A job is a number of chunks that the caller and the workers claim one at a time from one
@@ -444,7 +634,7 @@ static std::atomic<int> g_gemm_min_rows{48};  // M at or above which the GEMM pa
 
 // ---------------------------------------------------------------- driver
 static void run_direct(const Problem& p) {
-  int isa = g_isa.load(std::memory_order_relaxed);
+  int isa = float_isa(g_isa.load(std::memory_order_relaxed));
   // per-group sums of x, and x rearranged for the kernel's lane order
   std::vector<float> xs((size_t)p.M * p.G);
   for (int m = 0; m < p.M; ++m)
@@ -492,7 +682,7 @@ static void run_direct(const Problem& p) {
 }
 
 static void run_gemm(const Problem& p, sgemm_fn sgemm) {
-  int isa = g_isa.load(std::memory_order_relaxed);
+  int isa = float_isa(g_isa.load(std::memory_order_relaxed));
   // tiles of up to 4 MB of fp32 weights (one tile for a whole layer matrix of a small model),
   // a multiple of 16 rows; the scratch is kept per thread between calls
   int tile = std::max(16, (int)((1 << 20) / std::max(1, p.K)) / 16 * 16);
@@ -525,12 +715,119 @@ static void run_gemm(const Problem& p, sgemm_fn sgemm) {
   }
 }
 
+// ---------------------------------------------------------------- int8 path
+// Each activation row is quantized once per call, per block of 32: d = max|x| / 127, q =
+// round-to-nearest-even(x / d) (as x * (1 / d), in fp32). Per block the weight-activation dot
+// product is then exact in int32; only d (rounding x by at most d / 2) differs from the fp32
+// path, so |y_int8 - y_exact| <= sum_j d_j / 2 * sum_{k in block j} |w_k| (plus fp32 rounding).
+static Q8Layout q8_layout(int isa, int bits) {
+  if (bits == 8 || isa == GENERIC) return NATURAL;
+  return isa == AVX512VNNI ? PAIR : SPLIT;
+}
+
+static void quantize_q8(const float* x, int M, int K, Q8Layout layout, int8_t* q, float* d) {
+  const int NB = K / 32, full_pairs = layout == PAIR ? NB / 2 * 2 : 0;
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NB; ++j) {
+      const float* xb = x + (size_t)m * K + (size_t)j * 32;
+      float amax = 0;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      float dj = amax / 127.0f;
+      float id = dj != 0.0f ? 1.0f / dj : 0.0f;
+      d[(size_t)m * NB + j] = dj;
+      int8_t* qb = q + (size_t)m * K;
+      for (int i = 0; i < 32; ++i) {
+        // round half to even by adding and removing 1.5 * 2^23 (exact for |v| < 2^22; strict IEEE
+        // keeps the compiler from folding it): nearbyint is a library call per element without
+        // SSE4.1, which the baseline ISA this function compiles for lacks
+        constexpr float magic = 12582912.0f;
+        float v = (xb[i] * id + magic) - magic;
+        int8_t qi = (int8_t)std::clamp(v, -127.0f, 127.0f);
+        size_t at;
+        if (layout == NATURAL) at = (size_t)j * 32 + i;
+        else if (j < full_pairs) at = (size_t)(j / 2) * 64 + (i & 1) * 32 + (j & 1) * 16 + i / 2;
+        else at = (size_t)j * 32 + (i & 1) * 16 + i / 2;
+        qb[at] = qi;
+      }
+    }
+}
+
+// the integer math in plain C++: the reference the vector kernels are tested against
+static void q8_rows_generic(const Problem& p, const Q8Act& a, int n0, int n1) {
+  const int KW = p.K * p.bits / 32, per = 32 / p.bits, NB = p.K / 32, SPG = p.gs / 32;
+  const uint32_t mask = (1u << p.bits) - 1;
+  for (int n = n0; n < n1; ++n)
+    for (int m = 0; m < p.M; ++m) {
+      float acc = 0;
+      for (int j = 0; j < NB; ++j) {
+        int32_t idot = 0;
+        for (int i = 0; i < 32; ++i) {
+          int k = j * 32 + i;
+          int32_t qw = (int32_t)((p.w[(size_t)n * KW + k / per] >> (p.bits * (k % per))) & mask);
+          idot += qw * (int32_t)a.q[(size_t)m * p.K + k];
+        }
+        acc += p.s[(size_t)n * p.G + j / SPG] * a.d[(size_t)m * NB + j] * (float)idot;
+      }
+      for (int g = 0; g < p.G; ++g) acc += p.b[(size_t)n * p.G + g] * a.xs[(size_t)m * p.G + g];
+      p.out[(size_t)m * p.N + n] = acc;
+    }
+}
+
+static void group_sums(const Problem& p, float* xs) {
+  for (int m = 0; m < p.M; ++m)
+    for (int g = 0; g < p.G; ++g) {
+      const float* xg = p.x + (size_t)m * p.K + (size_t)g * p.gs;
+      float t = 0;
+      for (int i = 0; i < p.gs; ++i) t += xg[i];
+      xs[(size_t)m * p.G + g] = t;
+    }
+}
+
+static void run_q8(const Problem& p) {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  const int NB = p.K / 32, NP = NB / 2;
+  Q8Layout layout = q8_layout(isa, p.bits);
+  thread_local std::vector<int8_t> qbuf;
+  thread_local std::vector<float> dbuf, xsbuf, dvbuf;
+  qbuf.resize((size_t)p.M * p.K + 64);
+  dbuf.resize((size_t)p.M * NB);
+  xsbuf.resize((size_t)p.M * p.G);
+  int8_t* q = (int8_t*)(((uintptr_t)qbuf.data() + 63) & ~(uintptr_t)63);
+  quantize_q8(p.x, p.M, p.K, layout, q, dbuf.data());
+  group_sums(p, xsbuf.data());
+  if (isa == AVX512VNNI) {  // each lane's block scale, per pair of blocks
+    dvbuf.resize((size_t)p.M * NP * 16);
+    for (int m = 0; m < p.M; ++m)
+      for (int jp = 0; jp < NP; ++jp)
+        for (int l = 0; l < 16; ++l) {
+          int second = p.bits == 4 ? (l >> 2) & 1 : l >> 3;
+          dvbuf[((size_t)m * NP + jp) * 16 + l] = dbuf[(size_t)m * NB + 2 * jp + second];
+        }
+  }
+  Q8Act a{q, dbuf.data(), xsbuf.data(), dvbuf.data()};
+  auto rows = [&](int n0, int n1) {
+#if SQ_X86
+    if (isa == AVX512VNNI) return avx512vnni::q8z_rows(p, a, n0, n1);
+    if (isa == AVXVNNI) return avxvnni::q8_rows(p, a, n0, n1);
+    if (isa == AVX2 || isa == AVX512) return avx2::q8_rows(p, a, n0, n1);
+#endif
+    q8_rows_generic(p, a, n0, n1);
+  };
+  double work = (double)p.M * p.N * p.K;
+  Pool* pl = work >= 64.0 * 1024 ? pool() : nullptr;
+  int chunk = pl ? std::max(48, (p.N / (8 * pl->size()) + 23) / 24 * 24) : p.N;
+  int chunks = (p.N + chunk - 1) / chunk;
+  if (chunks <= 1) return rows(0, p.N);
+  pl->run(chunks, [&](int i) { rows(i * chunk, std::min(p.N, (i + 1) * chunk)); });
+}
+
 static void compute(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
   if (p.M >= g_gemm_min_rows.load(std::memory_order_relaxed)) {
     static sgemm_fn sgemm = find_sgemm();
     if (sgemm) return run_gemm(p, sgemm);
   }
+  if (!g_exact.load(std::memory_order_relaxed)) return run_q8(p);
   run_direct(p);
 }
 
@@ -668,14 +965,40 @@ NB_MODULE(_stratlm_quantized, m) {
   m.def("isa", [] { return std::string(isa_name(g_isa.load())); }, "instruction set in use");
   m.def("best_isa", [] { return std::string(isa_name(g_best_isa)); }, "best instruction set this CPU supports");
   m.def(
+      "isas",
+      [] {
+        std::vector<std::string> out;
+        for (int i = 0; i < N_ISA; ++i)
+          if (cpu_has(i)) out.push_back(ISA_NAMES[i]);
+        return out;
+      },
+      "every instruction set setting this CPU supports");
+  m.def(
       "set_isa",
       [](const std::string& name) {
-        int want = name == "avx512" ? AVX512 : name == "avx2" ? AVX2 : name == "generic" ? GENERIC : -1;
-        if (want < 0) throw std::invalid_argument("isa must be avx512, avx2 or generic");
-        if (want > g_best_isa) throw std::invalid_argument("this CPU does not support " + name);
+        int want = -1;
+        for (int i = 0; i < N_ISA; ++i)
+          if (name == ISA_NAMES[i]) want = i;
+        if (want < 0) throw std::invalid_argument("isa must be one of generic, avx2, avxvnni, avx512, avx512vnni");
+        if (!cpu_has(want)) throw std::invalid_argument("this CPU does not support " + name);
         g_isa.store(want);
       },
       nb::arg("name"));
+  m.def("exact", [] { return g_exact.load(); }, "fp32 activations (exact) rather than int8 per block of 32");
+  m.def("set_exact", [](bool on) { g_exact.store(on); }, nb::arg("on"));
+  m.def(
+      "quantize_activations",
+      [](const mx::array& x, int layout) {
+        // x (M, K) float32 -> (int8 values in the layout as bytes, block scales): for tests
+        mx::eval({x});
+        int K = x.shape(-1), M = (int)(x.size() / K);
+        if (K % 32) throw std::invalid_argument("K must be a multiple of 32");
+        std::string q((size_t)M * K, '\0');
+        std::vector<float> d((size_t)M * (K / 32));
+        quantize_q8(x.data<float>(), M, K, (Q8Layout)layout, reinterpret_cast<int8_t*>(q.data()), d.data());
+        return std::make_pair(nb::bytes(q.data(), q.size()), d);
+      },
+      nb::arg("x"), nb::arg("layout") = 0);
   m.def("threads", [] { return g_threads.load(); });
   m.def("set_threads", [](int n) { g_threads.store(std::max(1, n)); }, nb::arg("n"));
   m.def("pass_rows", [] { return g_pass_rows.load(); }, "most activation rows per pass of the direct kernel");

@@ -1,0 +1,123 @@
+"""Row surgery on a batch's per-layer KVCaches, for continuous batching.
+
+Rows of a batch are aligned at the right: every row's newest position is the cache's
+`offset - 1`, and a row that holds fewer positions is left-padded (its `left_padding`, masked
+by attention, and its RoPE offset is its own). With that one invariant, rows join (`join`),
+leave (KVCache.filter), and forget a different number of newest positions each (`drop_newest`,
+for speculative rows that rejected different numbers of draft tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import mlx.core as mx
+
+from stratlm.core.cache import KVCache
+
+
+def padding_of(cache: KVCache) -> list[int]:
+    rows = 0 if cache.keys is None else cache.keys.shape[0]
+    if cache.left_padding is None:
+        return [0] * rows
+    return [int(p) for p in cache.left_padding.tolist()]
+
+
+def set_padding(cache: KVCache, padding: Sequence[int]) -> None:
+    cache.left_padding = mx.array(list(padding), dtype=mx.int32) if any(padding) else None
+
+
+def join(batch: list[KVCache] | None, new: list[KVCache], copies: int = 1) -> list[KVCache]:
+    """The batch with the rows of `new` (each repeated `copies` times) appended after its rows.
+
+    Both are aligned at the right (the shorter one gains left padding); storage is cut to the
+    positions in use, so the joined caches grow again as decoding goes on."""
+    if copies > 1:
+        index = mx.array([r for r in range(new[0].keys.shape[0]) for _ in range(copies)], dtype=mx.int32)
+        new = [_take_rows(c, index) for c in new]
+    if not batch or batch[0].keys is None:
+        return [_trimmed(c) for c in new]
+    joined = []
+    for old_layer, new_layer in zip(batch, new):
+        width = max(old_layer.offset, new_layer.offset)
+        keys, values, padding = [], [], []
+        for layer in (old_layer, new_layer):
+            shift = width - layer.offset
+            k, v = layer.keys[:, :, : layer.offset], layer.values[:, :, : layer.offset]
+            if shift:
+                pad = [(0, 0), (0, 0), (shift, 0), (0, 0)]
+                k, v = mx.pad(k, pad), mx.pad(v, pad)
+            keys.append(k)
+            values.append(v)
+            padding += [p + shift for p in padding_of(layer)]
+        cache = KVCache()
+        cache.keys, cache.values, cache.offset = mx.concatenate(keys, axis=0), mx.concatenate(values, axis=0), width
+        set_padding(cache, padding)
+        joined.append(cache)
+    mx.eval([c.keys for c in joined] + [c.values for c in joined])
+    return joined
+
+
+def drop_newest(cache: list[KVCache], counts: Sequence[int]) -> None:
+    """Row r forgets its newest counts[r] positions. What all rows drop is trimmed; a row that
+    drops more has its positions rolled right, so the dropped ones become left padding."""
+    common = min(counts)
+    if common:
+        for layer in cache:
+            layer.trim(common)
+    extra = [c - common for c in counts]
+    if not any(extra):
+        return
+    rows = len(counts)
+    for layer in cache:
+        width = layer.offset
+        position = mx.arange(width)[None, :]  # (1, width)
+        shift = mx.array(extra, dtype=mx.int32)[:, None]  # (rows, 1)
+        source = mx.maximum(position - shift, 0)  # a rolled row reads `shift` positions earlier
+        index = source[:, None, :, None]  # (rows, 1, width, 1)
+        heads, dk, dv = layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]
+        layer.keys = mx.take_along_axis(layer.keys[:, :, :width], mx.broadcast_to(index, (rows, heads, width, dk)), axis=2)
+        layer.values = mx.take_along_axis(layer.values[:, :, :width], mx.broadcast_to(index, (rows, heads, width, dv)), axis=2)
+        set_padding(layer, [p + e for p, e in zip(padding_of(layer), extra)])
+    mx.eval([c.keys for c in cache] + [c.values for c in cache])
+
+
+def row_state(cache: list[KVCache], row: int) -> list[tuple[mx.array, mx.array]]:
+    """A copy of one row's real positions, per layer: ((1, heads, n, dk), (1, heads, n, dv))."""
+    state = []
+    for layer in cache:
+        start = padding_of(layer)[row]
+        keys = mx.contiguous(layer.keys[row : row + 1, :, start : layer.offset])
+        values = mx.contiguous(layer.values[row : row + 1, :, start : layer.offset])
+        state.append((keys, values))
+    mx.eval(state)
+    return state
+
+
+def from_state(state: list[tuple[mx.array, mx.array]], length: int) -> list[KVCache]:
+    """A one-row cache holding the first `length` positions of a saved state."""
+    caches = []
+    for keys, values in state:
+        cache = KVCache()
+        cache.keys, cache.values, cache.offset = keys[:, :, :length], values[:, :, :length], length
+        caches.append(cache)
+    return caches
+
+
+def state_nbytes(state: list[tuple[mx.array, mx.array]]) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in state)
+
+
+def _take_rows(cache: KVCache, index: mx.array) -> KVCache:
+    out = KVCache()
+    out.keys, out.values, out.offset = cache.keys[index], cache.values[index], cache.offset
+    if cache.left_padding is not None:
+        out.left_padding = cache.left_padding[index]
+    return out
+
+
+def _trimmed(cache: KVCache) -> KVCache:
+    out = KVCache()
+    out.keys, out.values = cache.keys[:, :, : cache.offset], cache.values[:, :, : cache.offset]
+    out.offset, out.left_padding = cache.offset, cache.left_padding
+    return out

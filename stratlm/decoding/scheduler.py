@@ -1,0 +1,624 @@
+"""Continuous batching: one loop owns the model and runs every request in a shared decode batch.
+
+Requests are submitted from any thread (or asyncio task) and get a `RequestHandle` that streams
+text pieces and ends with a GenerationResult. The loop, on its own thread, repeats:
+  1. retire cancelled requests, admit waiting ones while rows and the KV budget allow;
+  2. prefill one chunk of the oldest admitted prompt (chunked prefill: running rows keep
+     flowing while a long prompt enters), starting from the longest cached prefix;
+  3. one decode step for every running row (rows with draft tokens verify them in the same
+     forward; the rest take one token);
+  4. retire finished rows, keeping their keys and values in the prefix cache.
+A strategy is a per-request policy (core.strategy.RequestPolicy): how many rows, what to
+propose, how to combine the rows' results. A strategy without one runs its own `stream`
+between batch steps, one request at a time.
+
+Only this loop's thread touches the model while the scheduler runs: MLX arrays are bound to the
+stream of the thread that builds them, and the model caches state lazily (RoPE tables).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from typing import AsyncIterator, Iterator, Sequence
+
+import attrs
+import mlx.core as mx
+
+from stratlm.core.cache import KVCache
+from stratlm.core.errors import ConfigError, QueueFullError, RequestFailedError, StratlmError
+from stratlm.core.log import get_logger
+from stratlm.core.model import LoadedModel
+from stratlm.core.strategy import RequestPolicy, Strategy
+from stratlm.core.types import GenerationParams, GenerationResult, GenerationStats
+
+from . import batch_cache
+from .completion import Completion
+from .loop import token_logprobs
+from .prefix_cache import PrefixCache
+from .processors import History
+from .sampler import Sampler
+from .speculation import process_positions, verify
+
+log = get_logger(__name__)
+
+GB = 1 << 30
+
+
+def default_kv_budget() -> int:
+    """A quarter of the machine's memory, at most 16 GiB."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 16 * GB
+    return int(min(memory // 4, 16 * GB))
+
+
+def _positive(name: str):
+    def check(instance, attribute, value):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"scheduler option {name} must be a positive integer, got {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class SchedulerConfig:
+    """max_running: rows decoding at once. max_queue: requests waiting beyond them (more is
+    QueueFullError). kv_budget: bytes of keys and values for running rows (None: a quarter of
+    memory, at most 16 GiB); a request reserves its prompt plus max_tokens positions per row.
+    prefix_cache_bytes: kept prompt prefixes (None: a quarter of kv_budget; 0: off).
+    prefill_chunk: prompt tokens per prefill forward between decode steps."""
+
+    max_running: int = attrs.field(default=64, validator=_positive("max_running"))
+    max_queue: int = attrs.field(default=1024, validator=_positive("max_queue"))
+    kv_budget: int | None = attrs.field(default=None, validator=_positive("kv_budget"))
+    prefix_cache_bytes: int | None = None
+    prefill_chunk: int = attrs.field(default=512, validator=_positive("prefill_chunk"))
+
+    @classmethod
+    def make(cls, value: "SchedulerConfig | dict | None") -> "SchedulerConfig":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(attrs.fields_dict(cls)))
+            if unknown:
+                raise ConfigError(f"unknown scheduler option(s) {', '.join(unknown)}; known: {', '.join(attrs.fields_dict(cls))}")
+            return cls(**value)
+        raise ConfigError(f"scheduler must be a SchedulerConfig or a dict of its options, got {type(value).__name__}")
+
+
+class RequestHandle:
+    """A submitted request: iterate it (or `astream`) for text pieces, `result()` (or `aresult`)
+    for the GenerationResult, `cancel()` to stop it and free its rows."""
+
+    def __init__(self, request_id: int, scheduler: "Scheduler"):
+        self.id = request_id
+        self._scheduler = scheduler
+        self._pieces: list[str] = []
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.cancelled = False
+        self.prompt = ""  # the text the model saw (set by the Engine)
+
+    # -- the scheduler's side ----------------------------------------------------------------
+    def _push(self, piece: str) -> None:
+        with self._cond:
+            self._pieces.append(piece)
+            self._wake()
+
+    def _finish(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
+        with self._cond:
+            if self.done:
+                return
+            self._result, self._error = result, error
+            self._wake()
+
+    def _wake(self) -> None:
+        self._cond.notify_all()
+        for loop, event in self._waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    # -- the caller's side -------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    def cancel(self) -> None:
+        """Stop the request (idempotent); its result ends with finish_reason "cancelled"."""
+        if not self.done and not self.cancelled:
+            self.cancelled = True
+            self._scheduler._wake()
+
+    def __iter__(self) -> Iterator[str]:
+        shown = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda seen=shown: len(self._pieces) > seen or self.done)
+                pieces, finished = self._pieces[shown:], self.done
+            shown += len(pieces)
+            yield from pieces
+            if finished and shown == len(self._pieces):
+                self._raise_error()
+                return
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.done, timeout):
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        self._raise_error()
+        return self._result  # type: ignore[return-value]
+
+    async def astream(self) -> AsyncIterator[str]:
+        event = asyncio.Event()
+        entry = (asyncio.get_running_loop(), event)
+        with self._cond:
+            self._waiters.append(entry)
+        shown = 0
+        try:
+            while True:
+                with self._cond:
+                    pieces, finished = self._pieces[shown:], self.done
+                    event.clear()
+                shown += len(pieces)
+                for piece in pieces:
+                    yield piece
+                if finished and shown == len(self._pieces):
+                    self._raise_error()
+                    return
+                if not pieces:
+                    await event.wait()
+        finally:
+            with self._cond:
+                self._waiters.remove(entry)
+
+    async def aresult(self) -> GenerationResult:
+        async for _ in self.astream():
+            pass
+        return self.result()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+class Row:
+    """One decoding row of a request: its sampler, tokens so far and output."""
+
+    def __init__(self, request: "Request", index: int, params: GenerationParams, tokenizer, eos: frozenset[int]):
+        self.request, self.index = request, index
+        seed = params.sampling.seed
+        sampling = attrs.evolve(params.sampling, seed=seed + index) if seed is not None and index else params.sampling
+        self.sampler = Sampler(sampling, request.strategy.registry)
+        self.plain_greedy = sampling.greedy and not self.sampler.processors
+        self.completion = Completion(tokenizer, params, eos, stream=request.policy.streams)
+        self.sequence = list(request.prompt)  # prompt + every sampled token
+        self.first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.completion.finished
+
+    def history(self) -> History | None:
+        """What the logits processors look at (None when there are none)."""
+        if not self.sampler.processors:
+            return None
+        return History(mx.array([self.sequence], dtype=mx.int32), len(self.request.prompt))
+
+
+class Request:
+    def __init__(self, request_id: int, prompt: Sequence[int], params: GenerationParams, strategy: Strategy,
+                 policy: RequestPolicy | None, handle: RequestHandle, positions: int):
+        self.id, self.prompt, self.strategy, self.policy = request_id, list(prompt), strategy, policy
+        self.params = policy.params if policy is not None else params  # a policy may ask for more (logprobs to score rows)
+        self.handle, self.positions = handle, positions
+        self.submitted = time.perf_counter()
+        self.admitted: float | None = None
+        self.rows: list[Row] = []
+        self.cached_tokens = 0
+        # prefill progress
+        self.cache: list[KVCache] | None = None
+        self.filled = 0
+
+    @property
+    def n_rows(self) -> int:
+        return self.policy.rows if self.policy is not None else 1
+
+
+class Scheduler:
+    """Runs requests on one model (see the module docstring). `submit` is thread-safe."""
+
+    def __init__(self, loaded: LoadedModel, config: SchedulerConfig | dict | None = None):
+        self.loaded = loaded
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.config = SchedulerConfig.make(config)
+        self.kv_budget = self.config.kv_budget or default_kv_budget()
+        prefix_bytes = self.kv_budget // 4 if self.config.prefix_cache_bytes is None else self.config.prefix_cache_bytes
+        self.prefix_cache = PrefixCache(prefix_bytes) if prefix_bytes > 0 else None
+        self.context_length = loaded.context_length
+        self._ids = itertools.count(1)
+        self._lock = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._prefilling: deque[Request] = deque()
+        self._serial: deque[Request] = deque()
+        self._serial_stream: Iterator | None = None
+        self._serial_pieces: list[str] = []
+        self.rows: list[Row] = []  # in batch order
+        self.cache: list[KVCache] | None = None
+        self.reserved = 0  # positions reserved by admitted requests
+        self.counters = dict.fromkeys(("requests_finished", "requests_cancelled", "requests_failed", "prompt_tokens",
+                                       "cached_prompt_tokens", "generated_tokens", "decode_steps"), 0)
+        self._stop = False
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self.bytes_per_position = 0
+        self.batchable = False
+        mx.eval(self.model.parameters())  # nothing lazy crosses to the loop's thread
+        self._thread = threading.Thread(target=self._run, name="stratlm-scheduler", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    # -- the callers' side ---------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], params: GenerationParams, strategy: Strategy) -> RequestHandle:
+        if not prompt:
+            raise ConfigError("the prompt has no tokens; give at least one token")
+        policy = strategy.policy(prompt, params) if self.batchable else None
+        rows = policy.rows if policy is not None else 1
+        length = len(prompt) + params.max_tokens
+        if self.context_length is not None:
+            length = min(length, self.context_length)
+        positions = rows * length
+        if positions * self.bytes_per_position > self.kv_budget:
+            raise ConfigError(f"the request needs {positions} cached positions ({positions * self.bytes_per_position / GB:.2f} GiB of keys and values); "
+                              f"the scheduler's kv_budget is {self.kv_budget / GB:.2f} GiB: lower max_tokens or raise kv_budget")
+        with self._lock:
+            if self._stop:
+                raise StratlmError("the engine is closed; make a new Engine")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFullError(len(self._waiting), self.config.max_queue)
+            request_id = next(self._ids)
+            handle = RequestHandle(request_id, self)
+            self._waiting.append(Request(request_id, prompt, params, strategy, policy, handle, positions))
+            self._lock.notify_all()
+        return handle
+
+    def metrics(self) -> dict[str, float]:
+        with self._lock:
+            waiting = len(self._waiting)
+        prefix = self.prefix_cache
+        return {
+            "waiting": waiting,
+            "running": len(self.rows),
+            "prefilling": len(self._prefilling),
+            "kv_reserved_bytes": self.reserved * self.bytes_per_position,
+            "kv_budget_bytes": self.kv_budget,
+            "prefix_cache_bytes": prefix.nbytes if prefix else 0,
+            "prefix_cache_hit_rate": prefix.hit_rate if prefix else 0.0,
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._start()
+        except BaseException as exc:  # reported to the constructor's caller
+            self._startup_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._stop or self._waiting or self._busy())
+                if self._stop:
+                    break
+                self._retire_cancelled_waiting()
+                self._admit()
+            try:
+                self._step()
+            except Exception as exc:  # the batch's state is unknown: fail what ran in it, keep serving
+                log.error("scheduler step failed", error=repr(exc))
+                self._fail_all(exc)
+        self._fail_all(StratlmError("the engine was closed before this request finished"))
+
+    def _start(self) -> None:
+        probe = self.model.make_cache()
+        self.batchable = all(type(c) is KVCache for c in probe)
+        self.model(mx.array([[0]], dtype=mx.int32), probe)
+        mx.eval([c.keys for c in probe if c.keys is not None])
+        self.bytes_per_position = max(1, sum(c.nbytes for c in probe))
+
+    def _busy(self) -> bool:
+        return bool(self.rows or self._prefilling or self._serial or any(r.handle.cancelled for r in self._waiting))
+
+    def _retire_cancelled_waiting(self) -> None:
+        for request in [r for r in self._waiting if r.handle.cancelled]:
+            self._waiting.remove(request)
+            self._finish_cancelled_early(request)
+
+    def _admit(self) -> None:
+        budget = self.kv_budget // self.bytes_per_position
+        while self._waiting:
+            request = self._waiting[0]
+            running = len(self.rows) + sum(r.n_rows for r in self._prefilling)
+            if running and (running + request.n_rows > self.config.max_running or self.reserved + request.positions > budget):
+                break
+            self._waiting.popleft()
+            request.admitted = time.perf_counter()
+            self.reserved += request.positions
+            (self._prefilling if request.policy is not None else self._serial).append(request)
+
+    def _step(self) -> None:
+        self._retire_cancelled_running()
+        if self._prefilling:
+            self._prefill_chunk(self._prefilling[0])
+        if self._serial:
+            self._serial_step()
+        if self.rows:
+            self._decode_step()
+            self._retire_finished()
+
+    # -- prefill ------------------------------------------------------------------------------
+    def _prefill_chunk(self, request: Request) -> None:
+        prompt = request.prompt
+        if request.cache is None:
+            hit, state = self.prefix_cache.lookup(prompt) if self.prefix_cache is not None else (0, None)
+            request.cache = batch_cache.from_state(state, hit) if state is not None else self.model.make_cache()
+            request.filled = request.cached_tokens = hit
+        end = min(request.filled + self.config.prefill_chunk, len(prompt) - 1)
+        if request.filled < end:
+            self.model(mx.array([prompt[request.filled : end]], dtype=mx.int32), request.cache)
+            mx.eval([c.keys for c in request.cache] + [c.values for c in request.cache])
+            request.filled = end
+            if end < len(prompt) - 1:
+                return  # the rest after the next decode step
+        logits = self.model(mx.array([prompt[-1:]], dtype=mx.int32), request.cache)[:, -1, :]
+        self._prefilling.popleft()
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(prompt, batch_cache.row_state(request.cache, 0))
+        policy = request.policy
+        request.rows = [Row(request, i, policy.params, self.tokenizer, self.loaded.eos_token_ids) for i in range(policy.rows)]
+        self.counters["prompt_tokens"] += len(prompt)
+        self.counters["cached_prompt_tokens"] += request.cached_tokens
+        picks = [self._pick(row, logits) for row in request.rows]
+        self.cache = batch_cache.join(self.cache, request.cache, copies=policy.rows)
+        request.cache = None
+        self.rows += request.rows
+        for row, (token, lp, top) in zip(request.rows, self._read(picks)):
+            self._emit(row, [(token, lp, top)])
+
+    # -- decode -------------------------------------------------------------------------------
+    def _decode_step(self) -> None:
+        rows = self.rows
+        drafts = [self._propose(row) for row in rows]
+        width = 1 + max(len(d) for d in drafts)
+        inputs = [[row.sequence[-1], *d] + [row.sequence[-1]] * (width - 1 - len(d)) for row, d in zip(rows, drafts)]
+        logits = self.model(mx.array(inputs, dtype=mx.int32), self.cache)  # (rows, width, vocab)
+        self.counters["decode_steps"] += 1
+        if width == 1:
+            first = logits[:, 0, :]
+            greedy = mx.argmax(first, axis=-1).astype(mx.int32) if any(r.plain_greedy for r in rows) else None
+            picks = [self._pick(row, first[i : i + 1], greedy[i : i + 1] if row.plain_greedy else None) for i, row in enumerate(rows)]
+            for row, choice in zip(rows, self._read(picks)):
+                self._emit(row, [choice])
+            return
+        drops, outputs = [], []
+        for i, (row, drafted) in enumerate(zip(rows, drafts)):
+            if not drafted:
+                outputs.append(None)
+                drops.append(width - 1)
+                continue
+            checked = process_positions(logits[i, : len(drafted) + 1], row.sequence, drafted, row.sampler, len(row.request.prompt))
+            accepted, following = verify(checked, drafted, None, row.sampler)
+            row.request.policy.verified(row.index, len(drafted), accepted)
+            out = drafted[:accepted] + [following]
+            outputs.append((out, logits[i, : len(out)]))
+            drops.append(width - 1 - accepted)
+        plain = [self._pick(row, logits[i : i + 1, 0, :]) if outputs[i] is None else None for i, row in enumerate(rows)]
+        plain_read = iter(self._read([p for p in plain if p is not None]))
+        batch_cache.drop_newest(self.cache, drops)
+        for row, output in zip(rows, outputs):
+            if output is None:
+                self._emit(row, [next(plain_read)])
+            else:
+                out, out_logits = output
+                self._emit(row, self._scored(row, out, out_logits))
+
+    def _propose(self, row: Row) -> list[int]:
+        completion, params = row.completion, row.request.params
+        budget = params.max_tokens - len(completion.tokens) - 1
+        if self.context_length is not None:
+            budget = min(budget, self.context_length - len(row.sequence) - 1)
+        if budget <= 0 or completion.finished:
+            return []
+        return list(row.request.policy.propose(row.index, row.sequence, budget))[:budget]
+
+    def _pick(self, row: Row, logits: mx.array, token: mx.array | None = None) -> tuple:
+        """The row's next token from logits (1, vocab), lazily, with what the params ask for."""
+        if token is None:
+            token = row.sampler.sample(logits, row.history())
+        params = row.request.params
+        lp = token_logprobs(logits, token) if params.logprobs or params.top_logprobs else None
+        top = top_logprobs(logits, params.top_logprobs) if params.top_logprobs else None
+        return token, lp, top
+
+    @staticmethod
+    def _read(picks: list[tuple]) -> list[tuple[int, float | None, dict[int, float] | None]]:
+        mx.eval([x for pick in picks for x in pick if x is not None and not isinstance(x, tuple)] +
+                [x for pick in picks if pick[2] is not None for x in pick[2]])
+        out = []
+        for token, lp, top in picks:
+            top_dict = dict(zip(top[0][0].tolist(), top[1][0].tolist())) if top is not None else None
+            out.append((int(token.item()), float(lp.item()) if lp is not None else None, top_dict))
+        return out
+
+    def _scored(self, row: Row, tokens: list[int], logits: mx.array) -> list[tuple]:
+        """Log-probabilities of verified tokens (logits: (n, vocab) at their positions)."""
+        params = row.request.params
+        if not (params.logprobs or params.top_logprobs):
+            return [(t, None, None) for t in tokens]
+        lps = token_logprobs(logits, mx.array(tokens, dtype=mx.int32)).tolist()
+        tops = [None] * len(tokens)
+        if params.top_logprobs:
+            ids, values = top_logprobs(logits, params.top_logprobs)
+            tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return list(zip(tokens, lps, tops))
+
+    def _emit(self, row: Row, choices: list[tuple]) -> None:
+        request, completion = row.request, row.completion
+        if row.first_token_time is None:
+            row.first_token_time = time.perf_counter()
+        for token, lp, top in choices:
+            if completion.finished:
+                break
+            row.sequence.append(token)
+            self.counters["generated_tokens"] += 1
+            piece = completion.add(token, lp if request.params.logprobs else None, top)
+            if not completion.finished and self.context_length is not None and len(row.sequence) >= self.context_length:
+                piece += completion.end("length")
+            if piece and request.policy.streams:
+                request.handle._push(piece)
+
+    # -- retiring -----------------------------------------------------------------------------
+    def _retire_cancelled_running(self) -> None:
+        for row in self.rows:
+            if row.request.handle.cancelled and not row.finished:
+                row.completion.end("cancelled")
+        for request in [r for r in self._prefilling if r.handle.cancelled]:
+            self._prefilling.remove(request)
+            self.reserved -= request.positions
+            self._finish_cancelled_early(request)
+        self._retire_finished()
+
+    def _retire_finished(self) -> None:
+        if not any(row.finished for row in self.rows):
+            return
+        keep = [i for i, row in enumerate(self.rows) if not row.finished]
+        gone = [(i, row) for i, row in enumerate(self.rows) if row.finished]
+        if self.prefix_cache is not None:
+            for i, row in gone:
+                if row.request.n_rows == 1 and row.completion.finish_reason != "cancelled":
+                    held = self.cache[0].offset - batch_cache.padding_of(self.cache[0])[i]
+                    self.prefix_cache.insert(row.sequence[:held], batch_cache.row_state(self.cache, i))
+        self.rows = [self.rows[i] for i in keep]
+        if keep:
+            index = mx.array(keep, dtype=mx.int32)
+            for layer in self.cache:
+                layer.filter(index)
+        else:
+            self.cache = None
+        for request in {id(row.request): row.request for _, row in gone}.values():
+            if all(r.finished for r in request.rows):
+                self._finish_request(request)
+
+    def _finish_request(self, request: Request) -> None:
+        self.reserved -= request.positions
+        end = time.perf_counter()
+        results = []
+        for row in request.rows:
+            first = row.first_token_time or end
+            stats = GenerationStats(
+                prompt_tokens=len(request.prompt),
+                generation_tokens=max(0, row.completion.generated - 1),
+                prompt_time=first - (request.admitted or request.submitted),
+                generation_time=end - first,
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+                cached_prompt_tokens=request.cached_tokens,
+                queue_time=(request.admitted or end) - request.submitted,
+            )
+            results.append(row.completion.result(stats))
+        cancelled = request.handle.cancelled or any(r.finish_reason == "cancelled" for r in results)
+        try:
+            result = request.policy.finish(results)
+            if cancelled:
+                result = attrs.evolve(result, finish_reason="cancelled")
+        except Exception as exc:
+            self.counters["requests_failed"] += 1
+            request.handle._finish(error=RequestFailedError(f"strategy {request.strategy.name!r} failed to combine its rows: {exc!r}"))
+            return
+        if not request.policy.streams and result.text:
+            request.handle._push(result.text)
+        self.counters["requests_cancelled" if cancelled else "requests_finished"] += 1
+        request.handle._finish(result)
+
+    def _finish_cancelled_early(self, request: Request) -> None:
+        self.counters["requests_cancelled"] += 1
+        request.handle._finish(GenerationResult(text="", token_ids=(), finish_reason="cancelled",
+                                                stats=GenerationStats(prompt_tokens=len(request.prompt))))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        error = exc if isinstance(exc, StratlmError) else RequestFailedError(f"the engine failed while decoding: {exc!r}")
+        requests = {id(r.request): r.request for r in self.rows}
+        for request in [*requests.values(), *self._prefilling, *self._serial, *self._waiting]:
+            self.counters["requests_failed"] += 1
+            request.handle._finish(error=error)
+        self.rows, self.cache, self.reserved = [], None, 0
+        self._prefilling.clear()
+        self._serial.clear()
+        self._waiting.clear()
+        self._serial_stream = None
+
+    # -- strategies without a policy ------------------------------------------------------------
+    def _serial_step(self) -> None:
+        """One item of the oldest serial request's own stream (interleaved with batch steps)."""
+        request = self._serial[0]
+        if self._serial_stream is None:
+            self._serial_stream = iter(request.strategy.stream(request.prompt, request.params))
+            self._serial_pieces = []
+        done: GenerationResult | None = None
+        try:
+            if request.handle.cancelled:
+                self._serial_stream.close()
+                done = GenerationResult(text="".join(self._serial_pieces), token_ids=(), finish_reason="cancelled")
+            else:
+                item = next(self._serial_stream)
+                if isinstance(item, GenerationResult):
+                    done = item
+                else:
+                    self._serial_pieces.append(item)
+                    request.handle._push(item)
+        except StopIteration:
+            done = GenerationResult(text="".join(self._serial_pieces), token_ids=(), finish_reason="stop")
+        except Exception as exc:
+            self._end_serial(request)
+            self.counters["requests_failed"] += 1
+            request.handle._finish(error=exc if isinstance(exc, StratlmError) else RequestFailedError(f"strategy {request.strategy.name!r} failed: {exc!r}"))
+            return
+        if done is not None:
+            self._end_serial(request)
+            self.counters["requests_cancelled" if done.finish_reason == "cancelled" else "requests_finished"] += 1
+            self.counters["prompt_tokens"] += len(request.prompt)
+            self.counters["generated_tokens"] += len(done.token_ids)
+            request.handle._finish(done)
+
+    def _end_serial(self, request: Request) -> None:
+        self._serial.popleft()
+        self._serial_stream = None
+        self.reserved -= request.positions
+
+
+def top_logprobs(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The k most likely tokens and their log-probabilities: logits (n, vocab) -> ((n, k), (n, k))."""
+    logprobs = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+    ids = mx.argsort(-logprobs, axis=-1)[:, :k]
+    return ids, mx.take_along_axis(logprobs, ids, axis=-1)
