@@ -66,10 +66,22 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
     body = {"model": model, "messages": [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]} (story {i})."}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
+    retries = 0
+    while True:  # a server that refuses or drops connections under load: retried, the wait counts in TTFT
+        try:
+            return await read_stream(client, base, body, start, retries)
+        except httpx.TransportError as exc:
+            retries += 1
+            if retries > 20:
+                return {"error": type(exc).__name__, "retries": retries}
+            await asyncio.sleep(0.05 * retries)
+
+
+async def read_stream(client: httpx.AsyncClient, base: str, body: dict, start: float, retries: int) -> dict:
     first, chunks, usage = None, 0, None
     async with client.stream("POST", f"{base}/chat/completions", json=body) as r:
         if r.status_code != 200:
-            return {"error": r.status_code}
+            return {"error": r.status_code, "retries": retries}
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line.strip() == "data: [DONE]":
                 continue
@@ -82,7 +94,8 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
                     if first is None:
                         first = time.perf_counter() - start
     tokens = usage["completion_tokens"] if usage else chunks
-    return {"ttft": first if first is not None else time.perf_counter() - start, "tokens": tokens, "latency": time.perf_counter() - start}
+    return {"ttft": first if first is not None else time.perf_counter() - start, "tokens": tokens, "latency": time.perf_counter() - start,
+            "retries": retries}
 
 
 async def run_level(base: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
@@ -105,7 +118,7 @@ async def run_level(base: str, model: str, clients: int, requests: int, max_toke
 
     return {"clients": clients, "requests": len(ok), "errors": len(results) - len(ok), "wall_s": wall, "req_per_s": len(ok) / wall,
             "output_tok_per_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50_s": pct(50), "ttft_p99_s": pct(99),
-            "mean_tokens": sum(r["tokens"] for r in ok) / max(1, len(ok))}
+            "mean_tokens": sum(r["tokens"] for r in ok) / max(1, len(ok)), "retries": sum(r.get("retries", 0) for r in results)}
 
 
 def make_random_model(out: str, config_json: str, tokenizer_dir: str, dtype: str) -> None:
@@ -190,11 +203,11 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
     print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model()}, max_tokens {args.max_tokens}, greedy, streaming")
-    print("| server | clients | requests | req/s | output tok/s | TTFT p50 (s) | TTFT p99 (s) | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| server | clients | requests | req/s | output tok/s | TTFT p50 (s) | TTFT p99 (s) | errors | retried connections |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['output_tok_per_s']:.1f} "
-              f"| {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['errors']} |")
+              f"| {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['errors']} | {r['retries']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

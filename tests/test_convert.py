@@ -20,6 +20,16 @@ from stratlm.testing import tiny_model
 def logits(loaded, ids) -> np.ndarray:
     return np.array(loaded.model(mx.array(ids)).astype(mx.float32))
 
+@pytest.fixture(autouse=True)
+def exact_kernels():
+    """These tests check what the files hold: the CPU kernels multiply in exact fp32 here (their
+    default int8 activations move logits within q8_error_bound, tested with the kernels)."""
+    from stratlm.backends.cpu import kernels
+
+    with kernels.exact_mode():
+        yield
+
+
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
@@ -32,7 +42,7 @@ IDS = [[5, 77, 200, 3, 9, 150, 42, 8]]
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
-def test_quantized_folder_equals_mlx_lm_convert(tiny_folder, tmp_path, bits, group_size):
+def test_quantized_folder_equals_mlx_lm_convert(tiny_folder, tmp_path, bits, group_size, exact_kernels):
     """The same weights mlx-lm's own convert writes, loaded by stratlm and by mlx-lm to the same logits."""
     mlx_lm = pytest.importorskip("mlx_lm")
     result = convert(str(tiny_folder), tmp_path / "ours", quantize=str(bits), group_size=group_size, dtype="float32", progress=None)
@@ -55,7 +65,7 @@ def test_quantized_folder_equals_mlx_lm_convert(tiny_folder, tmp_path, bits, gro
     assert 0 < error < (0.02 if bits == 8 else 0.5), error  # within quantization error (random weights: large at 4 bits), not exact
 
 
-def test_dense_dtype_and_kept_gguf(tiny_folder, tmp_path):
+def test_dense_dtype_and_kept_gguf(tiny_folder, tmp_path, exact_kernels):
     half = convert(str(tiny_folder), tmp_path / "half", dtype="float16", progress=None)
     assert half.quantization is None and half.dtype == "float16"
     stored = mx.load(str(half.out / "model.safetensors"))
@@ -85,7 +95,7 @@ def test_cli_convert_and_its_errors(tiny_folder, tmp_path, capsys):
         assert message in capsys.readouterr().err, argv
 
 
-def test_gguf_to_folder_and_q4_k_m(tmp_path):
+def test_gguf_to_folder_and_q4_k_m(tmp_path, exact_kernels):
     """A Q8_0 GGUF -> a folder that stratlm and mlx-lm load to the GGUF's own logits; the same
     GGUF -> Q4_K_M (K-quants where rows allow) -> read as transformers reads it."""
     gguf = pytest.importorskip("gguf")
@@ -121,7 +131,7 @@ def test_gguf_to_folder_and_q4_k_m(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_to_folder_greedy_equals(tmp_path, smollm2_quantized_or_skip):
+def test_smollm2_gguf_to_folder_greedy_equals(tmp_path, smollm2_quantized_or_skip, exact_kernels):
     """The embedded GGUF -> a folder (kept 4/8-bit) -> stratlm and mlx-lm decode the GGUF's greedy tokens."""
     mlx_lm = pytest.importorskip("mlx_lm")
     from stratlm.decoding.loop import decode

@@ -18,6 +18,16 @@ from stratlm.loaders.loading import load_model
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 TYPE_IDS = {name: i for i, (name, _, _) in GGML_TYPES.items()}
+
+@pytest.fixture(autouse=True)
+def exact_kernels():
+    """These tests check what the files hold: the CPU kernels multiply in exact fp32 here (their
+    default int8 activations move logits within q8_error_bound, tested with the kernels)."""
+    from stratlm.backends.cpu import kernels
+
+    with kernels.exact_mode():
+        yield
+
 # byte offsets of each block's fp16 scale fields: random bytes there could be inf/nan
 F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108],
               "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0]}
@@ -172,7 +182,7 @@ def smollm2_q4_k_m(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_smollm2_q4_k_m_answers_and_agrees_with_its_fp32_expansion(smollm2_q4_k_m):
+def test_smollm2_q4_k_m_answers_and_agrees_with_its_fp32_expansion(smollm2_q4_k_m, exact_kernels):
     """llama.cpp's Q4_K_M recipe (K-quants where rows are a multiple of 256: ffn_down; the
     fallbacks elsewhere); the kept form (Q4_K 4-bit on the kernels, the rest 8-bit) decodes the
     same greedy tokens as the file expanded to fp32."""
