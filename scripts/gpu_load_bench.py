@@ -13,7 +13,8 @@ RUNS = [
     ["--load", "512", "--concurrency", "256", "--rate", "400", "--history-tokens", "0"],
 ]
 
-for extra in RUNS:
+# arguments: which runs (0, 1); none: all
+for extra in [RUNS[int(i)] for i in sys.argv[1:]] or RUNS:
     print(" ".join(["stratlm bench -m qwen3-0.6b-random --prompt-tokens 128 --max-tokens 128", *extra]), flush=True)
     code = main(["bench", "-m", "qwen3-0.6b-random", "--prompt-tokens", "128", "--max-tokens", "128", *extra])
     if code:

@@ -91,7 +91,9 @@ class Engine:
         self._strategies: dict[tuple, Strategy] = {}
         self._scheduler: Scheduler | None = None
         self._scheduler_lock = threading.Lock()
-        self.parallel = parallel
+        # a split model (given here already loaded, e.g. from stratlm.distributed.load_parallel) too
+        split = getattr(self.loaded.model, "split_over_processes", None)
+        self.parallel = parallel if parallel is not None else split
         self.last_result: GenerationResult | None = None
         log.debug("engine ready", model=self.loaded.source, strategy=strategy, transforms=list(transforms))
 
@@ -159,6 +161,9 @@ class Engine:
     @property
     def scheduler(self) -> Scheduler:
         """The loop that runs every request (started at first use)."""
+        if self.parallel is not None:
+            raise ConfigError("a model split over processes (parallel=) decodes through generate/stream one call at a time; "
+                              "submit, agenerate and astream need the scheduler, which does not drive a split model")
         with self._scheduler_lock:
             if self._scheduler is None:
                 self._scheduler = Scheduler(self.loaded, self.scheduler_config)

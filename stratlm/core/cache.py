@@ -58,6 +58,9 @@ class KVCache:
     def is_trimmable(self) -> bool:
         return True
 
+    #: The most positions `trim` can take back after a forward (None: any number)
+    max_trim: int | None = None
+
     # -- what attention needs ----------------------------------------------------------------
     @property
     def rope_offset(self) -> int | mx.array:
@@ -205,8 +208,8 @@ class RotatingKVCache(KVCache):
         if window < 1:
             raise ConfigError(f"a sliding window holds at least 1 position, got {window}")
         self.window = int(window)
-        self.trim_room = int(trim_room)
-        self.size = self.window - 1 + max(1, self.trim_room)
+        self.trim_room = self.max_trim = max(1, int(trim_room))
+        self.size = self.window - 1 + self.trim_room
         self.written = 0  # the end of the positions ever written: slots hold positions written - size .. written - 1
 
     # -- the protocol ----------------------------------------------------------------------

@@ -27,16 +27,22 @@ def set_padding(cache: KVCache, padding: Sequence[int]) -> None:
     cache.left_padding = mx.array(list(padding), dtype=mx.int32) if any(padding) else None
 
 
-def join(batch: list[KVCache] | None, new: list[KVCache], copies: int = 1) -> list[KVCache]:
-    """The batch with the rows of `new` (each repeated `copies` times) appended after its rows.
+SPARE = 64  # positions of room a joined cache gets, so the next steps do not grow (copy) it at once
 
-    Both are aligned at the right (the shorter one gains left padding); storage is cut to the
-    positions in use, so the joined caches grow again as decoding goes on."""
-    if copies > 1:
-        index = mx.array([r for r in range(new[0].keys.shape[0]) for _ in range(copies)], dtype=mx.int32)
+
+def join(batch: list[KVCache] | None, new: list[KVCache], copies: int | Sequence[int] = 1) -> list[KVCache]:
+    """The batch with the rows of `new` appended after its rows, row r of `new` repeated
+    `copies` (or copies[r]) times.
+
+    Both are aligned at the right (the shorter one gains left padding); storage holds the
+    positions in use and SPARE more."""
+    rows = new[0].keys.shape[0]
+    counts = [copies] * rows if isinstance(copies, int) else list(copies)
+    if any(c != 1 for c in counts):
+        index = mx.array([r for r in range(rows) for _ in range(counts[r])], dtype=mx.int32)
         new = [_take_rows(c, index) for c in new]
     if not batch or batch[0].keys is None:
-        return [_trimmed(c) for c in new]
+        return [_with_room(_trimmed(c)) for c in new]
     joined = []
     for old_layer, new_layer in zip(batch, new):
         width = max(old_layer.offset, new_layer.offset)
@@ -53,7 +59,7 @@ def join(batch: list[KVCache] | None, new: list[KVCache], copies: int = 1) -> li
         cache = KVCache()
         cache.keys, cache.values, cache.offset = mx.concatenate(keys, axis=0), mx.concatenate(values, axis=0), width
         set_padding(cache, padding)
-        joined.append(cache)
+        joined.append(_with_room(cache))
     mx.eval([c.keys for c in joined] + [c.values for c in joined])
     return joined
 
@@ -71,6 +77,7 @@ def drop_newest(cache: list[KVCache], counts: Sequence[int]) -> None:
     rows = len(counts)
     for layer in cache:
         width = layer.offset
+        room = layer.keys.shape[2] - width
         position = mx.arange(width)[None, :]  # (1, width)
         shift = mx.array(extra, dtype=mx.int32)[:, None]  # (rows, 1)
         source = mx.maximum(position - shift, 0)  # a rolled row reads `shift` positions earlier
@@ -78,6 +85,8 @@ def drop_newest(cache: list[KVCache], counts: Sequence[int]) -> None:
         heads, dk, dv = layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]
         layer.keys = mx.take_along_axis(layer.keys[:, :, :width], mx.broadcast_to(index, (rows, heads, width, dk)), axis=2)
         layer.values = mx.take_along_axis(layer.values[:, :, :width], mx.broadcast_to(index, (rows, heads, width, dv)), axis=2)
+        if room:
+            layer.keys, layer.values = mx.pad(layer.keys, [(0, 0), (0, 0), (0, room), (0, 0)]), mx.pad(layer.values, [(0, 0), (0, 0), (0, room), (0, 0)])
         set_padding(layer, [p + e for p, e in zip(padding_of(layer), extra)])
     mx.eval([c.keys for c in cache] + [c.values for c in cache])
 
@@ -114,6 +123,12 @@ def _take_rows(cache: KVCache, index: mx.array) -> KVCache:
     if cache.left_padding is not None:
         out.left_padding = cache.left_padding[index]
     return out
+
+
+def _with_room(cache: KVCache) -> KVCache:
+    extra = [(0, 0), (0, 0), (0, SPARE), (0, 0)]
+    cache.keys, cache.values = mx.pad(cache.keys, extra), mx.pad(cache.values, extra)
+    return cache
 
 
 def _trimmed(cache: KVCache) -> KVCache:

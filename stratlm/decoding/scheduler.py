@@ -38,7 +38,7 @@ from stratlm.core.types import GenerationParams, GenerationResult, GenerationSta
 
 from . import batch_cache
 from .completion import Completion
-from .loop import token_logprobs
+from .loop import prefill, token_logprobs
 from .prefix_cache import PrefixCache
 from .processors import History
 from .sampler import Sampler
@@ -47,6 +47,12 @@ from .speculation import process_positions, verify
 log = get_logger(__name__)
 
 GB = 1 << 30
+PREFILL_ROWS = 32  # prompts prefilled together at most
+BUCKET = 16  # a batched prefill's width is a multiple of this: fewer distinct shapes to compile
+
+
+def bucket(n: int) -> int:
+    return -(-n // BUCKET) * BUCKET
 
 
 def default_kv_budget() -> int:
@@ -371,7 +377,11 @@ class Scheduler:
     def _step(self) -> None:
         self._retire_cancelled_running()
         if self._prefilling:
-            self._prefill_chunk(self._prefilling[0])
+            group = self._fresh_group()
+            if group:
+                self._prefill_together(group)
+            else:
+                self._prefill_chunk(self._prefilling[0])
         if self._serial:
             self._serial_step()
         if self.rows:
@@ -396,16 +406,61 @@ class Scheduler:
         self._prefilling.popleft()
         if self.prefix_cache is not None:
             self.prefix_cache.insert(prompt, batch_cache.row_state(request.cache, 0))
-        policy = request.policy
-        request.rows = [Row(request, i, policy.params, self.tokenizer, self.loaded.eos_token_ids) for i in range(policy.rows)]
-        self.counters["prompt_tokens"] += len(prompt)
-        self.counters["cached_prompt_tokens"] += request.cached_tokens
+        self._start_rows(request)
         picks = [self._pick(row, logits) for row in request.rows]
-        self.cache = batch_cache.join(self.cache, request.cache, copies=policy.rows)
+        self.cache = batch_cache.join(self.cache, request.cache, copies=request.n_rows)
         request.cache = None
         self.rows += request.rows
         for row, (token, lp, top) in zip(request.rows, self._read(picks)):
             self._emit(row, [(token, lp, top)])
+
+    def _fresh_group(self) -> list[Request]:
+        """Admitted prompts without a cached prefix, to prefill together in one left-padded
+        batch: at most PREFILL_ROWS rows and 4 * prefill_chunk padded tokens (a longer prompt
+        goes alone, chunk by chunk)."""
+        group: list[Request] = []
+        for request in self._prefilling:
+            if request.cache is not None or len(group) >= PREFILL_ROWS:
+                break
+            hit, state = self.prefix_cache.lookup(request.prompt) if self.prefix_cache is not None else (0, None)
+            if state is not None:
+                request.cache = batch_cache.from_state(state, hit)
+                request.filled = request.cached_tokens = hit
+                break
+            width = bucket(max(len(r.prompt) for r in [*group, request]))
+            if width * (len(group) + 1) > 4 * self.config.prefill_chunk:
+                if not group:
+                    request.cache = self.model.make_cache()  # alone, chunk by chunk
+                break
+            group.append(request)
+        return group
+
+    def _prefill_together(self, group: list[Request]) -> None:
+        width = bucket(max(len(r.prompt) for r in group))
+        padding = [width - len(r.prompt) for r in group]
+        # padded with the row's own first token (masked; the penalties' history is the prompt alone)
+        tokens = mx.array([[r.prompt[0]] * pad + r.prompt for r, pad in zip(group, padding)], dtype=mx.int32)
+        cache = self.model.make_cache(left_padding=padding)
+        logits = prefill(self.model, tokens, cache, self.config.prefill_chunk)
+        for _ in group:
+            self._prefilling.popleft()
+        picks = []
+        for j, request in enumerate(group):
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(request.prompt, batch_cache.row_state(cache, j))
+            self._start_rows(request)
+            picks += [self._pick(row, logits[j : j + 1]) for row in request.rows]
+        self.cache = batch_cache.join(self.cache, cache, copies=[r.n_rows for r in group])
+        new_rows = [row for request in group for row in request.rows]
+        self.rows += new_rows
+        for row, choice in zip(new_rows, self._read(picks)):
+            self._emit(row, [choice])
+
+    def _start_rows(self, request: Request) -> None:
+        policy = request.policy
+        request.rows = [Row(request, i, policy.params, self.tokenizer, self.loaded.eos_token_ids) for i in range(policy.rows)]
+        self.counters["prompt_tokens"] += len(request.prompt)
+        self.counters["cached_prompt_tokens"] += request.cached_tokens
 
     # -- decode -------------------------------------------------------------------------------
     def _decode_step(self) -> None:

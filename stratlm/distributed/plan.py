@@ -18,6 +18,9 @@ import attrs
 from stratlm.core.errors import ConfigError
 
 MODES = ("tensor", "pipeline")
+#: the families whose blocks this splits (the shared Llama-layout transformer with one attention
+#: mask for all layers); others (sliding windows, MoE, fused projections) are refused by name
+FAMILIES = ("llama", "qwen3")
 
 
 def split(total: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
@@ -74,6 +77,9 @@ def make_plan(mode: str, config: dict[str, Any], rank: int, size: int, group_siz
     group_size: the quantization group of a quantized checkpoint kept quantized (cuts align to it)."""
     if mode not in MODES:
         raise ConfigError(f"parallel must be 'tensor' or 'pipeline', got {mode!r}")
+    if config.get("model_type", "llama") not in ("llama", "qwen3") or config.get("sliding_window") and config.get("use_sliding_window", True):
+        raise ConfigError(f"splitting over processes supports {', '.join(FAMILIES)} models without sliding windows; "
+                          f"this one is model_type {config.get('model_type')!r}")
     heads, kv, head_dim, inter, layers = shapes_of(config)
     if mode == "pipeline":
         if layers < size:

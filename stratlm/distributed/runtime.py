@@ -90,6 +90,7 @@ def wire_tensor_parallel(model: Model, group: mx.distributed.Group) -> None:
 
 # -- forwards shared by rank 0 and the others ----------------------------------------------------------
 def run_blocks(layers: Sequence[nn.Module], h: mx.array, caches: Sequence[KVCache] | None) -> mx.array:
+    # one mask for every block: the families split here (plan.FAMILIES) have no per-layer windows
     mask = attention_mask(h.shape[1], caches[0] if caches else None)
     for i, block in enumerate(layers):
         h = block(h, mask, caches[i] if caches else None)
@@ -186,6 +187,11 @@ class ParallelModel(Model):
     """Rank 0's view of a model split over the group (see the module's docstring). `local` is rank
     0's part: all blocks with its share of heads and columns (tensor), or its run of blocks (pipeline),
     with the embedding, final norm and head in both cases."""
+
+    @property
+    def split_over_processes(self) -> str:
+        """How the model is split ("tensor" or "pipeline"): the Engine drives such a model directly."""
+        return self.plan.mode
 
     def __init__(self, local: Model, plan: ShardPlan, group: mx.distributed.Group, config: dict[str, Any], dtype: mx.Dtype,
                  micro_batches: int | None = None):

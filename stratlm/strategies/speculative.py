@@ -176,6 +176,10 @@ class SpeculativeCounts:
 MAX_PAUSE = 8  # the longest run of plain steps after repeated useless drafts
 
 
+def max_trims(cache: list) -> list[int]:
+    return [c.max_trim for c in cache if getattr(c, "max_trim", None) is not None]
+
+
 def next_pause(backoff: int, drafted: int, accepted: int) -> int:
     """Plain steps before the next draft: a forward over k+1 tokens costs several single-token
     ones on CPU, so a draft less than half accepted did not pay for itself: back off."""
@@ -226,6 +230,9 @@ def speculative_decode(
     """Yield (token, raw target log-probability or None) until max_tokens; the caller may stop earlier."""
     cache = model.make_cache()
     draft.reset()
+    # a cache that can take back only so many positions (a sliding window's ring), the target's or
+    # a draft model's, bounds the drafts
+    num_draft = min([num_draft] + max_trims(cache) + max_trims(getattr(draft, "cache", None) or []))
     start = time.perf_counter()
     logits = prefill(model, mx.array([list(prompt)], dtype=mx.int32), cache)
     token = sampler.sample(logits, sampler.start_history(mx.array([list(prompt)], dtype=mx.int32)))
