@@ -23,6 +23,12 @@ def main(argv: list[str]) -> int:
     path, threads = argv[0], int(argv[1])
     n_ctx = int(argv[2]) if len(argv) > 2 else 4096
     llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        # the last evaluated position's logits (llm.scores is only filled with logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
     print(json.dumps({"ready": True, "threads": threads}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -33,11 +39,11 @@ def main(argv: list[str]) -> int:
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [next_token()]
         first = time.perf_counter()
         while len(tokens) < max_tokens:
             llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(next_token())
         end = time.perf_counter()
         decode_time = end - first
         print(json.dumps({
