@@ -8,7 +8,7 @@ dequantized fp32 tiles and cblas_sgemm (prefill). Gradients flow to x.
 Few rows take int8 activations by default: each row is quantized per block of 32 and the 4- or
 8-bit weights meet it in integer dot products (AVX2 maddubs, AVX-VNNI or AVX-512 VNNI, picked
 from CPUID at run time), within `q8_error_bound` of the exact product; `set_exact(True)` or
-STRATLM_KERNELS_EXACT=1 keeps fp32 activations (exact up to fp32 rounding).
+Exact fp32 activations are the default (batch = solo); STRATLM_KERNELS_EXACT=0 or set_exact(False) opts into int8.
 
 The extension (quantized.cpp + nanobind) is compiled once with the system C++ compiler and
 cached under ${XDG_CACHE_HOME:-~/.cache}/stratlm/, keyed by the sources, MLX, nanobind, Python

@@ -493,13 +493,14 @@ static const char* isa_name(int isa) { return ISA_NAMES[isa]; }
 // which float kernels an ISA setting runs
 static int float_isa(int isa) { return isa >= AVX512 ? AVX512 : isa >= AVX2 ? AVX2 : GENERIC; }
 
-// int8 activations (default) or the exact fp32 path (STRATLM_KERNELS_EXACT=1, set_exact)
+// the exact fp32 path (default) or int8 activations (STRATLM_KERNELS_EXACT=0, set_exact(false)):
+// int8 rounding makes a row's result depend on its batch, so batch = solo needs the exact path
 static bool env_exact() {
   const char* e = std::getenv("STRATLM_KERNELS_EXACT");
-  if (e == nullptr) return false;
+  if (e == nullptr) return true;
   std::string v(e);
   for (auto& c : v) c = (char)std::tolower((unsigned char)c);
-  return v == "1" || v == "on" || v == "true" || v == "yes";
+  return !(v == "0" || v == "off" || v == "false" || v == "no");
 }
 static std::atomic<bool> g_exact{env_exact()};
 
