@@ -278,6 +278,7 @@ class Scheduler:
     def submit(self, prompt: Sequence[int], params: GenerationParams, strategy: Strategy) -> RequestHandle:
         if not prompt:
             raise ConfigError("the prompt has no tokens; give at least one token")
+        Sampler(params.sampling, strategy.registry)  # bad sampling parameters fail here, in the caller's thread
         policy = strategy.policy(prompt, params) if self.batchable else None
         rows = policy.rows if policy is not None else 1
         length = len(prompt) + params.max_tokens
@@ -442,8 +443,6 @@ class Scheduler:
         tokens = mx.array([[r.prompt[0]] * pad + r.prompt for r, pad in zip(group, padding)], dtype=mx.int32)
         cache = self.model.make_cache(left_padding=padding)
         logits = prefill(self.model, tokens, cache, self.config.prefill_chunk)
-        for _ in group:
-            self._prefilling.popleft()
         picks = []
         for j, request in enumerate(group):
             if self.prefix_cache is not None:
@@ -453,6 +452,8 @@ class Scheduler:
         self.cache = batch_cache.join(self.cache, cache, copies=[r.n_rows for r in group])
         new_rows = [row for request in group for row in request.rows]
         self.rows += new_rows
+        for _ in group:  # only now: a failure before this leaves them where _fail_all finds them
+            self._prefilling.popleft()
         for row, choice in zip(new_rows, self._read(picks)):
             self._emit(row, [choice])
 
