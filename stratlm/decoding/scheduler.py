@@ -41,7 +41,7 @@ from .completion import Completion
 from .loop import prefill, token_logprobs
 from .prefix_cache import PrefixCache
 from .processors import History
-from .sampler import Sampler
+from .sampler import Sampler, log_softmax
 from .speculation import process_positions, verify
 
 log = get_logger(__name__)
@@ -675,6 +675,6 @@ class Scheduler:
 
 def top_logprobs(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     """The k most likely tokens and their log-probabilities: logits (n, vocab) -> ((n, k), (n, k))."""
-    logprobs = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+    logprobs = log_softmax(logits.astype(mx.float32))
     ids = mx.argsort(-logprobs, axis=-1)[:, :k]
     return ids, mx.take_along_axis(logprobs, ids, axis=-1)
