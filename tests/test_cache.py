@@ -54,7 +54,8 @@ def test_masks_and_rope_offsets_follow_each_rows_padding():
     cache = KVCache(left_padding=[2, 0])
     assert cache.make_mask(3).shape == (2, 1, 3, 3)
     mask = np.array(cache.make_mask(3))[:, 0]
-    assert mask[0].tolist() == [[False, False, False], [False, False, False], [False, False, True]]  # row 0's first real token is position 2
+    # row 0's first real token is position 2; a padding query sees only itself (a query that sees nothing gives NaN)
+    assert mask[0].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
     assert mask[1].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
     cache.update_and_fetch(*kv(3, batch=2))
     assert np.array(cache.rope_offset).tolist() == [1, 3]

@@ -78,7 +78,10 @@ class KVCache:
         query_pos = mx.arange(self.offset, total)
         causal = query_pos[:, None] >= key_pos[None, :]
         real = key_pos[None, :] >= self.left_padding[:, None]  # (B, total)
-        return causal[None, None] & real[:, None, None, :]
+        # a padding query sees its own key: a query that sees nothing gives NaN, which the next
+        # layer's keys and values carry to the real positions (masked weights times NaN is NaN)
+        itself = query_pos[:, None] == key_pos[None, :]
+        return causal[None, None] & (real[:, None, None, :] | itself[None, None])
 
     # -- batch bookkeeping -------------------------------------------------------------------
     def filter(self, rows: Sequence[int] | mx.array) -> None:
@@ -271,7 +274,8 @@ class RotatingKVCache(KVCache):
         mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - self.window)
         mask = mask[None, None]
         if self.left_padding is not None:
-            mask = mask & (key_pos[None, None, None, :] >= self.left_padding[:, None, None, None])
+            real = key_pos[None, None, None, :] >= self.left_padding[:, None, None, None]
+            mask = mask & (real | (key_pos[None, :] == query_pos[:, None])[None, None])  # see KVCache.make_mask
         return mask
 
     # -- batch bookkeeping -------------------------------------------------------------------
