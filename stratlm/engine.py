@@ -41,7 +41,8 @@ class Engine:
     parallel="tensor" | "pipeline": split the model over the processes `mlx.launch` started
     (docs/distributed.md). Every process runs the same program; on rank 0 this Engine works as
     usual, on the others the constructor serves rank 0's forwards and ends the process when rank 0
-    is done (it never returns there)."""
+    is done (it never returns there). A split model runs one request at a time: submitted ones
+    wait in the scheduler's queue, and generate/stream take their turn with them."""
 
     def __init__(
         self,
@@ -84,16 +85,18 @@ class Engine:
             if fuse_adapter:  # merged into the base weights: decodes at the base's speed (unfused: ~20x slower on the CPU kernels)
                 self.loaded = self.registry.get("transform", "fuse")(self.loaded)
         self.loaded = apply_transforms(self.loaded, transforms, self.registry)
-        if cuda_active() and parallel is None:  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
+        # a split model (given here already loaded, e.g. from stratlm.distributed.load_parallel) too
+        self.split = getattr(self.loaded.model, "split_over_processes", None)
+        if cuda_active() and self.split is None:  # the fused decode path (fewer graph nodes a token); elsewhere measured no faster
             self.loaded.model.optimize_for_inference()
         self.strategy = strategy_class(self.loaded, registry=self.registry, **options)
         self.strategy_name = strategy
         self._strategies: dict[tuple, Strategy] = {}
         self._scheduler: Scheduler | None = None
         self._scheduler_lock = threading.Lock()
-        # a split model (given here already loaded, e.g. from stratlm.distributed.load_parallel) too
-        split = getattr(self.loaded.model, "split_over_processes", None)
-        self.parallel = parallel if parallel is not None else split
+        self._drive_lock = threading.Lock()  # a split model: the one generation issuing forwards (see _driving)
+        self._owns_split = parallel is not None  # close() ends the other processes of a group this Engine formed
+        self.parallel = parallel if parallel is not None else self.split
         self.last_result: GenerationResult | None = None
         log.debug("engine ready", model=self.loaded.source, strategy=strategy, transforms=list(transforms))
 
@@ -160,13 +163,15 @@ class Engine:
     # -- generation ------------------------------------------------------------------------------
     @property
     def scheduler(self) -> Scheduler:
-        """The loop that runs every request (started at first use)."""
-        if self.parallel is not None:
-            raise ConfigError("a model split over processes (parallel=) decodes through generate/stream one call at a time; "
-                              "submit, agenerate and astream need the scheduler, which does not drive a split model")
+        """The loop that runs every request (started at first use). A split model's caches are not
+        the scheduler's batchable kind: it runs each request's own strategy stream, one at a time."""
         with self._scheduler_lock:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self.loaded, self.scheduler_config)
+                with self._driving() if self.split is not None else contextlib.nullcontext():  # its probe forward: alone
+                    self._scheduler = Scheduler(self.loaded, self.scheduler_config)
+                watch = getattr(self.model, "watchdog", None) if self.split is not None else None
+                if watch is not None:  # stuck on a lost process: its requests are answered with the error
+                    watch.on_stuck.append(self._scheduler.abandon)
             return self._scheduler
 
     def strategy_for(self, name: str | None = None, options: dict | None = None) -> Strategy:
@@ -196,6 +201,9 @@ class Engine:
         chosen = self.strategy_for(strategy, strategy_options)
         params = make_params(chosen.default_temperature, **check_keywords(kwargs))
         text, ids = self.render(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system, tools=tools)
+        if self.split is not None:
+            self._check_group()
+            chosen = SplitDriven(chosen, self._driving)
         handle = self.scheduler.submit(ids, params, chosen)
         handle.prompt = text
         return handle
@@ -208,10 +216,11 @@ class Engine:
         prompts = list(prompt) if batch else [prompt]
         if not prompts:
             raise ConfigError("the prompt list is empty; give at least one prompt")
-        if self.parallel is not None:  # a split model runs its strategy directly, on this thread
+        if self.split is not None:  # a split model runs its strategy directly (a list of prompts: one batch), in its turn
             params = self.params(**kwargs)
             rendered = [self.render(p, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system) for p in prompts]
-            with self._peer_errors():
+            self._check_group()
+            with self._driving():
                 results = self.strategy.generate([ids for _, ids in rendered], params)
             results = [r if r.prompt else attrs_replace(r, prompt=text) for r, (text, _) in zip(results, rendered)]
             self.last_result = results[-1]
@@ -234,10 +243,6 @@ class Engine:
 
         Parameters and the prompt are checked now, before the first piece is asked for; closing
         the iterator early cancels the request."""
-        if self.parallel is not None:
-            params = self.params(**kwargs)
-            text, ids = self.render(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system)
-            return self._stream_direct(text, ids, params)
         handle = self.submit(prompt, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs, system=system, **kwargs)
         return self._stream(handle)
 
@@ -277,10 +282,21 @@ class Engine:
         return self._scheduler.metrics() if self._scheduler is not None else {}
 
     def close(self) -> None:
-        """Stop the scheduler; requests still running end with an error."""
+        """Stop the scheduler; requests still running end with an error. An Engine that split its
+        model (parallel=) also ends the other processes (they leave their follower loop)."""
         if self._scheduler is not None:
             self._scheduler.close()
+            watch = getattr(self.model, "watchdog", None)
+            if watch is not None and self._scheduler.abandon in watch.on_stuck:
+                watch.on_stuck.remove(self._scheduler.abandon)
             self._scheduler = None
+        if self.split is not None and self._owns_split:
+            from stratlm.distributed.group import group_lost
+
+            if group_lost():  # nothing to tell the others; a stuck generation may hold the lock for ever
+                return
+            with self._drive_lock:  # after the generation in progress, if any
+                self.model.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -288,34 +304,57 @@ class Engine:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _stream_direct(self, text: str, ids: list[int], params: GenerationParams) -> Iterator[str]:
-        with self._peer_errors() as watch:
-            for item in self.strategy.stream(ids, params):
-                if isinstance(item, GenerationResult):
-                    self.last_result = item if item.prompt else attrs_replace(item, prompt=text)
-                else:
-                    if watch is not None:
-                        watch.disarm()  # the consumer's time between pieces is not a wait on the group
-                    yield item
-                    if watch is not None:
-                        watch.arm()
-
+    # -- a model split over processes ----------------------------------------------------------------
     @contextlib.contextmanager
-    def _peer_errors(self):
-        """With a split model, a lost process surfaces wherever the strategy evaluates: one clear
-        error, and the watchdog armed while generating (a wait on the group is bounded)."""
-        if self.parallel is None or not hasattr(self.model, "watchdog"):
-            yield None
-            return
-        from stratlm.distributed import peer_errors
+    def _driving(self) -> Iterator[None]:
+        """One generation on a split model. Alone: every rank replays one sequence of forwards, and
+        MLX queues a thread's collectives on that thread's own stream, so two threads' forwards
+        could reach the wire interleaved. Its waits on the group bounded by the watchdog, a lost
+        process raised as one DistributedError, and every collective it queued done before the
+        lock passes on (to a generation on another thread)."""
+        import mlx.core as mx
 
-        watch = self.model.watchdog
-        watch.arm()
-        try:
-            with peer_errors(0):
-                yield watch
-        finally:
-            watch.disarm()
+        from stratlm.distributed.group import group_lost, peer_errors
+
+        watch = getattr(self.model, "watchdog", None)
+        with self._drive_lock:
+            if watch is not None:
+                watch.arm()
+            try:
+                with peer_errors(0):
+                    yield
+            finally:
+                try:
+                    if not group_lost():  # a collective on a broken group may never return
+                        with peer_errors(0):
+                            mx.synchronize()
+                finally:
+                    if watch is not None:
+                        watch.disarm()
+
+    def _check_group(self) -> None:
+        """A group found broken fails every later request at once (a collective on it may never return)."""
+        from stratlm.distributed.group import lost_error
+
+        lost = lost_error()
+        if lost is not None:
+            raise type(lost)(str(lost))
+
+
+class SplitDriven:
+    """A strategy on a model split over processes, as the scheduler runs it: its stream runs inside
+    the engine's `_driving` (alone, bounded, a lost process as DistributedError); all else is the
+    strategy's own."""
+
+    def __init__(self, strategy: Strategy, driving):
+        self._strategy, self._driving = strategy, driving
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._strategy, name)
+
+    def stream(self, prompt: Sequence[int], params: GenerationParams) -> Iterator:
+        with self._driving():
+            yield from self._strategy.stream(prompt, params)
 
 
 def load_split(model: Any, parallel: str, *, adapter: Any, transforms: Sequence[TransformSpec], **kwargs: Any) -> LoadedModel:

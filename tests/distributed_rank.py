@@ -2,7 +2,8 @@
 as mlx.launch sets them), and the model exercise whose logits the test compares with one process's.
 
 usage: python distributed_rank.py SPEC.json   (SPEC: {"runs": [{"model", "parallel", "out"}, ...]})
-Each run loads the model split over the group; rank 0 writes the exercise's logits to `out`.
+Each run loads the model split over the group; rank 0 writes the exercise's logits to `out`
+(a run with "submit": a list of requests also runs them through Engine.submit, see `submit_all`).
        python distributed_rank.py --hold MODEL PARALLEL
 decodes for ever (rank 0 prints "decoding" once it has), for killing a rank; errors print one line.
 """
@@ -44,6 +45,47 @@ def exercise(model) -> dict[str, np.ndarray]:
     return {k: np.array(v.astype(mx.float32)) for k, v in out.items()}
 
 
+def submit_all(loaded, requests: list[dict], out: str) -> None:
+    """Requests through an Engine on the split model, each {"prompt", "max_tokens", "strategy"?}:
+    one after another with submit, then all at once from threads (submit, stream, and the direct
+    generate taking its turn with them). Their token ids (text for stream) go to `out` as JSON."""
+    import threading
+
+    from stratlm import Engine
+
+    engine = Engine(loaded)
+
+    def kwargs(r: dict) -> dict:
+        return dict(max_tokens=r["max_tokens"], ignore_eos=True, chat_template=False)
+
+    got: dict[str, object] = {}
+    for i, r in enumerate(requests):
+        got[f"seq{i}"] = list(engine.submit(r["prompt"], strategy=r.get("strategy"), **kwargs(r)).result().token_ids)
+    ways = {
+        "submit": lambda r: list(engine.submit(r["prompt"], strategy=r.get("strategy"), **kwargs(r)).result().token_ids),
+        "stream": lambda r: "".join(engine.stream(r["prompt"], **kwargs(r))),
+        "generate": lambda r: list(engine.generate(r["prompt"], **kwargs(r)).token_ids),
+    }
+    errors: list[BaseException] = []
+
+    def one(name: str, way, r: dict) -> None:
+        try:
+            got[name] = way(r)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(f"{way}{i}", ways[way], r)) for i, r in enumerate(requests) for way in ways]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.close()  # its scheduler's thread ends here (the model is closed by the caller)
+    if errors:
+        raise errors[0]
+    with open(out, "w") as f:
+        json.dump(got, f)
+
+
 def hold(model: str, parallel: str) -> None:
     from stratlm.core.errors import StratlmError
     from stratlm.distributed import load_parallel
@@ -76,10 +118,12 @@ def main() -> None:
         if loaded is not None:
             loaded.model.close()
         loaded = load_parallel(run["model"], run["parallel"], dtype=run.get("dtype", "float32"), quantized=run.get("quantized"),
-                               micro_batches=run.get("micro_batches"), exit_when_done=False, tokenizer="generate" in run)
+                               micro_batches=run.get("micro_batches"), exit_when_done=False, tokenizer="generate" in run or "submit" in run)
         if loaded is None:  # another rank: it served rank 0 until this run closed
             continue
         result = exercise(loaded.model)
+        if "submit" in run:
+            submit_all(loaded, run["submit"], run["out"] + ".json")
         if "generate" in run:
             from stratlm import Engine
 

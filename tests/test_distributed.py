@@ -15,11 +15,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import mlx.nn as nn
+import httpx
 import numpy as np
+import openai
 import pytest
 
 from stratlm import Engine
@@ -46,10 +49,10 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_group(n: int, argv: list[str], tmp_path: Path, **env: str) -> list[subprocess.Popen]:
+def start_group(n: int, argv: list[str], tmp_path: Path, ring_ports: list[int] | None = None, **env: str) -> list[subprocess.Popen]:
     """n processes of argv on this host, joined by the ring backend (what `mlx.launch -n n` does)."""
     hostfile = tmp_path / f"hosts-{time.monotonic_ns()}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ring_ports or free_ports(n)]))
     # exact kernels: the int8-activation products of few rows depend on which path a layer's shape takes
     base = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_HOSTFILE": str(hostfile), "STRATLM_DIST_TIMEOUT": "90", "STRATLM_KERNELS_EXACT": "1",
             "STRATLM_DIST_STEP_TIMEOUT": "15", **env}
@@ -163,6 +166,108 @@ def test_generate_under_mlx_launch_prints_once_and_matches_one_process(models):
     printed = json.loads(done.stdout)  # one JSON document: only rank 0 prints
     single = Engine(str(models["llama"])).generate("Hello there", max_tokens=8, ignore_eos=True)
     assert printed["token_ids"] == list(single.token_ids) and printed["text"] == single.text
+
+
+# -- requests through the engine's queue (Engine.submit, what `stratlm serve` runs on) -------------------------
+SUBMITTED = [{"prompt": "Hello there", "max_tokens": 6},
+             {"prompt": "abcabcabcabcabc", "max_tokens": 9, "strategy": "speculative"},  # prompt-lookup drafts: trims replayed
+             {"prompt": "x", "max_tokens": 4}]
+
+
+def test_submit_on_a_split_model_matches_one_process(models, tmp_path):
+    """Each request one after another, then all of them at once from threads (submit, stream and
+    the direct generate, which takes its turn): the tokens one process gives."""
+    runs = [{"model": str(models["llama"]), "parallel": mode, "out": str(tmp_path / f"submit-{mode}"), "submit": SUBMITTED}
+            for mode in ("tensor", "pipeline")]
+    (tmp_path / "spec.json").write_text(json.dumps({"runs": runs}))
+    results = finish(start_group(2, [sys.executable, str(RANK_SCRIPT), str(tmp_path / "spec.json")], tmp_path))
+    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
+    single = Engine(str(models["llama"]))
+    want = [single.generate(r["prompt"], max_tokens=r["max_tokens"], ignore_eos=True, chat_template=False) for r in SUBMITTED]
+    texts = ["".join(single.stream(r["prompt"], max_tokens=r["max_tokens"], ignore_eos=True, chat_template=False)) for r in SUBMITTED]
+    for run in runs:
+        got = json.loads(Path(run["out"] + ".json").read_text())
+        for i, (w, text) in enumerate(zip(want, texts)):
+            assert len(w.token_ids) == SUBMITTED[i]["max_tokens"]
+            for way in ("seq", "submit", "generate"):
+                assert got[f"{way}{i}"] == list(w.token_ids), (run["parallel"], way, SUBMITTED[i])
+            assert got[f"stream{i}"] == text, (run["parallel"], SUBMITTED[i])
+
+
+# -- `stratlm serve` on a split model: HTTP on rank 0 only ---------------------------------------------------
+def serve_group(model: Path, parallel: str, tmp_path: Path, **env: str) -> tuple[list[subprocess.Popen], str]:
+    """`stratlm serve MODEL --parallel ...` on two processes; returns them and rank 0's URL once /health answers."""
+    *ring, port = free_ports(3)
+    argv = [sys.executable, "-m", "stratlm.cli.main", "serve", str(model), "--parallel", parallel, "--port", str(port)]
+    procs = start_group(2, argv, tmp_path, ring_ports=ring, **env)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return procs, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    for p in procs:
+        p.kill()
+    pytest.fail(f"the split server did not come up: {[p.communicate()[1].decode(errors='replace')[-1500:] for p in procs]}")
+
+
+def test_serve_split_over_two_processes_answers_openai_then_stops_cleanly(models, tmp_path):
+    procs, url = serve_group(models["llama"], "tensor", tmp_path)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        messages = [{"role": "user", "content": "Hello"}]
+        chat = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        stream = client.completions.create(model=name, prompt="abcabc", max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        streamed = "".join(c.choices[0].text for c in stream if c.choices)
+        # two at once: queued on rank 0, run one after the other
+        both = [None, None]
+        threads = [threading.Thread(target=lambda i=i: both.__setitem__(i, client.completions.create(
+            model=name, prompt=f"request {i}", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}).choices[0].text)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+    finally:
+        for p in procs:  # Ctrl-C in mlx.launch's terminal reaches every rank: rank 0 stops, and then stops the others
+            p.send_signal(signal.SIGINT)
+        results = finish(procs, timeout=60)
+    single = Engine(str(models["llama"]))
+    assert chat.choices[0].message.content == single.generate(messages, max_tokens=8, ignore_eos=True).text
+    assert chat.usage.completion_tokens == 8
+    assert streamed == single.generate("abcabc", max_tokens=8, ignore_eos=True, chat_template=False).text
+    assert both == [single.generate(f"request {i}", max_tokens=6, ignore_eos=True, chat_template=False).text for i in range(2)]
+    # rank 0 ends as any stratlm command interrupted (130, one line) once it has stopped rank 1, which exits 0
+    assert [code for code, _, _ in results] == [130, 0] and results[0][2].strip() == "interrupted", [err[-2000:] for _, _, err in results]
+    assert "split over 2 processes (tensor)" in results[0][1] and results[1][1] == ""  # only rank 0 serves
+
+
+def test_serve_split_when_a_rank_dies_answers_a_clear_error_and_exits(models, tmp_path):
+    procs, url = serve_group(models["llama"], "pipeline", tmp_path, STRATLM_DIST_STEP_TIMEOUT="8")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        assert client.completions.create(model=name, prompt="hi", max_tokens=2, temperature=0).choices
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(10)
+        start = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as answer:
+            client.completions.create(model=name, prompt="hi again", max_tokens=8, temperature=0)
+        results = finish(procs, timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    # MLX raises the lost connection, or leaves rank 0 blocked until the watchdog's limit (8 s here): a 503 either way
+    gone = "(another process of the distributed group is gone|no progress from the other processes of the group for 8 s)"
+    assert answer.value.status_code == 503
+    assert re.search(rf"rank 0: {gone}", answer.value.message), answer.value.message
+    code, _, err = results[0]
+    assert code == 1 and time.monotonic() - start < 60
+    assert re.search(rf"error: rank 0: {gone}", err) and "Traceback" not in err, err[-2000:]
 
 
 # -- a rank that dies ---------------------------------------------------------------------------------------

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
+import sys
+import threading
+import time
 
 from stratlm.core.errors import ConfigError
 
-from .common import add_model_options, parse_transforms
+from .common import add_model_options, add_parallel_option, parse_transforms
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
 
@@ -19,6 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
                    help="alias, hub repo id, folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
     add_model_options(p)
+    add_parallel_option(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000)
@@ -66,18 +71,51 @@ def run(args: argparse.Namespace) -> int:
 
     source = args.model_arg or args.model
     engine_args = dict(model=source, transforms=parse_transforms(args.transform), adapter=args.adapter, fuse_adapter=not args.no_fuse_adapter,
-                       dtype=args.dtype, quantized=args.quantized, registry=getattr(args, "registry", None))
+                       dtype=args.dtype, quantized=args.quantized, registry=getattr(args, "registry", None), parallel=args.parallel)
+    # split over processes (--parallel): on ranks > 0 this follows rank 0's forwards and ends the process; only rank 0 serves HTTP
     backend = make_backend(engine_args, max_running=args.max_running, max_queue=args.max_queue, kv_budget=kv_budget)
     names = model_names(source, backend.loaded, backend.registry)
     app = create_app(backend, model_names=names, api_key=args.api_key, default_max_tokens=args.default_max_tokens, max_body_bytes=max_body,
                      allowed_origins=args.allowed_origins)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    print(f"stratlm serve: {names[0]} on http://{args.host}:{args.port}/v1 (OpenAI API; /health, /metrics)", flush=True)
+    split = getattr(backend, "split", None)
+    where = f", split over {backend.model.plan.size} processes ({split})" if split else ""
+    print(f"stratlm serve: {names[0]} on http://{args.host}:{args.port}/v1 (OpenAI API; /health, /metrics){where}", flush=True)
+    if split:
+        threading.Thread(target=stop_when_group_lost, args=(server,), daemon=True, name="stratlm-serve-group").start()
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again: with the default handler that would end the
+    # process before the finally below (a split model's other processes would never hear the stop message)
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         server.run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         close = getattr(backend, "close", None)
-        if close is not None:  # stops the scheduler's thread
+        if close is not None:  # stops the scheduler's thread (and a split model's other processes)
             close()
+    if split:
+        from stratlm.distributed.group import lost_error
+
+        lost = lost_error()
+        if lost is not None:  # one line, exit status 1; at once: a thread MLX left blocked on the lost process could hold up the exit
+            sys.stderr.write(f"error: {lost}\n")
+            sys.stderr.flush()
+            os._exit(1)
     return 0
+
+
+def exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+def stop_when_group_lost(server) -> None:
+    """A process of the split model is gone: the request that found it was answered 503 with the
+    reason; stop serving (in-flight answers still go out) rather than fail every later request."""
+    from stratlm.distributed.group import group_lost
+
+    while not server.should_exit:
+        if group_lost():
+            server.should_exit = True
+            return
+        time.sleep(0.2)

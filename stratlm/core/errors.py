@@ -49,5 +49,9 @@ class QueueFullError(StratlmError):
         super().__init__(f"the request queue is full ({waiting} waiting, limit {limit}); retry later or raise the scheduler's max_queue")
 
 
+class DistributedError(StratlmError):
+    """A process of a model's process group is gone, or the group could not be formed (stratlm.distributed)."""
+
+
 class RequestFailedError(StratlmError):
     """A request ended with an error inside the engine (the message names it); other requests go on."""

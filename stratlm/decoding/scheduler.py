@@ -263,6 +263,7 @@ class Scheduler:
         self.counters = dict.fromkeys(("requests_finished", "requests_cancelled", "requests_failed", "prompt_tokens",
                                        "cached_prompt_tokens", "generated_tokens", "decode_steps"), 0)
         self._stop = False
+        self._abandoned = False
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self.bytes_per_position = 0
@@ -318,8 +319,19 @@ class Scheduler:
         with self._lock:
             self._stop = True
             self._lock.notify_all()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        if self._thread.is_alive() and threading.current_thread() is not self._thread and not self._abandoned:
             self._thread.join(timeout=30)
+
+    def abandon(self, error: BaseException) -> None:
+        """The loop's thread is stuck for good (a model split over processes, blocked inside MLX on
+        a lost process): answer every request with `error` from the calling thread and stop taking
+        new ones. The loop never resumes; close() no longer waits for it."""
+        with self._lock:
+            self._stop = self._abandoned = True
+            requests = {id(r): r for r in [*self._serial, *self._prefilling, *self._waiting, *(row.request for row in self.rows)]}
+        for request in requests.values():
+            self.counters["requests_failed"] += 1
+            request.handle._finish(error=error)
 
     def _wake(self) -> None:
         with self._lock:
@@ -353,6 +365,7 @@ class Scheduler:
         self.batchable = all(type(c) is KVCache for c in probe)
         self.model(mx.array([[0]], dtype=mx.int32), probe)
         mx.eval([c.keys for c in probe if c.keys is not None])
+        mx.synchronize()  # nothing of the probe left in flight (a model split over processes: its collectives, before another thread's)
         self.bytes_per_position = max(1, sum(c.nbytes for c in probe))
 
     def _busy(self) -> bool:
@@ -632,7 +645,7 @@ class Scheduler:
         self._prefilling.clear()
         self._serial.clear()
         self._waiting.clear()
-        self._serial_stream = None
+        self._close_serial_stream()
 
     # -- strategies without a policy ------------------------------------------------------------
     def _serial_step(self) -> None:
@@ -669,8 +682,19 @@ class Scheduler:
 
     def _end_serial(self, request: Request) -> None:
         self._serial.popleft()
-        self._serial_stream = None
+        self._close_serial_stream()
         self.reserved -= request.positions
+
+    def _close_serial_stream(self) -> None:
+        """Close the strategy's stream now, on this thread: its `finally` blocks run here (a split
+        model's stream holds the engine's drive lock until then), not whenever it is collected."""
+        stream, self._serial_stream = self._serial_stream, None
+        close = getattr(stream, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as exc:  # the request is over already; a failing cleanup is logged, not raised
+                log.warning("closing a strategy's stream failed", error=repr(exc))
 
 
 def top_logprobs(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:

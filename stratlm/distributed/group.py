@@ -9,11 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import mlx.core as mx
 
-from stratlm.core.errors import StratlmError
+from stratlm.core.errors import DistributedError
 from stratlm.core.log import get_logger
 
 log = get_logger(__name__)
@@ -22,20 +22,23 @@ log = get_logger(__name__)
 DEFAULT_JOIN_TIMEOUT = 120.0
 #: seconds a rank waits on the others within one forward before it gives up (STRATLM_DIST_STEP_TIMEOUT)
 DEFAULT_STEP_TIMEOUT = 300.0
+#: seconds a stuck process with on_stuck hooks lives on so that they can answer (then it is ended all the same)
+STUCK_GRACE = 10.0
 #: what the launchers set; without any of them mx.distributed.init returns at once (one process)
 LAUNCH_VARIABLES = ("MLX_HOSTFILE", "MLX_RANK", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MLX_JACCL_COORDINATOR")
 
 
-class DistributedError(StratlmError):
-    """Another process of the group is gone, or the group could not be formed."""
-
-
 _group: mx.distributed.Group | None = None
-_lost = False
+_lost: DistributedError | None = None  # the first loss seen: every later use of the group fails with it
 
 
 def group_lost() -> bool:
     """Whether a peer of this process's group was found gone."""
+    return _lost is not None
+
+
+def lost_error() -> DistributedError | None:
+    """The error that reported the group's loss (None while it is whole)."""
     return _lost
 
 
@@ -55,11 +58,16 @@ class Watchdog:
     """Ends this process with a clear message once it has waited on the group for longer than
     STRATLM_DIST_STEP_TIMEOUT seconds (default 300) within one forward. A lost peer usually
     raises at once ("connection lost"), but a rank whose collective was in flight with the lost
-    one can stay blocked in MLX for ever; mx.eval releases the GIL, so this thread still runs."""
+    one can stay blocked in MLX for ever; mx.eval releases the GIL, so this thread still runs.
+
+    `on_stuck` hooks (rank 0's scheduler) first get the error, the group is marked lost, and the
+    process has STUCK_GRACE seconds to answer what waited on the stuck thread (a server's 503)
+    and end on its own before it is ended."""
 
     def __init__(self, rank: int, limit: float):
         self.rank, self.limit = rank, limit
         self.since: float | None = None  # when the current wait began (None: not waiting on the group)
+        self.on_stuck: list[Callable[[DistributedError], None]] = []
         threading.Thread(target=self._watch, daemon=True, name="stratlm-dist-watchdog").start()
 
     def arm(self) -> None:
@@ -78,10 +86,24 @@ class Watchdog:
             time.sleep(min(1.0, self.limit / 4))
             since = self.since
             if since is not None and time.monotonic() - since > self.limit:
-                sys.stderr.write(f"error: rank {self.rank}: no progress from the other processes of the group for {self.limit:g} s: "
-                                 "one is gone or stuck; giving up (STRATLM_DIST_STEP_TIMEOUT sets the limit)\n")
-                sys.stderr.flush()
-                os._exit(1)
+                self._give_up()
+
+    def _give_up(self) -> None:
+        global _lost
+        message = (f"rank {self.rank}: no progress from the other processes of the group for {self.limit:g} s: "
+                   "one is gone or stuck; giving up (STRATLM_DIST_STEP_TIMEOUT sets the limit)")
+        if self.on_stuck:
+            error = DistributedError(message)
+            _lost = _lost or error
+            for hook in list(self.on_stuck):
+                try:
+                    hook(error)
+                except Exception as exc:  # noqa: BLE001 - ending the process below all the same
+                    log.warning("a stuck-group hook failed", error=repr(exc))
+            time.sleep(STUCK_GRACE)
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+        os._exit(1)
 
 
 _watchdog: Watchdog | None = None
@@ -142,6 +164,7 @@ def peer_errors(rank: int) -> Iterator[None]:
         yield
     except RuntimeError as exc:
         if is_peer_loss(exc):
-            _lost = True
-            raise DistributedError(f"rank {rank}: another process of the distributed group is gone ({exc}); see its output for why") from exc
+            error = DistributedError(f"rank {rank}: another process of the distributed group is gone ({exc}); see its output for why")
+            _lost = _lost or error
+            raise error from exc
         raise

@@ -17,7 +17,10 @@ comes next, and the host still queues step t+1 before reading token t.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
+import signal
+import threading
 import weakref
 from typing import Any, Sequence
 
@@ -29,7 +32,7 @@ from stratlm.core.cache import KVCache
 from stratlm.core.errors import ConfigError
 from stratlm.core.model import Model, attention_mask
 
-from .group import group_lost, peer_errors, watchdog
+from .group import group_lost, lost_error, peer_errors, watchdog
 from .plan import ShardPlan, split
 
 HEADER = 8  # int32 words: command, B, L, payload length, cache id, micro-batches, ops length
@@ -138,12 +141,15 @@ class OpLog:
 
     def __init__(self):
         self.words: list[int] = []
+        self.lock = threading.Lock()  # a cache freed by the garbage collector records from whatever thread runs it
 
     def record(self, op: int, cache_id: int, layer: int = -1, args: Sequence[int] = ()) -> None:
-        self.words.extend([op, cache_id, layer, len(args), *args])
+        with self.lock:
+            self.words.extend([op, cache_id, layer, len(args), *args])
 
     def take(self) -> list[int]:
-        words, self.words = self.words, []
+        with self.lock:
+            words, self.words = self.words, []
         return words
 
 
@@ -242,6 +248,9 @@ class ParallelModel(Model):
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         if self.closed:
             raise ConfigError("this model's process group was closed; load it again")
+        lost = lost_error()
+        if lost is not None:  # a collective on a broken group may never return: fail at once
+            raise type(lost)(str(lost))
         if cache is not None and not isinstance(cache, CacheList):
             raise ConfigError("a model split over processes needs the caches its make_cache() returns (is STRATLM_COMPILE=on? it is not supported here)")
         cache_id = cache.cache_id if cache is not None else NO_CACHE
@@ -324,7 +333,26 @@ def apply_ops(words: list[int], caches: dict[int, dict[int, KVCache]], layers: r
 
 
 def serve(local: Model, plan: ShardPlan, group: mx.distributed.Group, config: dict[str, Any], dtype: mx.Dtype) -> None:
-    """Follow rank 0's commands until it stops (returns) or is gone (DistributedError)."""
+    """Follow rank 0's commands until it stops (returns) or is gone (DistributedError). Ctrl-C is
+    ignored here: in `mlx.launch`'s terminal it reaches every rank, and rank 0 ends the others
+    (its stop message) once it has finished what it was doing."""
+    with ignoring_interrupts():
+        follow(local, plan, group, config, dtype)
+
+
+@contextlib.contextmanager
+def ignoring_interrupts():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def follow(local: Model, plan: ShardPlan, group: mx.distributed.Group, config: dict[str, Any], dtype: mx.Dtype) -> None:
     channel = Channel(group)
     caches: dict[int, dict[int, KVCache]] = {}
     layers = range(*plan.layers) if plan.mode == "pipeline" else range(int(config["num_hidden_layers"]))

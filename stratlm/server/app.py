@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ValidationError
 
-from stratlm.core.errors import ConfigError, QueueFullError, RequestFailedError, StratlmError, UnknownNameError
+from stratlm.core.errors import ConfigError, DistributedError, QueueFullError, RequestFailedError, StratlmError, UnknownNameError
 from stratlm.core.log import get_logger
 from stratlm.core.types import GenerationResult
 
@@ -443,6 +443,8 @@ def submit_error(exc: BaseException, prompt_param: str = "prompt") -> APIError:
         return exc
     if isinstance(exc, RequestFailedError):  # the engine failed the request: our fault, not the client's
         return APIError(500, str(exc), type="server_error", code="request_failed")
+    if isinstance(exc, DistributedError):  # a process of a split model is gone: this server cannot answer (and stops)
+        return APIError(503, str(exc), type="server_error", code="process_group_lost")
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), code="queue_full", type="rate_limit_error", headers={"Retry-After": "1"})
     if isinstance(exc, UnknownNameError):
