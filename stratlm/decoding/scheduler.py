@@ -259,6 +259,9 @@ class Scheduler:
         self._serial_pieces: list[str] = []
         self.rows: list[Row] = []  # in batch order
         self.cache: list[KVCache] | None = None
+        # the rows' next picks, queued but not read: while nothing joins or drafts, the next
+        # forward is built from them before they are read, so the device never waits on the host
+        self._pending: list[tuple] | None = None
         self.reserved = 0  # positions reserved by admitted requests
         self.counters = dict.fromkeys(("requests_finished", "requests_cancelled", "requests_failed", "prompt_tokens",
                                        "cached_prompt_tokens", "generated_tokens", "decode_steps"), 0)
@@ -376,6 +379,8 @@ class Scheduler:
             (self._prefilling if request.policy is not None else self._serial).append(request)
 
     def _step(self) -> None:
+        if self._pending is not None and (self._prefilling or self._serial or any(r.request.handle.cancelled for r in self.rows)):
+            self._flush_pending()
         self._retire_cancelled_running()
         if self._prefilling:
             group = self._fresh_group()
@@ -466,18 +471,49 @@ class Scheduler:
     # -- decode -------------------------------------------------------------------------------
     def _decode_step(self) -> None:
         rows = self.rows
-        drafts = [self._propose(row) for row in rows]
-        width = 1 + max(len(d) for d in drafts)
-        inputs = [[row.sequence[-1], *d] + [row.sequence[-1]] * (width - 1 - len(d)) for row, d in zip(rows, drafts)]
-        logits = self.model(mx.array(inputs, dtype=mx.int32), self.cache)  # (rows, width, vocab)
-        self.counters["decode_steps"] += 1
-        if width == 1:
-            first = logits[:, 0, :]
-            greedy = mx.argmax(first, axis=-1).astype(mx.int32) if any(r.plain_greedy for r in rows) else None
-            picks = [self._pick(row, first[i : i + 1], greedy[i : i + 1] if row.plain_greedy else None) for i, row in enumerate(rows)]
-            for row, choice in zip(rows, self._read(picks)):
-                self._emit(row, [choice])
-            return
+        if self._pending is not None:
+            picks, self._pending = self._pending, None
+        else:
+            drafts = [self._propose(row) for row in rows]
+            width = 1 + max(len(d) for d in drafts)
+            inputs = [[row.sequence[-1], *d] + [row.sequence[-1]] * (width - 1 - len(d)) for row, d in zip(rows, drafts)]
+            logits = self.model(mx.array(inputs, dtype=mx.int32), self.cache)  # (rows, width, vocab)
+            self.counters["decode_steps"] += 1
+            if width > 1:
+                return self._verify_step(rows, drafts, width, logits)
+            picks = self._picks(rows, logits[:, 0, :])
+        if self._pipelines():
+            # queue the next step on the picks not yet read (a row that turns out finished
+            # costs one wasted position, dropped when it retires)
+            tokens = mx.concatenate([pick[0] for pick in picks])[:, None]
+            self._pending = self._picks(rows, self.model(tokens, self.cache)[:, 0, :])
+            self.counters["decode_steps"] += 1
+            mx.async_eval([x for pick in self._pending for x in pick[:2] if x is not None])
+        for row, choice in zip(rows, self._read(picks)):
+            self._emit(row, [choice])
+
+    def _picks(self, rows: list[Row], logits: mx.array) -> list[tuple]:
+        """Each row's next token from its logits row (rows, vocab), lazily."""
+        greedy = mx.argmax(logits, axis=-1).astype(mx.int32) if any(r.plain_greedy for r in rows) else None
+        return [self._pick(row, logits[i : i + 1], greedy[i : i + 1] if row.plain_greedy else None) for i, row in enumerate(rows)]
+
+    def _pipelines(self) -> bool:
+        """Whether the next step's input is known before this step's picks are read: nothing waits
+        to join, and every row takes one token a step and samples without looking at its history."""
+        if self._prefilling or self._serial or self._waiting:
+            return False
+        return all(type(r.request.policy).propose is RequestPolicy.propose and not r.sampler.processors and not r.request.params.top_logprobs
+                   for r in self.rows)
+
+    def _flush_pending(self) -> None:
+        """Read and emit the queued picks, so that rows may join, leave or draft again."""
+        picks, self._pending = self._pending, None
+        for row, choice in zip(self.rows, self._read(picks)):
+            self._emit(row, [choice])
+        self._retire_finished()
+
+    def _verify_step(self, rows: list[Row], drafts: list[list[int]], width: int, logits: mx.array) -> None:
+        """Rows with draft tokens check them all in this forward (logits (rows, width, vocab))."""
         drops, outputs = [], []
         for i, (row, drafted) in enumerate(zip(rows, drafts)):
             if not drafted:
@@ -577,6 +613,8 @@ class Scheduler:
                     held = self.cache[0].offset - batch_cache.padding_of(self.cache[0])[i]
                     self.prefix_cache.insert(row.sequence[:held], batch_cache.row_state(self.cache, i))
         self.rows = [self.rows[i] for i in keep]
+        if self._pending is not None:
+            self._pending = [self._pending[i] for i in keep] or None
         if keep:
             index = mx.array(keep, dtype=mx.int32)
             for layer in self.cache:
@@ -628,7 +666,7 @@ class Scheduler:
         for request in [*requests.values(), *self._prefilling, *self._serial, *self._waiting]:
             self.counters["requests_failed"] += 1
             request.handle._finish(error=error)
-        self.rows, self.cache, self.reserved = [], None, 0
+        self.rows, self.cache, self.reserved, self._pending = [], None, 0, None
         self._prefilling.clear()
         self._serial.clear()
         self._waiting.clear()
