@@ -9,6 +9,7 @@
 # while the machine is still warm, carrying the rest. Results: $OUT/gpu_bench.log and *.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/gpu_site.sh
 OUT=${OUT:-/tmp/gpu_bench_out}; export OUT; mkdir -p "$OUT"
 
 part_aa=/tmp/mlxcuda.part.aa; [ -f .gpu/mlxcuda.part.aa ] && part_aa=.gpu/mlxcuda.part.aa
@@ -17,18 +18,7 @@ if [ ! -d /tmp/mlxsite/mlx ]; then
 fi
 site=/tmp/stratlm-site; mkdir -p "$site"
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
-# stratlm's built-in plugins are found through its entry points: give the source tree a dist-info
-python3 - "$site" <<'PY' || exit 1
-import pathlib, sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-info = pathlib.Path(sys.argv[1]) / f"stratlm-{project['version']}.dist-info"
-info.mkdir(exist_ok=True)
-(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: stratlm\nVersion: {project['version']}\n")
-groups = project["entry-points"]
-(info / "entry_points.txt").write_text("".join(f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) for g, eps in groups.items()))
-PY
-export PYTHONPATH="$PWD:$site:/tmp/mlxsite${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+stratlm_site "$site" /tmp/mlxsite || exit 1
 if [ -n "${GPU_SCRIPT:-}" ]; then  # another script in the same environment (e.g. scripts/gpu_profile.py)
   python3 $GPU_SCRIPT 2>&1 | tee "$OUT/$(basename "${GPU_SCRIPT%% *}" .py).log"; exit
 fi

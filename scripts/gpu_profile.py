@@ -1,7 +1,7 @@
 """Where a batch-1 decode step goes on the GPU, for stratlm and mlx-lm (run by gpu_bench.sh
 with GPU_SCRIPT=scripts/gpu_profile.py): Python graph building, the host's encoding of the
 built graph (the async_eval call), the wait for the device, and a pipelined step; and the CUDA
-kernels of core/fused.py against the plain MLX ops they replace. (Encoding on a worker thread
+kernels of backends/cuda/fused.py against the plain MLX ops they replace. (Encoding on a worker thread
 while the main thread builds the next graph, over a thread-unsafe stream, gained little and
 crashed MLX twice in four runs: not pursued.)"""
 
@@ -14,6 +14,7 @@ import time
 import stratlm  # noqa: F401
 import mlx.core as mx
 
+from stratlm.backends.cuda.decoder import install
 from stratlm.bench.models import bench_model, model_folder, prompt_tokens
 
 MODEL = os.environ.get("GPU_BENCH_MODEL", "qwen3-0.6b-random")
@@ -41,7 +42,7 @@ def steps(folder):
     plain = bench_model(MODEL, "bfloat16").model
     yield "stratlm-plain", plain.make_cache, lambda cache: (lambda t: plain(t, cache))
     fused = bench_model(MODEL, "bfloat16").model
-    fused.optimize_for_inference()  # what the Engine does on CUDA: the fused kernels
+    install(fused)  # what the Engine does on CUDA: the fused layout and decode path (the kernels)
     yield "stratlm-fused", fused.make_cache, lambda cache: (lambda t: fused(t, cache))
     # what the Engine decodes with on CUDA: the compiled step over the fused model, static caches
     from stratlm.core.cache import StaticKVCache
@@ -203,14 +204,14 @@ def check_fused():
         loaded = bench_model(MODEL, {mx.float32: "float32", mx.bfloat16: "bfloat16"}[dtype])
         model = loaded.model
         prompt = mx.array([prompt_tokens(loaded, 16)] * 2, dtype=mx.int32)
-        model.optimize_for_inference()
+        fast = install(model)
         c_plain, c_fused = model.make_cache([0, 3]), model.make_cache([0, 3])
         ref = Model.__call__(model, prompt, c_plain)
-        out = model.fused_forward(prompt, c_fused)
+        out = fast.forward(model, prompt, c_fused)
         err = float(mx.abs(ref - out).max())
         for t in (5, 9, 11, 13):
             tok = mx.array([[t], [t + 1]], dtype=mx.int32)
-            err = max(err, float(mx.abs(Model.__call__(model, tok, c_plain) - model.fused_forward(tok, c_fused)).max()))
+            err = max(err, float(mx.abs(Model.__call__(model, tok, c_plain) - fast.forward(model, tok, c_fused)).max()))
         print(f"fused forward vs plain forward {dtype}: max logit diff {err:.3g} (logits up to {float(mx.abs(ref).max()):.3g})", flush=True)
         # the same, decode steps only: both caches filled by the plain forward (prompt attention
         # picks its kernel by the inputs' layout, and the GPU's fp32 kernels differ by ~1e-3)
@@ -219,7 +220,7 @@ def check_fused():
         err = 0.0
         for t in (5, 9, 11, 13):
             tok = mx.array([[t], [t + 1]], dtype=mx.int32)
-            err = max(err, float(mx.abs(Model.__call__(model, tok, c_plain) - model.fused_forward(tok, c_fused)).max()))
+            err = max(err, float(mx.abs(Model.__call__(model, tok, c_plain) - fast.forward(model, tok, c_fused)).max()))
         print(f"fused decode steps vs plain, same prompt cache {dtype}: max logit diff {err:.3g}", flush=True)
 
 
@@ -237,7 +238,7 @@ def engine_loop():
     loaded = bench_model(MODEL, "bfloat16")
     prompt = prompt_tokens(loaded, 64)
     fused = bench_model(MODEL, "bfloat16").model
-    fused.optimize_for_inference()
+    install(fused)
     def timed(model):  # (start, first token, end)
         t0 = time.perf_counter()
         tokens = decode(model, prompt, Sampler(SamplingParams()))

@@ -10,6 +10,7 @@
 # Arguments go to scripts/load_bench.py. Results: $OUT/load_bench.log and $OUT/load_bench.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/gpu_site.sh
 OUT=${OUT:-/tmp/serve_bench_out}; export OUT; mkdir -p "$OUT"
 F=${FILES:-runs/serve-gpu}
 
@@ -22,16 +23,6 @@ if [ ! -f "$site/mlx/core.cpython-312-x86_64-linux-gnu.so" ] && [ ! -d "$site/ml
   # mlx and mlx-cuda-13 share the mlx/ folder: unpacked over each other, as pip would install them
   for w in "$F"/mlx-0*.whl /tmp/mlx_cuda.whl; do python3 -m zipfile -e "$w" "$site" || exit 1; done
 fi
-python3 - "$site" <<'PY' || exit 1
-import pathlib, sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-info = pathlib.Path(sys.argv[1]) / f"stratlm-{project['version']}.dist-info"
-info.mkdir(exist_ok=True)
-(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: stratlm\nVersion: {project['version']}\n")
-groups = project["entry-points"]
-(info / "entry_points.txt").write_text("".join(f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()) for g, eps in groups.items()))
-PY
-export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+stratlm_site "$site" || exit 1
 python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" || exit 1
 python3 scripts/load_bench.py --json "$OUT/load_bench.json" "$@" 2>&1 | tee "$OUT/load_bench.log"

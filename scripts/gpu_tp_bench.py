@@ -145,7 +145,9 @@ def main() -> None:
 
         model = build_shard(plan, config, weights, family, dtype=dtype, group_size=None, keep_quantized=False, where=args.shape)
         if mx.default_device() == mx.gpu:
-            model.optimize_for_inference()
+            from stratlm.backends.cuda.decoder import install
+
+            install(model)  # the fused layout and decode path
     else:
         loaded = split_model(plan, config, weights, family, group, dtype=dtype, keep_quantized=False, where=args.shape)
         model = loaded.model  # ranks past 0 served rank 0 and exited inside split_model

@@ -1,6 +1,7 @@
-"""The fused decode path (core/fused.py, DecoderLM.fused_forward): on CUDA each op is one kernel;
-here, on the CPU, the same path runs the plain MLX implementations, so these tests pin down what
-the path computes. scripts/gpu_profile.py checks the CUDA kernels against these same ops on the GPU.
+"""The fused decode path (backends/cuda/fused.py's ops, backends/cuda/decoder.py's forward, which
+the Engine installs into the reference model on CUDA): on CUDA each op is one kernel; here, on the
+CPU, the same path runs the plain MLX implementations, so these tests pin down what the path
+computes. scripts/gpu_profile.py checks the CUDA kernels against these same ops on the GPU.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stratlm.backends.cuda import fused
+from stratlm.backends.cuda import decoder, fused
 from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.core.model import Model
+from stratlm.core.types import GenerationParams
+from stratlm.decoding.loop import run_single
 from stratlm.models.transformer import RoPE
 from stratlm.testing import tiny_model
 
@@ -95,15 +98,20 @@ GEMV_ROUTE = fused.MLX_OPS._replace(gemv_fits=lambda rows, dims, dtype, head_dim
 
 
 def decode_both_ways(model: Model, prompts: mx.array, padding: list[int], steps: int, ops=None) -> float:
-    """Largest logit difference between the ordinary forward and fused_forward, prompt then steps."""
+    """Largest logit difference between the ordinary forward and the installed fused forward,
+    prompt then steps."""
     plain_cache = model.make_cache(padding)
     fused_cache = model.make_cache(padding)
-    expected, got = Model.__call__(model, prompts, plain_cache), model.fused_forward(prompts, fused_cache, ops)
+    fast = model.fast_forward
+    expected, got = Model.__call__(model, prompts, plain_cache), fast.forward(model, prompts, fused_cache, ops)
     assert got is not None
-    worst = float(mx.abs(expected - got).max())
+    # real positions only: a padding query sees its own key in the ordinary forward (KVCache.make_mask)
+    # and nothing in the fused attention; its logits are never read, and it reaches no real position
+    real = mx.arange(prompts.shape[1])[None, :] >= mx.array(padding)[:, None]
+    worst = float(mx.where(real[..., None], mx.abs(expected - got), 0).max())
     tokens = mx.argmax(expected[:, -1:], axis=-1)
     for _ in range(steps):
-        expected, got = Model.__call__(model, tokens, plain_cache), model.fused_forward(tokens, fused_cache, ops)
+        expected, got = Model.__call__(model, tokens, plain_cache), fast.forward(model, tokens, fused_cache, ops)
         worst = max(worst, float(mx.abs(expected - got).max()))
         tokens = mx.argmax(expected[:, -1:], axis=-1)
     return worst
@@ -125,7 +133,7 @@ def test_fused_forward_gives_the_ordinary_forwards_logits(family, scaling, rows,
     rows x positions take the matmul route and decode steps the gemv one."""
     loaded = tiny_model(family, seed=seed, rope_scaling=SCALINGS[scaling], tie_word_embeddings=tied)
     model = loaded.model
-    model.optimize_for_inference()
+    decoder.install(model)
     padding = [pad if r == rows - 1 else 0 for r in range(rows)]
     prompts = mx.random.randint(0, model.vocab_size, (rows, length + pad), key=mx.random.key(seed))
     assert decode_both_ways(model, prompts, padding, steps=3, ops=GEMV_ROUTE if gemv else None) < 2e-5
@@ -136,18 +144,18 @@ def test_fused_decode_over_a_static_cache_reads_it_up_to_the_position(family):
     """The compiled step's cache (StaticKVCache: fixed storage, the position an array) through the
     gemv route's attention over the storage: the ordinary forward's logits, also after a trim."""
     model = tiny_model(family, seed=3).model
-    model.optimize_for_inference()
+    fast = decoder.install(model)
     plain, static = model.make_cache(), [StaticKVCache(8) for _ in model.layers]
     for c in static:
         c.tracing = True  # as inside the compiled step: the position an array
     prompt = mx.array([[5, 3, 8, 1]])
-    close(model.fused_forward(prompt, static, GEMV_ROUTE), Model.__call__(model, prompt, plain), 2e-5)
+    close(fast.forward(model, prompt, static, GEMV_ROUTE), Model.__call__(model, prompt, plain), 2e-5)
     for step, token in enumerate((7, 2, 9, 4)):
         if step == 2:
             for c in plain + static:
                 c.trim(1)
         x = mx.array([[token]])
-        close(model.fused_forward(x, static, GEMV_ROUTE), Model.__call__(model, x, plain), 2e-5)
+        close(fast.forward(model, x, static, GEMV_ROUTE), Model.__call__(model, x, plain), 2e-5)
 
 
 def test_norm_gemv_and_gemv_are_the_norm_and_the_products():
@@ -217,21 +225,53 @@ def test_fused_forward_needs_the_fused_layout_and_sees_changes_at_the_next_cache
     loaded = tiny_model("qwen3", seed=4)
     model = loaded.model
     tokens = mx.array([[1, 2, 3]])
-    assert model.fused_forward(tokens, model.make_cache()) is None  # not optimized for inference
+    model.fast_forward = fast = decoder.FusedDecoder()
+    assert fast.forward(model, tokens, model.make_cache()) is None  # not optimized for inference
     model.optimize_for_inference()
-    assert model.fused_forward(tokens, model.make_cache()) is not None
+    assert fast.forward(model, tokens, model.make_cache()) is not None
     attn = model.layers[1].self_attn
     attn.q_proj = nn.Linear(attn.q_proj.weight.shape[1], attn.q_proj.weight.shape[0], bias=False)  # what an adapter does
-    assert model.fused_forward(tokens, model.make_cache()) is None
+    assert fast.forward(model, tokens, model.make_cache()) is None
     close(model(tokens, model.make_cache()), Model.__call__(model, tokens, model.make_cache()), 0)
 
 
 def test_prompts_and_many_rows_take_the_ordinary_graph():
     model = tiny_model("llama", seed=6).model
-    model.optimize_for_inference()
-    assert model.fused_forward(mx.zeros((1, 16), dtype=mx.int32), model.make_cache()) is not None
-    assert model.fused_forward(mx.zeros((1, 17), dtype=mx.int32), model.make_cache()) is None
-    assert model.fused_forward(mx.zeros((1025, 1), dtype=mx.int32), model.make_cache()) is None
+    fast = decoder.install(model)
+    assert fast.forward(model, mx.zeros((1, 16), dtype=mx.int32), model.make_cache()) is not None
+    assert fast.forward(model, mx.zeros((1, 17), dtype=mx.int32), model.make_cache()) is None
+    assert fast.forward(model, mx.zeros((1025, 1), dtype=mx.int32), model.make_cache()) is None
+
+
+class AnyDevice(decoder.FusedDecoder):
+    """The fused decoder as installed, but taking its path on any device (plain MLX ops here, the
+    gemv route for decode steps), counting the forwards it ran."""
+
+    ran = 0
+
+    def __call__(self, model, tokens, cache):
+        logits = self.forward(model, tokens, cache, GEMV_ROUTE)
+        self.ran += logits is not None
+        return logits
+
+
+def test_the_reference_model_decodes_through_the_installed_forward():
+    """The seam: an installed fast forward plans at make_cache and answers the model's cached
+    calls; where it answers None (a 20-token prompt), the reference forward runs. Off CUDA the
+    real decoder stands aside (the compiled step does not pay either)."""
+    reference, fast = tiny_model("qwen3", seed=8), tiny_model("qwen3", seed=8)
+    tokens = mx.array([[4, 2, 7]])
+    installed = decoder.install(fast.model)
+    assert installed is fast.model.fast_forward and not fast.model.compiled_decoding_pays()
+    close(fast.model(tokens, fast.model.make_cache()), Model.__call__(fast.model, tokens, fast.model.make_cache()), 0)
+    fast.model.fast_forward = AnyDevice()
+    params = GenerationParams(max_tokens=6, ignore_eos=True, logprobs=True)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3] * 2
+    want = list(run_single(reference.model, reference.tokenizer, reference.eos_token_ids, prompt, params))[-1]
+    got = list(run_single(fast.model, fast.tokenizer, fast.eos_token_ids, prompt, params))[-1]
+    assert got.token_ids == want.token_ids
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)
+    assert fast.model.fast_forward.ran >= 6  # the prompt's last position and every decode step
 
 
 def test_the_engine_keeps_the_cpu_layout():
@@ -239,4 +279,5 @@ def test_the_engine_keeps_the_cpu_layout():
 
     loaded = tiny_model("llama", seed=5)
     Engine(loaded, "greedy")
-    assert "_fused" not in loaded.model.layers[0].self_attn  # on CUDA the Engine fuses (optimize_for_inference)
+    # on CUDA the Engine installs the fused decode path (backends/cuda/decoder.install)
+    assert "_fused" not in loaded.model.layers[0].self_attn and loaded.model.fast_forward is None

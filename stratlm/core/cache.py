@@ -91,14 +91,18 @@ class KVCache:
             self.keys, self.values = self.keys[rows], self.values[rows]
         if self.left_padding is not None:
             self.left_padding = self.left_padding[rows]
-            shift = int(self.left_padding.min().item()) if self.left_padding.size else 0
-            if shift and self.keys is not None:
-                self.keys = self.keys[..., shift:, :]
-                self.values = self.values[..., shift:, :]
-                self.offset -= shift
-                self.left_padding = self.left_padding - shift
+            self._drop_padding_columns()
             if not bool(mx.any(self.left_padding > 0).item()):
                 self.left_padding = None
+
+    def _drop_padding_columns(self) -> None:
+        """Drop the leading columns that are padding in every row."""
+        shift = int(self.left_padding.min().item()) if self.left_padding.size else 0
+        if shift and self.keys is not None:
+            self.keys = self.keys[..., shift:, :]
+            self.values = self.values[..., shift:, :]
+            self.offset -= shift
+            self.left_padding = self.left_padding - shift
 
     @property
     def nbytes(self) -> int:
@@ -279,15 +283,8 @@ class RotatingKVCache(KVCache):
         return mask
 
     # -- batch bookkeeping -------------------------------------------------------------------
-    def filter(self, rows: Sequence[int] | mx.array) -> None:
-        """Keep only these batch rows (positions stay as they are: the ring is not shifted)."""
-        rows = mx.array(rows, dtype=mx.int32) if not isinstance(rows, mx.array) else rows
-        if self.keys is not None:
-            self.keys, self.values = self.keys[rows], self.values[rows]
-        if self.left_padding is not None:
-            self.left_padding = self.left_padding[rows]
-            if not bool(mx.any(self.left_padding > 0).item()):
-                self.left_padding = None
+    def _drop_padding_columns(self) -> None:
+        """Nothing: filter keeps positions as they are (the ring is not shifted)."""
 
     @property
     def nbytes(self) -> int:

@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.core.model import Model
-from stratlm.decoding.sampler import Sampler
+from stratlm.decoding.sampler import Sampler, log_softmax
 from stratlm.env import flag
 from stratlm.core.tokenizer import Tokenizer
 from stratlm.core.types import GenerationParams, GenerationResult
@@ -36,8 +36,7 @@ def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk: int = P
 
 def token_logprobs(logits: mx.array, tokens: mx.array) -> mx.array:
     """log p(token) under the raw model distribution. logits (B, V), tokens (B,) -> (B,)."""
-    picked = mx.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    return picked.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1)
+    return mx.take_along_axis(log_softmax(logits.astype(mx.float32)), tokens[:, None], axis=-1)[:, 0]
 
 
 def compiled_decoding(model: Model) -> bool:

@@ -2,23 +2,25 @@
 
 Parameter names follow the Hugging Face checkpoints (model.layers.N.self_attn.q_proj, ...),
 the same names mlx-lm uses, so checkpoints and adapters move between them and stratlm.
+This is the reference; a device's own path plugs in from its backend (DecoderLM.fast_forward,
+set on CUDA by backends/cuda/decoder.install) and does not live here.
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, Protocol
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from stratlm.backends.cuda import fused as fused_ops
-from stratlm.core.cache import KVCache, RotatingKVCache, StaticKVCache
+from stratlm.core.cache import KVCache, RotatingKVCache
 from stratlm.device import cpu_active
 from stratlm.core.errors import ModelLoadError
 from stratlm.core.model import Model
+
+from .fused_layout import fuse_linears, project
 
 
 @attrs.frozen
@@ -328,94 +330,6 @@ class MLP(nn.Module):
         return self.down_proj(ACTIVATIONS[self.act_name](gate) * up)
 
 
-# -- fused projections: an inference-time layout that keeps the Hugging Face names -------------
-def fuse_linears(module: nn.Module, names: tuple[str, ...]) -> None:
-    """Stack these bias-free Linear layers' weights into one matrix and make each layer's weight
-    a row slice (a view) of it: one matmul then computes all of them, no memory is duplicated,
-    and parameter names, adapters and what save_model writes stay as they were. Layers that were
-    replaced (wrapped, quantized, biased) are left alone."""
-    layers = [getattr(module, n) for n in names]
-    if not all(type(layer) is nn.Linear and "bias" not in layer for layer in layers):
-        return
-    fused = mx.concatenate([layer.weight for layer in layers], axis=0)
-    mx.eval(fused)
-    views, start = [], 0
-    for layer in layers:
-        rows = layer.weight.shape[0]
-        views.append(fused[start : start + rows])
-        start += rows
-    fused_t = fused.T
-    mx.eval(views, fused_t)
-    for layer, view in zip(layers, views):
-        layer.weight = view
-    # "_": not a parameter. fused_t is an evaluated view: `x @ fused_t` is one graph node;
-    # the split points cut its output back into the layers' outputs
-    splits = tuple(int(sum(v.shape[0] for v in views[: i + 1])) for i in range(len(views) - 1))
-    module._fused = (fused_t, tuple(views), splits, fused)
-
-
-def fused_intact(module: nn.Module, names: tuple[str, ...]) -> bool:
-    """Whether the named layers are still the plain Linears whose weights are the fused views
-    (training, set_dtype, adapters and transforms replace them)."""
-    views = module["_fused"][1]
-    for name, view in zip(names, views):
-        layer = module.get(name)
-        if type(layer) is not nn.Linear or layer.get("weight") is not view:
-            return False
-    return True
-
-
-def transposed_weight(layer: nn.Module) -> mx.array:
-    """layer.weight.T as an evaluated view (a leaf, not a graph node per call), kept while the
-    weight is the same array."""
-    weight = layer["weight"]
-    cached = layer.get("_weight_t")
-    if cached is None or cached[0] is not weight:
-        weight_t = weight.T
-        mx.eval(weight_t)
-        layer["_weight_t"] = cached = (weight, weight_t)
-    return cached[1]
-
-
-def project(module: nn.Module, x: mx.array, names: tuple[str, ...]) -> list[mx.array]:
-    """The named projections of x: one matmul while the fused layout is intact, else one each."""
-    fused = module.get("_fused")
-    if fused is not None:
-        weight_t, _, splits, _ = fused
-        if fused_intact(module, names):
-            return mx.split(x @ weight_t, list(splits), axis=-1)
-        module.pop("_fused")  # a weight was replaced (training, set_dtype, a transform): drop the stale copy
-    return [getattr(module, n)(x) for n in names]
-
-
-# Prompts (more positions than a decode step or a speculative verify window) and many rows take
-# the ordinary graph: compute-bound there, it is as fast, and its ~37 nodes a layer keep fewer
-# activations alive per GPU command batch (MLX frees a batch's buffers when it completes; with
-# 9-14 nodes a layer a batch spans ~3x the layers). Measured: batch 64 x 64 prompt tokens peaked
-# 1.2 GB higher through the fused path.
-FUSED_MAX_POSITIONS = 16
-FUSED_MAX_ROWS = 1024
-
-
-class BlockPlan(NamedTuple):
-    """A block's arrays for DecoderLM.fused_forward: weights as (out, in) for the gemv kernels and
-    as evaluated transposed views (`_t`) for matmuls."""
-
-    input_norm: mx.array
-    input_eps: float
-    qkv_t: mx.array
-    qkv: mx.array
-    qk_norm: tuple  # (q_norm weight, k_norm weight, eps), or (None, None, eps) without q/k norm
-    o_t: mx.array
-    o: mx.array
-    post_norm: mx.array
-    post_eps: float
-    gate_up_t: mx.array
-    gate_up: mx.array
-    down_t: mx.array
-    down: mx.array
-
-
 class Block(nn.Module):
     attention, norm = Attention, nn.RMSNorm  # what a family's block subclass may swap
 
@@ -433,31 +347,6 @@ class Block(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def fused_plan(self) -> BlockPlan | None:
-        """What `DecoderLM.fused_forward` needs from this block, or None when the block is not in
-        the fused layout (optimize_for_inference not run, or since changed: adapters, training)."""
-        attn, mlp = self.get("self_attn"), self.get("mlp")
-        if type(attn) is not Attention or type(mlp) is not MLP or "_fused" not in attn or "_fused" not in mlp:
-            return None
-        # the fused kernels compute full attention at the default scale, whole-head RoPE and SwiGLU
-        if (attn.sliding_window is not None or attn.scale != attn.head_dim**-0.5 or not attn.use_rope or attn.rope.dims != attn.head_dim
-                or attn.rope.kind == "longrope" or mlp.act_name not in ("silu", "swish")):
-            return None
-        if not fused_intact(attn, ("q_proj", "k_proj", "v_proj")) or not fused_intact(mlp, ("gate_proj", "up_proj")):
-            return None
-        o_proj, down_proj = attn.get("o_proj"), mlp.get("down_proj")
-        norms = [self.get("input_layernorm"), self.get("post_attention_layernorm")]
-        if "q_norm" in attn:
-            norms += [attn["q_norm"], attn["k_norm"]]
-        if type(o_proj) is not nn.Linear or type(down_proj) is not nn.Linear or "bias" in o_proj or "bias" in down_proj:
-            return None
-        if any(type(n) is not nn.RMSNorm for n in norms):
-            return None
-        qk_norm = (attn["q_norm"].weight, attn["k_norm"].weight, attn["q_norm"].eps) if "q_norm" in attn else (None, None, 1e-6)
-        (qkv_t, *_, qkv), (gate_up_t, *_, gate_up) = attn["_fused"], mlp["_fused"]
-        return BlockPlan(norms[0].weight, norms[0].eps, qkv_t, qkv, qk_norm, transposed_weight(o_proj), o_proj.weight,
-                         norms[1].weight, norms[1].eps, gate_up_t, gate_up, transposed_weight(down_proj), down_proj.weight)
-
 
 class Backbone(nn.Module):
     def __init__(self, a: TransformerArgs, block: type[Block] = Block):
@@ -472,10 +361,25 @@ class Backbone(nn.Module):
         self.norm = block.norm(a.hidden_size, eps=a.rms_norm_eps)
 
 
+class FastForward(Protocol):
+    """A backend's own cached forward for a DecoderLM, installed as its `fast_forward` by the
+    device policy (on CUDA: backends/cuda/decoder.py's fused decode path)."""
+
+    def prepare(self, model: "DecoderLM") -> None:
+        """Called when the model makes a cache (each generation starts there)."""
+
+    def __call__(self, model: "DecoderLM", tokens: mx.array, cache: list[KVCache]) -> mx.array | None:
+        """The logits, or None where the model's own forward should run."""
+
+    def compiled_decoding_pays(self) -> bool:
+        """The model's answer to Model.compiled_decoding_pays."""
+
+
 class DecoderLM(Model):
     """model.{embed_tokens, layers, norm} + lm_head (absent when tied to the embeddings)."""
 
     sliding_window_attention = True  # windowed layers get a RotatingKVCache and banded masks
+    fast_forward: FastForward | None = None  # a plain attribute (not a module or parameter), set by a backend
 
     def __init__(self, config: dict[str, Any], args: TransformerArgs, block: type[Block] = Block):
         super().__init__()
@@ -497,17 +401,18 @@ class DecoderLM(Model):
         return self.model.embed_tokens(tokens)
 
     def optimize_for_inference(self) -> None:
-        """Fuse the q/k/v and gate/up projections (see fuse_linears); names stay the same. On
-        CUDA this enables `fused_forward` (the Engine calls this there); elsewhere it is opt-in:
-        the logits move by float rounding (~1e-6) and the CPU gained nothing measurable."""
+        """Fuse the q/k/v and gate/up projections (fused_layout.fuse_linears); names stay the
+        same. On CUDA the Engine does this, and installs the fused decode path over it
+        (backends/cuda/decoder.install); elsewhere it is opt-in: the logits move by float rounding
+        (~1e-6) and the CPU gained nothing measurable."""
         for block in self.layers:
             for part in (getattr(block, "self_attn", None), getattr(block, "mlp", None)):
                 if hasattr(part, "fuse_projections"):
                     part.fuse_projections()
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        if cache is not None and "_fused_plans" in self and fused_ops.cuda_active():
-            logits = self.fused_forward(tokens, cache)
+        if cache is not None and self.fast_forward is not None:
+            logits = self.fast_forward(self, tokens, cache)
             if logits is not None:
                 return logits
         return super().__call__(tokens, cache)
@@ -517,8 +422,8 @@ class DecoderLM(Model):
         return [getattr(block.get("self_attn"), "sliding_window", None) if isinstance(block, nn.Module) else None for block in self.layers]
 
     def make_cache(self, left_padding=None) -> list[KVCache]:
-        # each generation starts here: take the fused layout's plan now, not every step
-        self._fused_plans = self.fused_plans()
+        if self.fast_forward is not None:  # each generation starts here: the backend plans now, not every step
+            self.fast_forward.prepare(self)
         return [RotatingKVCache(w, left_padding) if w else KVCache(left_padding) for w in self.windows()]
 
     def attention_masks(self, n_new: int, cache: list[KVCache] | None) -> list[mx.array | str | None]:
@@ -536,82 +441,7 @@ class DecoderLM(Model):
         return masks
 
     def compiled_decoding_pays(self) -> bool:
-        # on CUDA in the fused layout: the trace replays the fused graph without Python building
-        # it, and attention reads the static cache up to the position held in an array (measured
-        # in docs/benchmarks.md); elsewhere the plain forward is as fast or faster
-        return self.get("_fused_plans") is not None and fused_ops.cuda_active()
-
-    def fused_plans(self) -> tuple | None:
-        """Per block what `fused_forward` needs (Block.fused_plan), and the final norm and head;
-        None unless every block is in the fused layout."""
-        plans = []
-        for block in self.layers:  # stops at the first block out of the layout
-            plan = block.fused_plan() if type(block) is Block else None
-            if plan is None:
-                return None
-            plans.append(plan)
-        final_norm, head = self.model.get("norm"), self.get("lm_head", self.model.get("embed_tokens"))
-        if not plans or type(final_norm) is not nn.RMSNorm:
-            return None
-        if type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:
-            return None
-        attn = self.layers[0].self_attn
-        shapes = (attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.scale, attn.rope)
-        return tuple(plans), shapes, final_norm.weight, final_norm.eps, transposed_weight(head)
-
-    def fused_forward(self, tokens: mx.array, cache: list[KVCache], ops: fused_ops.FusedOps | None = None) -> mx.array | None:
-        """The cached forward in 5 graph nodes a layer (a few rows: decoding) or 14 (more) instead
-        of ~37 (core/fused.py: on CUDA the residual add, the norm, the q/k/v projection, q/k norm
-        and RoPE in one kernel; the cache write and attention in one; the other add, norm,
-        gate/up projection and SwiGLU in another; matmuls against evaluated transposed views for
-        many rows). Same logits as __call__ up to float rounding. None when the model is not in
-        the fused layout (optimize_for_inference). `ops`: the implementations (default: CUDA
-        kernels on CUDA, plain MLX ops elsewhere).
-        The plan is taken when the cache is made (make_cache), so a model changed during one
-        generation (weights replaced, adapters added) is seen at the next."""
-        if not cache or type(cache[0]) not in (KVCache, StaticKVCache):
-            return None
-        plan = self.get("_fused_plans")
-        if plan is None:
-            return None
-        plans, (n_heads, n_kv_heads, head_dim, scale, rope), final_w, final_eps, head_t = plan
-        B, L = tokens.shape
-        if L > FUSED_MAX_POSITIONS or B * L > FUSED_MAX_ROWS:
-            return None
-        offset = cache[0].rope_offset
-        offsets = mx.array([offset] * B, dtype=mx.int32) if isinstance(offset, int) else mx.broadcast_to(offset, (B,)).astype(mx.int32)
-        inv_freq, rope_scale = rope.inv_freq(), rope.scale
-        h = self.embed(tokens)
-        ops = ops or fused_ops.ops_for(h.dtype)
-        hidden, inter = h.shape[-1], plans[0].down.shape[1]
-        # a few rows (decoding): the norm, the projection and SwiGLU each in one gemv kernel
-        few = ops.gemv_fits(B * L, (hidden, n_heads * head_dim, inter), h.dtype, head_dim)
-        if few:  # attention writes the cache's storage and reads it up to each row's length: no mask, no slices
-            padding = cache[0].left_padding
-            starts = padding if padding is not None else _zeros_int32(B)
-        else:
-            mask = cache[0].make_mask(L)
-        delta = None
-        for plan, layer_cache in zip(plans, cache):
-            in_w, in_eps, qkv_t, qkv_w, (q_w, k_w, qk_eps), o_t, o_w, post_w, post_eps, gate_up_t, gate_up_w, down_t, down_w = plan
-            if few:
-                h, q, k, v = ops.norm_gemv_heads(h, delta, in_w, in_eps, qkv_w, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
-                keys, values = layer_cache.make_room(k, v)
-                out, layer_cache.keys, layer_cache.values = ops.attention_cached(q, k, v, keys, values, offsets, starts, scale)
-                # out (B, L, H, D): B * L rows of H * D, as the projection reads them
-                out = ops.gemv(out, o_w, (B, L, hidden))
-                h, act = ops.norm_gemv(h, out, post_w, post_eps, gate_up_w, True)
-                delta = ops.gemv(act, down_w, (B, L, hidden))
-            else:
-                h, y = (h, mx.fast.rms_norm(h, in_w, in_eps)) if delta is None else ops.add_rms_norm(h, delta, in_w, in_eps)
-                q, k, v = ops.attention_heads(y @ qkv_t, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
-                k, v = layer_cache.update_and_fetch(k, v)
-                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-                out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-                h, y = ops.add_rms_norm(h, out @ o_t, post_w, post_eps)
-                delta = ops.swiglu(y @ gate_up_t) @ down_t
-        _, y = ops.add_rms_norm(h, delta, final_w, final_eps)
-        return y @ head_t
+        return self.fast_forward is not None and self.fast_forward.compiled_decoding_pays()
 
     def head(self, hidden: mx.array) -> mx.array:
         hidden = self.model.norm(hidden)
@@ -626,14 +456,6 @@ def sliding_causal_mask(n: int, window: int | None) -> mx.array | str | None:
         return "causal" if n > 1 else None
     distance = mx.arange(n)[:, None] - mx.arange(n)[None, :]
     return (distance >= 0) & (distance < window)
-
-
-@lru_cache(maxsize=64)
-def _zeros_int32(n: int) -> mx.array:
-    """No left padding for n rows (shared: arrays are immutable, and one made per step costs a node)."""
-    zeros = mx.zeros((n,), dtype=mx.int32)
-    mx.eval(zeros)
-    return zeros
 
 
 def drop_unused(weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, mx.array]:

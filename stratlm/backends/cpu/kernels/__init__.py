@@ -5,10 +5,12 @@
 MLX Primitive on the CPU stream, reading the 4- or 8-bit weights directly (decode) or through
 dequantized fp32 tiles and cblas_sgemm (prefill). Gradients flow to x.
 
-Few rows take int8 activations by default: each row is quantized per block of 32 and the 4- or
-8-bit weights meet it in integer dot products (AVX2 maddubs, AVX-VNNI or AVX-512 VNNI, picked
-from CPUID at run time), within `q8_error_bound` of the exact product; `set_exact(True)` or
-Exact fp32 activations are the default (batch = solo); STRATLM_KERNELS_EXACT=0 or set_exact(False) opts into int8.
+With int8 activations (opt-in: STRATLM_KERNELS_EXACT=0 or set_exact(False)) each row is quantized
+per block of 32 and the 4- or 8-bit weights meet it in integer dot products (AVX2 maddubs, AVX-VNNI
+or AVX-512 VNNI, picked from CPUID at run time), within `q8_error_bound` of the exact product; many
+rows take the GEMM path on the same int8-rounded rows. Exact fp32 activations are the default
+(equal to the dequantized reference). Either way a row's product does not depend on how many rows
+share the call (batch = solo).
 
 The extension (quantized.cpp + nanobind) is compiled once with the system C++ compiler and
 cached under ${XDG_CACHE_HOME:-~/.cache}/stratlm/, keyed by the sources, MLX, nanobind, Python

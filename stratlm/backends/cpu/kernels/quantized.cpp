@@ -726,8 +726,15 @@ static Q8Layout q8_layout(int isa, int bits) {
   return isa == AVX512VNNI ? PAIR : SPLIT;
 }
 
+// where element i of block j of a row goes in the kernel's order
+static inline size_t q8_offset(Q8Layout layout, int NB, int j, int i) {
+  if (layout == NATURAL) return (size_t)j * 32 + i;
+  if (layout == PAIR && j < NB / 2 * 2) return (size_t)(j / 2) * 64 + (i & 1) * 32 + (j & 1) * 16 + i / 2;
+  return (size_t)j * 32 + (i & 1) * 16 + i / 2;
+}
+
 static void quantize_q8(const float* x, int M, int K, Q8Layout layout, int8_t* q, float* d) {
-  const int NB = K / 32, full_pairs = layout == PAIR ? NB / 2 * 2 : 0;
+  const int NB = K / 32;
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NB; ++j) {
       const float* xb = x + (size_t)m * K + (size_t)j * 32;
@@ -744,11 +751,7 @@ static void quantize_q8(const float* x, int M, int K, Q8Layout layout, int8_t* q
         constexpr float magic = 12582912.0f;
         float v = (xb[i] * id + magic) - magic;
         int8_t qi = (int8_t)std::clamp(v, -127.0f, 127.0f);
-        size_t at;
-        if (layout == NATURAL) at = (size_t)j * 32 + i;
-        else if (j < full_pairs) at = (size_t)(j / 2) * 64 + (i & 1) * 32 + (j & 1) * 16 + i / 2;
-        else at = (size_t)j * 32 + (i & 1) * 16 + i / 2;
-        qb[at] = qi;
+        qb[q8_offset(layout, NB, j, i)] = qi;
       }
     }
 }
@@ -774,12 +777,23 @@ static void q8_rows_generic(const Problem& p, const Q8Act& a, int n0, int n1) {
     }
 }
 
-static void group_sums(const Problem& p, float* xs) {
+// per group the sum of the int8-rounded activations, d_j * sum(q): the weights' affine biases then
+// meet the same rounded x as their scales, so the product is dequant(w) . round(x) however it is
+// computed (the GEMM path below rounds x the same way: a row's result does not depend on how many
+// rows share the call, and batch = solo holds in int8 mode too)
+static void rounded_group_sums(const Problem& p, const int8_t* q, const float* d, Q8Layout layout, float* xs) {
+  const int NB = p.K / 32, SPG = p.gs / 32;
   for (int m = 0; m < p.M; ++m)
     for (int g = 0; g < p.G; ++g) {
-      const float* xg = p.x + (size_t)m * p.K + (size_t)g * p.gs;
       float t = 0;
-      for (int i = 0; i < p.gs; ++i) t += xg[i];
+      for (int j = g * SPG; j < (g + 1) * SPG; ++j) {
+        // a block's 32 values sit in some order within the row's 32-byte (or, paired, 64-byte)
+        // span; only their sum is needed, so the layout's order does not matter
+        const int8_t* qb = q + (size_t)m * p.K;
+        int32_t sum = 0;
+        for (int i = 0; i < 32; ++i) sum += qb[q8_offset(layout, NB, j, i)];
+        t += d[(size_t)m * NB + j] * (float)sum;
+      }
       xs[(size_t)m * p.G + g] = t;
     }
 }
@@ -795,7 +809,7 @@ static void run_q8(const Problem& p) {
   xsbuf.resize((size_t)p.M * p.G);
   int8_t* q = (int8_t*)(((uintptr_t)qbuf.data() + 63) & ~(uintptr_t)63);
   quantize_q8(p.x, p.M, p.K, layout, q, dbuf.data());
-  group_sums(p, xsbuf.data());
+  rounded_group_sums(p, q, dbuf.data(), layout, xsbuf.data());
   if (isa == AVX512VNNI) {  // each lane's block scale, per pair of blocks
     dvbuf.resize((size_t)p.M * NP * 16);
     for (int m = 0; m < p.M; ++m)
@@ -822,13 +836,30 @@ static void run_q8(const Problem& p) {
   pl->run(chunks, [&](int i) { rows(i * chunk, std::min(p.N, (i + 1) * chunk)); });
 }
 
+// x rounded as the int8 path rounds it (per row and block of 32), back in fp32, for the GEMM path
+static void round_like_q8(const Problem& p, float* out) {
+  const int NB = p.K / 32;
+  std::vector<int8_t> q((size_t)p.M * p.K);
+  std::vector<float> d((size_t)p.M * NB);
+  quantize_q8(p.x, p.M, p.K, NATURAL, q.data(), d.data());
+  for (size_t i = 0; i < (size_t)p.M * p.K; ++i) out[i] = d[i / 32] * (float)q[i];
+}
+
 static void compute(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
+  bool exact = g_exact.load(std::memory_order_relaxed);
   if (p.M >= g_gemm_min_rows.load(std::memory_order_relaxed)) {
     static sgemm_fn sgemm = find_sgemm();
-    if (sgemm) return run_gemm(p, sgemm);
+    if (sgemm && exact) return run_gemm(p, sgemm);
+    if (sgemm) {
+      std::vector<float> rounded((size_t)p.M * p.K);
+      round_like_q8(p, rounded.data());
+      Problem q = p;
+      q.x = rounded.data();
+      return run_gemm(q, sgemm);
+    }
   }
-  if (!g_exact.load(std::memory_order_relaxed)) return run_q8(p);
+  if (!exact) return run_q8(p);
   run_direct(p);
 }
 
