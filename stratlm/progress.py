@@ -72,7 +72,8 @@ def collect(handles: Sequence[Any], desc: str, *, unit: str = "text", progress_b
     that advances as each finishes; on an error or Ctrl-C the ones still running are cancelled."""
     results = []
     try:
-        with bar(len(handles), desc, unit=unit, progress_bar=progress_bar) as b:
+        # smoothing 0: the rate is the mean since the start, as answers finish in bursts (a batch at a time)
+        with bar(len(handles), desc, unit=unit, progress_bar=progress_bar, smoothing=0) as b:
             for h in handles:
                 while True:
                     try:

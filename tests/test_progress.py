@@ -144,3 +144,19 @@ def test_hub_downloads_keep_huggingface_hub_bars():
 
     configure(verbose=False)
     assert not are_progress_bars_disabled()
+
+
+def test_the_command_line_is_not_silent_while_healing_in_a_terminal(tmp_path, monkeypatch):
+    """`stratlm generate -t collapse -t heal` with stderr on a terminal (and nothing set): bars for
+    the teacher's texts and the heal steps, as Engine(transforms=["collapse", "heal"]) applies them."""
+    from stratlm.cli.main import main
+
+    monkeypatch.delenv("STRATLM_PROGRESS", raising=False)
+    save_model(tiny_model("llama", seed=0, num_hidden_layers=4), tmp_path / "tiny")
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    code = main(["generate", "hi", "--model", str(tmp_path / "tiny"), "--max-tokens", "2", "--quiet",
+                 "-t", "collapse:n=1", "-t", "heal:steps=2,prompts=2,max_tokens=4,batch_size=2"])
+    assert code == 0, terminal.getvalue()
+    assert_finished_bar(terminal.getvalue(), "teacher texts", 2, "text")
+    assert_finished_bar(terminal.getvalue(), "heal", 2, "step")
