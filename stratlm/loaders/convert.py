@@ -19,6 +19,7 @@ import mlx.nn as nn
 
 from stratlm.core.errors import ConfigError
 from stratlm.core.model import LoadedModel
+from stratlm import progress as bars
 
 QUANTIZE_BITS = {"4": 4, "q4": 4, "8": 8, "q8": 8}
 GGUF_RECIPES = ("q4_k_m",)
@@ -57,7 +58,10 @@ def convert(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = say,
     registry=None,
+    progress_bar: bool | None = None,
 ) -> ConvertResult:
+    """`progress` gets the stages as lines (None: nothing); `progress_bar` draws a bar per tensor
+    (None: STRATLM_PROGRESS, else only when stderr is a terminal; see stratlm.progress)."""
     from .loading import load_model, parse_dtype, save_model
 
     progress = progress or (lambda message: None)
@@ -67,12 +71,13 @@ def convert(
     if group_size not in GROUP_SIZES:
         raise ConfigError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {group_size}")
     if out.suffix == ".gguf" or quantize in GGUF_RECIPES:
-        return _to_gguf(source, out, quantize, dtype, overwrite, progress, registry)
+        return _to_gguf(source, out, quantize, dtype, overwrite, progress, registry, progress_bar)
     out_dtype = parse_dtype(dtype) if dtype else None
     _check_out(out, overwrite)
     if quantize is None and out_dtype is None:
         progress(f"loading {source} (kept as it is)")
         loaded = load_model(source, dtype="float32", quantized="keep", registry=registry)
+        evaluate_tensors(loaded, "reading", progress_bar)
     else:
         progress(f"loading {source} (expanded to float32)")
         loaded = load_model(source, dtype="float32", quantized="dequantize", registry=registry)
@@ -80,10 +85,11 @@ def convert(
         if quantize is not None:
             bits = QUANTIZE_BITS[quantize]
             progress(f"quantizing to {bits} bits, groups of {group_size}")
-            loaded = quantize_model(loaded, bits, group_size, target)
+            loaded = quantize_model(loaded, bits, group_size, target, progress_bar=progress_bar)
         else:
             progress(f"casting to {target}")
             loaded.model.set_dtype(target)
+            evaluate_tensors(loaded, "casting", progress_bar)
     progress(f"writing {out}")
     save_model(loaded, out)
     q = loaded.model.config.get("quantization")
@@ -105,7 +111,13 @@ def source_dtype(loaded: LoadedModel) -> mx.Dtype:
     return {"bfloat16": mx.bfloat16, "float32": mx.float32}.get(declared, mx.float16)
 
 
-def quantize_model(loaded: LoadedModel, bits: int, group_size: int, dtype: mx.Dtype) -> LoadedModel:
+def evaluate_tensors(loaded: LoadedModel, desc: str, progress_bar: bool | None) -> None:
+    """Compute the model's (lazy) tensors one at a time under a bar, instead of all at once inside the write."""
+    for _, value in bars.track(_flat(loaded.model), desc=desc, unit="tensor", progress_bar=progress_bar):
+        mx.eval(value)
+
+
+def quantize_model(loaded: LoadedModel, bits: int, group_size: int, dtype: mx.Dtype, progress_bar: bool | None = None) -> LoadedModel:
     """mlx-lm's quantization: every Linear and Embedding whose input width is a multiple of the
     group size becomes affine `bits`-bit; other weights (norms) are cast to `dtype`."""
     model = loaded.model
@@ -115,13 +127,14 @@ def quantize_model(loaded: LoadedModel, bits: int, group_size: int, dtype: mx.Dt
         return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=quantizable)
-    mx.eval(model.parameters())
+    evaluate_tensors(loaded, "quantizing", progress_bar)
     entry = {"group_size": group_size, "bits": bits}
     model.config = {**model.config, "quantization": entry, "quantization_config": dict(entry)}
     return loaded
 
 
-def _to_gguf(source: str, out: Path, quantize: str | None, dtype: str | None, overwrite: bool, progress: Callable[[str], None], registry) -> ConvertResult:
+def _to_gguf(source: str, out: Path, quantize: str | None, dtype: str | None, overwrite: bool, progress: Callable[[str], None], registry,
+             progress_bar: bool | None) -> ConvertResult:
     from stratlm.core.registry import get_registry
 
     from .gguf_write import requantize_gguf
@@ -139,11 +152,22 @@ def _to_gguf(source: str, out: Path, quantize: str | None, dtype: str | None, ov
                           "Convert it to a folder instead (--quantize 4 or 8)")
     _check_out(out, overwrite)
 
+    drawn = bars.enabled(progress_bar)
+    bar = None
+
     def tick(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
+        nonlocal bar
+        if drawn:  # the bar replaces the every-10% lines
+            bar = bar if bar is not None else bars.bar(total, "re-quantizing", unit="tensor", progress_bar=True)
+            bar.update(done - bar.n)
+        elif done == total or done % max(1, total // 10) == 0:
             progress(f"quantizing tensors: {done}/{total}")
 
     progress(f"re-quantizing {location} to {quantize.upper()}")
-    requantize_gguf(Path(str(location)), out, quantize, progress=tick)
+    try:
+        requantize_gguf(Path(str(location)), out, quantize, progress=tick)
+    finally:
+        if bar is not None:
+            bar.close()
     progress(f"done: {out}")
     return ConvertResult(out=out, quantization={"gguf": quantize.upper()}, dtype="float32")

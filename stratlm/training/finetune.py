@@ -26,7 +26,7 @@ from .data import Dataset, batch_arrays, load_jsonl, micro_batch
 from stratlm.transforms.dora import AdapterConfig, add_adapters, copy_loaded, save_adapter
 from mlx.utils import tree_flatten
 
-from .trainer import Progress, TrainConfig, Trainer, TrainResult, batches_of, masked_cross_entropy, prepare_out, print_progress, write_error
+from .trainer import Batches, Progress, TrainConfig, Trainer, TrainResult, batches_of, masked_cross_entropy, prepare_out, print_progress, write_error
 
 
 @attrs.frozen
@@ -87,12 +87,16 @@ def finetune(
     on_error: str = "skip",
     on_progress: Callable[[Progress], None] | None = print_progress,
     on_step: Callable[[int], None] | None = None,
+    progress_bar: bool | None = None,
 ) -> FinetuneResult:
     """Fine-tune DoRA (or LoRA) adapters on `data` (a JSONL path or a Dataset); `loaded` is left as it was.
 
     Validation: `valid` if given, else a seeded `valid_fraction` of `data` (0: none).
     An `out` that holds another run is refused unless `resume` (continue it: data, model and
     settings must match its checkpoint's) or `overwrite` (replace it).
+    `on_progress` gets a line's worth every `train.report_every` steps (None: nothing);
+    `progress_bar` draws bars for the steps and the validation (None: STRATLM_PROGRESS, else only
+    when stderr is a terminal; see stratlm.progress).
     """
     if resume and out is None:
         raise ConfigError("resume needs the output folder of the interrupted run (out=...)")
@@ -120,11 +124,14 @@ def finetune(
             tokens, weights = batch_arrays(chunk)
             yield mx.array(tokens), mx.array(weights)
 
+    def valid():  # made as they are used, counted for the validation bar
+        return Batches(-(-len(valid_set) // train.batch_size), valid_batches)
+
     def save(m: nn.Module, folder: Path) -> None:
         save_adapter(m, folder, adapter, **extra)
 
-    trainer = Trainer(model, masked_cross_entropy, batch, train, out=out, valid=valid_batches if valid_set else None,
-                      save=save, on_progress=on_progress, on_step=on_step, fingerprint=fingerprint)
+    trainer = Trainer(model, masked_cross_entropy, batch, train, out=out, valid=valid if valid_set else None,
+                      save=save, on_progress=on_progress, on_step=on_step, fingerprint=fingerprint, progress_bar=progress_bar)
     outcome = trainer.run(resume=resume)
     adapter_path = None
     if out is not None:

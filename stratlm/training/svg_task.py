@@ -19,6 +19,7 @@ import attrs
 
 from stratlm.engine import Engine
 from stratlm.core.model import LoadedModel
+from stratlm import progress as bars
 
 SHAPES = ("circle", "square", "rectangle", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "pink")
@@ -141,8 +142,10 @@ def score_answers(specs: Sequence[Spec], answers: Sequence[str]) -> SvgScore:
                     examples=[(s.description, a) for s, a in list(zip(specs, answers))[:3]])
 
 
-def evaluate_svg(loaded: LoadedModel, specs: Sequence[Spec], max_tokens: int = 96, batch_size: int = 16, **engine_options: Any) -> SvgScore:
-    """Greedy answers to the descriptions (batched), scored."""
-    engine = Engine(loaded, strategy="batch", batch_size=batch_size, **engine_options)
-    results = engine.generate([s.description for s in specs], max_tokens=max_tokens, temperature=0.0)
+def evaluate_svg(loaded: LoadedModel, specs: Sequence[Spec], max_tokens: int = 96, batch_size: int = 16, progress_bar: bool | None = None,
+                 **engine_options: Any) -> SvgScore:
+    """Greedy answers to the descriptions (batched, under a bar: see stratlm.progress), scored."""
+    with Engine(loaded, strategy="batch", batch_size=batch_size, **engine_options) as engine:
+        handles = [engine.submit(s.description, max_tokens=max_tokens, temperature=0.0) for s in specs]
+        results = bars.collect(handles, "held-out answers", progress_bar=progress_bar)
     return score_answers(specs, [r.text for r in results])

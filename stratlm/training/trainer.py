@@ -1,7 +1,8 @@
 """The training loop shared by DoRA fine-tuning and healing.
 
 AdamW with linear warm-up then cosine decay, gradient accumulation, a compiled train step,
-a progress line (loss, tokens/s, ETA, validation loss), checkpoints every N steps with the
+a progress bar (stratlm.progress: steps, ETA, loss, tokens/s; a second one while validating) and
+a progress line every `report_every` steps (loss, tokens/s, ETA, validation loss), checkpoints every N steps with the
 optimizer and random state, and `resume=True` to continue from the last checkpoint at the
 same step with the same state. Batches are a pure function of their index, so a resumed run
 sees exactly the batches the interrupted one would have.
@@ -12,12 +13,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import time
 import uuid
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import attrs
 import mlx.core as mx
@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from stratlm.core.errors import ConfigError, StratlmError
 from stratlm.core.log import get_logger
+from stratlm import progress as bars
 
 log = get_logger(__name__)
 
@@ -159,7 +160,7 @@ def clock(seconds: float) -> str:
 
 
 def print_progress(p: Progress) -> None:
-    print(p.line(), file=sys.stderr, flush=True)
+    bars.write(p.line())  # above the progress bar when one is drawn
 
 
 @attrs.frozen
@@ -184,11 +185,26 @@ def masked_cross_entropy(model: nn.Module, tokens: mx.array, weights: mx.array) 
     return ce.sum() / mx.maximum(ntoks, 1), ntoks
 
 
-def evaluate(model: nn.Module, loss_fn: LossFn, batches: Iterable[Arrays]) -> float:
-    """Token-weighted mean loss over the batches (dropout off)."""
+@attrs.frozen
+class Batches:
+    """Batches made one at a time as they are iterated, their number known up front (for the bar's total)."""
+
+    count: int
+    make: Callable[[], Iterator[Arrays]]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Arrays]:
+        return iter(self.make())
+
+
+def evaluate(model: nn.Module, loss_fn: LossFn, batches: Iterable[Arrays], *, progress_bar: bool | None = None) -> float:
+    """Token-weighted mean loss over the batches (dropout off); a "validation" bar while it runs."""
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
-    for arrays in batches:
+    size = len(batches) if hasattr(batches, "__len__") else None
+    for arrays in bars.track(batches, size, "validation", unit="batch", progress_bar=progress_bar, leave=False):
         loss, ntoks = loss_fn(model, *arrays)
         total, count = total + loss * ntoks, count + ntoks
         mx.eval(total, count)
@@ -210,19 +226,23 @@ class Trainer:
     `batch(index)` returns the arrays of micro-batch `index` (0, 1, 2, ...). `save(model, folder)`
     writes the trainable weights of a checkpoint (default: the trainable parameters, by name).
     `fingerprint` (JSON values) describes the data, model and settings; resuming from a checkpoint
-    whose fingerprint differs is refused, naming what differs.
+    whose fingerprint differs is refused, naming what differs. `progress_bar`: True/False, or None
+    for STRATLM_PROGRESS, else a bar only when stderr is a terminal (stratlm.progress); `label`
+    names the bar.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Callable[[int], Arrays], config: TrainConfig, *,
                  out: str | Path | None = None, valid: Callable[[], Iterable[Arrays]] | None = None,
                  save: Callable[[nn.Module, Path], None] = save_trainable,
                  on_progress: Callable[[Progress], None] | None = print_progress,
-                 on_step: Callable[[int], None] | None = None, fingerprint: dict[str, Any] | None = None):
+                 on_step: Callable[[int], None] | None = None, fingerprint: dict[str, Any] | None = None,
+                 progress_bar: bool | None = None, label: str = "train"):
         if not trainable_weights(model):
             raise ConfigError("the model has no trainable parameters; add adapters (or unfreeze some layers) first")
         self.model, self.loss_fn, self.batch, self.config = model, loss_fn, batch, config
         self.out = Path(out) if out is not None else None
         self.valid, self.save, self.on_progress, self.on_step = valid, save, on_progress, on_step
+        self.progress_bar, self.label = progress_bar, label
         # what this run trains on (data, model, adapter, ...): stored with each checkpoint, checked on resume
         self.fingerprint = dict(fingerprint or {})
         self.run_id = uuid.uuid4().hex  # checkpoint rotation deletes only this run's checkpoints
@@ -333,8 +353,10 @@ class Trainer:
         tokens_total, window_loss, window_steps, window_tokens = 0, 0.0, 0, 0
         started = time.perf_counter()
         window_start = started
+        window_eval = 0.0  # seconds spent validating in this window: not training, so not in its tokens/s
         last_checkpoint = None
         val_loss = None
+        bar = bars.bar(cfg.steps, self.label, unit="step", initial=start, progress_bar=self.progress_bar)
         try:
             while self.step < cfg.steps:
                 grad = None
@@ -356,23 +378,29 @@ class Trainer:
                 window_steps += 1
                 window_tokens += int(step_tokens.item())
                 tokens_total += int(step_tokens.item())
+                rate = window_tokens / max(time.perf_counter() - window_start - window_eval, 1e-9)
+                bar.set_postfix_str(f"loss {loss_value:.4f}, {rate:,.0f} tok/s", refresh=False)
+                bar.update(1)
                 if self.on_step is not None:
                     self.on_step(self.step)
                 last = self.step == cfg.steps
                 if self.valid is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
-                    val_loss = evaluate(self.model, self.loss_fn, self.valid())
+                    eval_start = time.perf_counter()
+                    val_loss = evaluate(self.model, self.loss_fn, self.valid(), progress_bar=self.progress_bar)
+                    window_eval += time.perf_counter() - eval_start
                     self.val_losses.append((self.step, val_loss))
+                    bar.set_postfix_str(f"loss {loss_value:.4f}, val {val_loss:.4f}, {rate:,.0f} tok/s")
                 if self.step % cfg.report_every == 0 or last:
                     now = time.perf_counter()
                     mean = window_loss / window_steps
                     self.losses.append((self.step, mean))
                     done = self.step - start
                     progress = Progress(step=self.step, steps=cfg.steps, loss=mean, learning_rate=float(self.optimizer.learning_rate.item()),
-                                        tokens_per_second=window_tokens / max(now - window_start, 1e-9), elapsed=now - started,
+                                        tokens_per_second=window_tokens / max(now - window_start - window_eval, 1e-9), elapsed=now - started,
                                         eta=(now - started) / done * (cfg.steps - self.step), val_loss=val_loss)
                     if self.on_progress is not None:
                         self.on_progress(progress)
-                    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, now
+                    window_loss, window_steps, window_tokens, window_start, window_eval = 0.0, 0, 0, now, 0.0
                 if self.out is not None and ((cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last):
                     last_checkpoint = self.save_checkpoint()
         except KeyboardInterrupt:
@@ -380,6 +408,8 @@ class Trainer:
             if self.out is not None and self.step > start:
                 self.save_checkpoint()
             raise
+        finally:
+            bar.close()
         self.model.eval()
         mean_loss = self.losses[-1][1] if self.losses else float("nan")
         return TrainResult(steps=self.step, start_step=start, loss=mean_loss, val_loss=val_loss, losses=self.losses,

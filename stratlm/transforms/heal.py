@@ -25,6 +25,7 @@ from stratlm.core.errors import ConfigError
 from stratlm.core.model import LoadedModel
 from stratlm.loaders.loading import load_model
 from stratlm.core.log import get_logger
+from stratlm import progress as bars
 from stratlm.decoding.sampler import log_softmax
 
 from .collapse import Origin, origin_of
@@ -37,16 +38,19 @@ log = get_logger(__name__)
 
 
 # -- data ------------------------------------------------------------------------------------------
-def teacher_texts(teacher: LoadedModel, prompts: Sequence[str], max_tokens: int = 96, seed: int = 0, temperature: float = 0.8) -> Dataset:
+def teacher_texts(teacher: LoadedModel, prompts: Sequence[str], max_tokens: int = 96, seed: int = 0, temperature: float = 0.8,
+                  progress_bar: bool | None = None) -> Dataset:
     """The teacher's own answers to `prompts` (sampled, seeded, batched): prompt + answer tokens, all in the loss."""
     if not prompts:
         return Dataset([])
-    engine = Engine(teacher, strategy="batch", batch_size=16)
-    results = engine.generate(list(prompts), max_tokens=max_tokens, temperature=temperature, top_p=0.95, seed=seed)
-    examples = []
-    for prompt, result in zip(prompts, results):
-        ids = engine.render(prompt)[1] + list(result.token_ids)
-        examples.append(Example(ids, [True] * len(ids)))
+    with Engine(teacher, strategy="batch", batch_size=16) as engine:
+        # submitted together (one batch, as engine.generate does), collected under a bar
+        handles = [engine.submit(p, max_tokens=max_tokens, temperature=temperature, top_p=0.95, seed=seed) for p in prompts]
+        results = bars.collect(handles, "teacher texts", progress_bar=progress_bar)
+        examples = []
+        for prompt, result in zip(prompts, results):
+            ids = engine.render(prompt)[1] + list(result.token_ids)
+            examples.append(Example(ids, [True] * len(ids)))
     return Dataset(examples)
 
 
@@ -130,8 +134,13 @@ def heal_model(
     learning_rate: float = 1e-4,
     seed: int = 0,
     on_progress: Callable[[Progress], None] | None = print_progress,
+    progress_bar: bool | None = None,
 ) -> HealResult:
-    """Heal a collapsed model (see the module doc); returns a new, fused model."""
+    """Heal a collapsed model (see the module doc); returns a new, fused model.
+
+    `on_progress` gets a line's worth ten times in the run (None: nothing). `progress_bar` draws
+    bars with an ETA for the teacher's texts and the steps (None: STRATLM_PROGRESS, else only when
+    stderr is a terminal; see stratlm.progress)."""
     if around < 1:
         raise ConfigError(f"around must be >= 1 (blocks either side of the cut to train), got {around}")
     teacher_model, origin = resolve_teacher(loaded, teacher)
@@ -146,7 +155,7 @@ def heal_model(
     else:
         if prompts < 1:
             raise ConfigError(f"prompts (how many texts the teacher writes to heal on) must be >= 1, got {prompts}")
-        train_set = teacher_texts(teacher_model, varied_prompts(prompts, seed), max_tokens, seed)
+        train_set = teacher_texts(teacher_model, varied_prompts(prompts, seed), max_tokens, seed, progress_bar=progress_bar)
     result = copy_loaded(loaded)
     student = result.model
     window = trainable_window(student, origin, around)
@@ -175,7 +184,7 @@ def heal_model(
 
     config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, warmup_steps=max(1, steps // 10),
                          report_every=max(1, steps // 10), seed=seed)
-    outcome = Trainer(student, loss_fn, batch, config, on_progress=on_progress).run()
+    outcome = Trainer(student, loss_fn, batch, config, on_progress=on_progress, progress_bar=progress_bar, label="heal").run()
     fuse_model(student)
     return HealResult(result.replace(source=f"{loaded.source}+heal"), window, outcome.loss, outcome.seconds)
 
