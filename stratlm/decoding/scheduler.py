@@ -19,10 +19,12 @@ stream of the thread that builds them, and the model caches state lazily (RoPE t
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import AsyncIterator, Iterator, Sequence
 
@@ -274,6 +276,9 @@ class Scheduler:
         mx.eval(self.model.parameters())  # nothing lazy crosses to the loop's thread
         self._thread = threading.Thread(target=self._run, name="stratlm-scheduler", daemon=True)
         self._thread.start()
+        # stop the loop before the interpreter tears down: a daemon thread still inside MLX at exit
+        # aborts the process ("terminate called without an active exception")
+        atexit.register(_close_at_exit, weakref.ref(self))
         self._ready.wait()
         if self._startup_error is not None:
             raise self._startup_error
@@ -733,6 +738,12 @@ class Scheduler:
                 close()
             except Exception as exc:  # the request is over already; a failing cleanup is logged, not raised
                 log.warning("closing a strategy's stream failed", error=repr(exc))
+
+
+def _close_at_exit(ref: "weakref.ref[Scheduler]") -> None:
+    scheduler = ref()
+    if scheduler is not None:
+        scheduler.close()
 
 
 def top_logprobs(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
