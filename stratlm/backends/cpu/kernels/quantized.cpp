@@ -733,7 +733,8 @@ static inline size_t q8_offset(Q8Layout layout, int NB, int j, int i) {
   return (size_t)j * 32 + (i & 1) * 16 + i / 2;
 }
 
-static void quantize_q8(const float* x, int M, int K, Q8Layout layout, int8_t* q, float* d) {
+// block_sums (optional): each block's sum of q, for the biases' term
+static void quantize_q8(const float* x, int M, int K, Q8Layout layout, int8_t* q, float* d, int32_t* block_sums = nullptr) {
   const int NB = K / 32;
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NB; ++j) {
@@ -744,6 +745,7 @@ static void quantize_q8(const float* x, int M, int K, Q8Layout layout, int8_t* q
       float id = dj != 0.0f ? 1.0f / dj : 0.0f;
       d[(size_t)m * NB + j] = dj;
       int8_t* qb = q + (size_t)m * K;
+      int32_t sum = 0;
       for (int i = 0; i < 32; ++i) {
         // round half to even by adding and removing 1.5 * 2^23 (exact for |v| < 2^22; strict IEEE
         // keeps the compiler from folding it): nearbyint is a library call per element without
@@ -752,7 +754,9 @@ static void quantize_q8(const float* x, int M, int K, Q8Layout layout, int8_t* q
         float v = (xb[i] * id + magic) - magic;
         int8_t qi = (int8_t)std::clamp(v, -127.0f, 127.0f);
         qb[q8_offset(layout, NB, j, i)] = qi;
+        sum += qi;
       }
+      if (block_sums) block_sums[(size_t)m * NB + j] = sum;
     }
 }
 
@@ -781,19 +785,12 @@ static void q8_rows_generic(const Problem& p, const Q8Act& a, int n0, int n1) {
 // meet the same rounded x as their scales, so the product is dequant(w) . round(x) however it is
 // computed (the GEMM path below rounds x the same way: a row's result does not depend on how many
 // rows share the call, and batch = solo holds in int8 mode too)
-static void rounded_group_sums(const Problem& p, const int8_t* q, const float* d, Q8Layout layout, float* xs) {
+static void rounded_group_sums(const Problem& p, const int32_t* block_sums, const float* d, float* xs) {
   const int NB = p.K / 32, SPG = p.gs / 32;
   for (int m = 0; m < p.M; ++m)
     for (int g = 0; g < p.G; ++g) {
       float t = 0;
-      for (int j = g * SPG; j < (g + 1) * SPG; ++j) {
-        // a block's 32 values sit in some order within the row's 32-byte (or, paired, 64-byte)
-        // span; only their sum is needed, so the layout's order does not matter
-        const int8_t* qb = q + (size_t)m * p.K;
-        int32_t sum = 0;
-        for (int i = 0; i < 32; ++i) sum += qb[q8_offset(layout, NB, j, i)];
-        t += d[(size_t)m * NB + j] * (float)sum;
-      }
+      for (int j = g * SPG; j < (g + 1) * SPG; ++j) t += d[(size_t)m * NB + j] * (float)block_sums[(size_t)m * NB + j];
       xs[(size_t)m * p.G + g] = t;
     }
 }
@@ -804,12 +801,14 @@ static void run_q8(const Problem& p) {
   Q8Layout layout = q8_layout(isa, p.bits);
   thread_local std::vector<int8_t> qbuf;
   thread_local std::vector<float> dbuf, xsbuf, dvbuf;
+  thread_local std::vector<int32_t> sumbuf;
   qbuf.resize((size_t)p.M * p.K + 64);
   dbuf.resize((size_t)p.M * NB);
   xsbuf.resize((size_t)p.M * p.G);
   int8_t* q = (int8_t*)(((uintptr_t)qbuf.data() + 63) & ~(uintptr_t)63);
-  quantize_q8(p.x, p.M, p.K, layout, q, dbuf.data());
-  rounded_group_sums(p, q, dbuf.data(), layout, xsbuf.data());
+  sumbuf.resize((size_t)p.M * NB);
+  quantize_q8(p.x, p.M, p.K, layout, q, dbuf.data(), sumbuf.data());
+  rounded_group_sums(p, sumbuf.data(), dbuf.data(), xsbuf.data());
   if (isa == AVX512VNNI) {  // each lane's block scale, per pair of blocks
     dvbuf.resize((size_t)p.M * NP * 16);
     for (int m = 0; m < p.M; ++m)
