@@ -280,3 +280,22 @@ def test_logits_processors_apply_per_row_in_the_batch(engine, reference):
         expected = free.strategy.generate([ids], free.params(max_tokens=16, **kw))[0].token_ids
         assert_same_greedy(loaded, ids, handle.result(timeout=120).token_ids, expected)
     assert spec.result(timeout=120).token_ids == handles[2].result().token_ids
+
+
+EXIT_WITHOUT_CLOSE = """
+from stratlm import Engine
+from stratlm.testing import tiny_model
+Engine(tiny_model("llama", seed=0), "greedy").generate("hi", chat_template=False, max_tokens=3, ignore_eos=True)
+print("done")
+"""
+
+
+def test_the_process_exits_cleanly_with_an_engine_left_open():
+    """The scheduler's thread holds MLX's per-thread compile cache; exiting while that thread's
+    C++ destructors still ran aborted the process about half the time (rc 134)."""
+    import subprocess
+    import sys
+
+    for _ in range(4):
+        run = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_CLOSE], capture_output=True, text=True, timeout=120)
+        assert (run.returncode, run.stdout.strip()) == (0, "done"), run.stderr[-2000:]

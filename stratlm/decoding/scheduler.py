@@ -329,6 +329,8 @@ class Scheduler:
             self._lock.notify_all()
         if self._thread.is_alive() and threading.current_thread() is not self._thread and not self._abandoned:
             self._thread.join(timeout=30)
+            if not self._thread.is_alive():
+                _wait_for_os_thread_exit(self._thread)
 
     def abandon(self, error: BaseException) -> None:
         """The loop's thread is stuck for good (a model split over processes, blocked inside MLX on
@@ -435,8 +437,7 @@ class Scheduler:
         self.cache = batch_cache.join(self.cache, request.cache, copies=request.n_rows)
         request.cache = None
         self.rows += request.rows
-        for row, (token, lp, top) in zip(request.rows, self._read(picks)):
-            self._emit(row, [(token, lp, top)])
+        self._emit_picks(request.rows, picks)
 
     def _fresh_group(self) -> list[Request]:
         """Admitted prompts without a cached prefix, to prefill together in one left-padded
@@ -477,8 +478,7 @@ class Scheduler:
         self.rows += new_rows
         for _ in group:  # only now: a failure before this leaves them where _fail_all finds them
             self._prefilling.popleft()
-        for row, choice in zip(new_rows, self._read(picks)):
-            self._emit(row, [choice])
+        self._emit_picks(new_rows, picks)
 
     def _start_rows(self, request: Request) -> None:
         policy = request.policy
@@ -507,8 +507,7 @@ class Scheduler:
             self._pending = self._picks(rows, self.model(tokens, self.cache)[:, 0, :])
             self.counters["decode_steps"] += 1
             mx.async_eval([x for pick in self._pending for x in pick[:2] if x is not None])
-        for row, choice in zip(rows, self._read(picks)):
-            self._emit(row, [choice])
+        self._emit_picks(rows, picks)
 
     def _picks(self, rows: list[Row], logits: mx.array) -> list[tuple]:
         """Each row's next token from its logits row (rows, vocab), lazily."""
@@ -526,8 +525,7 @@ class Scheduler:
     def _flush_pending(self) -> None:
         """Read and emit the queued picks, so that rows may join, leave or draft again."""
         picks, self._pending = self._pending, None
-        for row, choice in zip(self.rows, self._read(picks)):
-            self._emit(row, [choice])
+        self._emit_picks(self.rows, picks)
         self._retire_finished()
 
     def _verify_step(self, rows: list[Row], drafts: list[list[int]], width: int, logits: mx.array) -> None:
@@ -581,6 +579,11 @@ class Scheduler:
             top_dict = dict(zip(top[0][0].tolist(), top[1][0].tolist())) if top is not None else None
             out.append((int(token.item()), float(lp.item()) if lp is not None else None, top_dict))
         return out
+
+    def _emit_picks(self, rows: list[Row], picks: list[tuple]) -> None:
+        """Read one pick per row (waiting for the device) and emit each row's token."""
+        for row, choice in zip(rows, self._read(picks)):
+            self._emit(row, [choice])
 
     def _scored(self, row: Row, tokens: list[int], logits: mx.array) -> list[tuple]:
         """Log-probabilities of verified tokens (logits: (n, vocab) at their positions)."""
@@ -738,6 +741,19 @@ class Scheduler:
                 close()
             except Exception as exc:  # the request is over already; a failing cleanup is logged, not raised
                 log.warning("closing a strategy's stream failed", error=repr(exc))
+
+
+def _wait_for_os_thread_exit(thread: threading.Thread, timeout: float = 5.0) -> None:
+    """join() returns before the OS thread runs its C++ thread-local destructors. MLX keeps a
+    compile cache per thread whose entries release Python objects then; if the interpreter is
+    finalizing by that time, the thread exits inside a destructor and the process aborts
+    ("terminate called without an active exception"). Wait until the OS thread is gone (Linux)."""
+    task = f"/proc/self/task/{thread.native_id}"
+    if thread.native_id is None or not os.path.isdir("/proc/self/task"):
+        return
+    deadline = time.monotonic() + timeout
+    while os.path.exists(task) and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def _close_at_exit(ref: "weakref.ref[Scheduler]") -> None:
