@@ -8,11 +8,20 @@ padding keys; finished rows can be dropped with `filter`.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import mlx.core as mx
 
 from .errors import ConfigError
+
+
+@lru_cache(maxsize=64)
+def _no_padding(rows: int) -> mx.array:
+    """Zeros for n rows, made once (arrays are immutable, and one made per step costs a graph node)."""
+    zeros = mx.zeros((rows,), dtype=mx.int32)
+    mx.eval(zeros)
+    return zeros
 
 
 class KVCache:
@@ -68,6 +77,11 @@ class KVCache:
         if self.left_padding is None:
             return self.offset
         return self.offset - self.left_padding
+
+    def row_starts(self, rows: int) -> mx.array:
+        """Each row's first real storage position (its left padding), int32 (rows,): for an op
+        that reads the storage itself."""
+        return self.left_padding if self.left_padding is not None else _no_padding(rows)
 
     def make_mask(self, n_new: int) -> mx.array | str | None:
         """Attention mask for n_new queries against offset + n_new keys (before the update)."""

@@ -11,7 +11,6 @@ the layout, not on CUDA) and the reference forward runs.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -110,14 +109,6 @@ def model_plan(model: DecoderLM) -> tuple | None:
     return tuple(plans), shapes, final_norm.weight, final_norm.eps, transposed_weight(head)
 
 
-@lru_cache(maxsize=64)
-def _zeros_int32(n: int) -> mx.array:
-    """No left padding for n rows (shared: arrays are immutable, and one made per step costs a node)."""
-    zeros = mx.zeros((n,), dtype=mx.int32)
-    mx.eval(zeros)
-    return zeros
-
-
 class FusedDecoder:
     """A DecoderLM's `fast_forward` (see models/transformer.FastForward): the plan is taken when
     the cache is made (`prepare`, from make_cache), so a model changed during one generation
@@ -163,8 +154,7 @@ class FusedDecoder:
         # a few rows (decoding): the norm, the projection and SwiGLU each in one gemv kernel
         few = ops.gemv_fits(B * L, (hidden, n_heads * head_dim, inter), h.dtype, head_dim)
         if few:  # attention writes the cache's storage and reads it up to each row's length: no mask, no slices
-            padding = cache[0].left_padding
-            starts = padding if padding is not None else _zeros_int32(B)
+            starts = cache[0].row_starts(B)
         else:
             mask = cache[0].make_mask(L)
         delta = None

@@ -41,7 +41,7 @@ from stratlm.env import flag
 log = get_logger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = ("quantized.cpp", "quantized_kernel.h", "q8_kernel.h")
+SOURCES = ("quantized.cpp", "quantized_kernel.h", "q8_kernel.h", "decode_block.h")
 MODULE = "_stratlm_quantized"
 # NB_DOMAIN=mlx: MLX's Python module registers mx.array in nanobind's "mlx" domain
 CXXFLAGS = ("-std=c++20", "-O3", "-fPIC", "-fvisibility=hidden", "-DNDEBUG", "-DNB_COMPACT_ASSERTIONS", "-DNB_DOMAIN=mlx")

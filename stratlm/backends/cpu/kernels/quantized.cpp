@@ -986,6 +986,8 @@ mx::array qmm(const mx::array& x_in, const mx::array& w, const mx::array& scales
   return out;
 }
 
+#include "decode_block.h"
+
 }  // namespace
 
 NB_MODULE(_stratlm_quantized, m) {
@@ -993,6 +995,12 @@ NB_MODULE(_stratlm_quantized, m) {
   m.def("quantized_matmul", &qmm, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::kw_only(),
         nb::arg("group_size"), nb::arg("bits"),
         "x @ dequantize(w, scales, biases, group_size, bits).T, lazily, on the CPU");
+  m.def("decode_block", &decode_block, nb::arg("inputs"), nb::kw_only(), nb::arg("eps_in"), nb::arg("eps_post"),
+        nb::arg("scale"), nb::arg("rope_scale"), nb::arg("n_heads"), nb::arg("n_kv_heads"), nb::arg("write_at"),
+        nb::arg("group_sizes"), nb::arg("bits"),
+        "a decoder block for a few new positions as one lazy op (decode_block.h): [out, keys, values]");
+  m.def("decode_block_storage_copies", [] { return g_block_storage_copies.load(); },
+        "how many times decode_block copied a cache storage it could not reuse in place");
   m.def("isa", [] { return std::string(isa_name(g_isa.load())); }, "instruction set in use");
   m.def("best_isa", [] { return std::string(isa_name(g_best_isa)); }, "best instruction set this CPU supports");
   m.def(

@@ -1,0 +1,172 @@
+"""The CPU kernels' decode path: the reference model's cached forward with each block as one
+graph node (kernels.decode_block) instead of ~60.
+
+On MLX's CPU stream every graph node costs several microseconds of host work, and a small
+model's decode step is mostly such nodes: the norms, RoPE, the cache update, attention and
+SwiGLU around the seven quantized products of each block. decode_block does all of a block in
+C++ with the products on the same quantized kernels (and the same exact / int8 setting).
+
+The reference model stays as it reads; the Engine calls `install` on the CPU, which sets a
+`KernelDecoder` as the model's `fast_forward` when its blocks run on the kernels
+(backends/cpu/quantized.use_cpu_kernels). DecoderLM consults it when called with a cache: the
+decoder takes a plan of the model's arrays when a cache is made (make_cache: each generation
+starts there) and runs the forward from it, or answers None (prompts, many rows, a block out of
+the plan's shape, off the CPU) and the reference forward runs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from stratlm.backends.cpu import kernels
+from stratlm.backends.cpu.quantized import KernelQuantizedLinear, supported
+from stratlm.core.cache import KVCache
+from stratlm.core.model import Model
+from stratlm.device import cpu_active
+from stratlm.models.transformer import MLP, Attention, Block, DecoderLM
+
+# Decode steps and speculative verify windows; a prompt is compute-bound, and its rows go to the
+# kernels' GEMM path through the reference graph at no extra cost per row.
+MAX_POSITIONS = 16
+MAX_ROWS = 32
+
+PROJECTIONS = (
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+)  # decode_block's order
+
+
+class BlockPlan(NamedTuple):
+    """A block's arrays and settings for decode_block."""
+
+    input_norm: mx.array
+    input_eps: float
+    post_norm: mx.array
+    post_eps: float
+    weights: tuple[mx.array, ...]  # (w, scales, biases) of each projection, in PROJECTIONS order
+    group_sizes: tuple[int, ...]
+    bits: tuple[int, ...]
+
+
+def block_plan(block: nn.Module) -> BlockPlan | None:
+    """What decode_block needs from this block, or None when it computes something else: not the
+    reference Block, a projection not on the kernels (dense, adapted) or with a bias, q/k norms,
+    a sliding window, partial or LongRoPE rotation, no rotation, another activation."""
+    if type(block) is not Block:
+        return None
+    attn, mlp = block.get("self_attn"), block.get("mlp")
+    if type(attn) is not Attention or type(mlp) is not MLP or "q_norm" in attn:
+        return None
+    rope = attn.rope
+    if attn.sliding_window is not None or not attn.use_rope or rope.dims != attn.head_dim or rope.kind == "longrope":
+        return None
+    if mlp.act_name not in ("silu", "swish"):
+        return None
+    norms = (block.get("input_layernorm"), block.get("post_attention_layernorm"))
+    if any(type(n) is not nn.RMSNorm or n.weight.dtype != mx.float32 for n in norms):
+        return None
+    layers = [block[part].get(name) for part, name in PROJECTIONS]
+    if any(type(layer) is not KernelQuantizedLinear or "bias" in layer or not supported(layer) for layer in layers):
+        return None
+    weights = tuple(a for layer in layers for a in (layer["weight"], layer["scales"], layer["biases"]))
+    return BlockPlan(
+        norms[0].weight,
+        norms[0].eps,
+        norms[1].weight,
+        norms[1].eps,
+        weights,
+        tuple(layer.group_size for layer in layers),
+        tuple(layer.bits for layer in layers),
+    )
+
+
+def model_plan(model: nn.Module) -> tuple | None:
+    """Per block what decode_block needs (block_plan), and the attention's shapes; None unless every
+    block fits and they share one RoPE (one position table a step)."""
+    if not isinstance(model, DecoderLM) or not model.layers:
+        return None
+    plans = []
+    for block in model.layers:  # stops at the first block out of the plan
+        plan = block_plan(block)
+        if plan is None:
+            return None
+        plans.append(plan)
+    attn = model.layers[0].self_attn
+    if any(block.self_attn.rope is not attn.rope or block.self_attn.scale != attn.scale for block in model.layers):
+        return None
+    return tuple(plans), (attn.n_heads, attn.n_kv_heads, attn.scale, attn.rope)
+
+
+class KernelDecoder:
+    """A DecoderLM's `fast_forward` on the CPU kernels (see models/transformer.FastForward): the
+    plan is taken when the cache is made (`prepare`, from make_cache), so a model changed during
+    one generation (weights replaced, adapters added) is seen at the next."""
+
+    def __init__(self) -> None:
+        self.plan: tuple | None = None
+
+    def prepare(self, model: DecoderLM) -> None:
+        self.plan = model_plan(model) if kernels.available() else None
+
+    def compiled_decoding_pays(self) -> bool:
+        return False  # mx.compile on the CPU traces the same nodes; this path already has few
+
+    def __call__(self, model: DecoderLM, tokens: mx.array, cache: list[KVCache]) -> mx.array | None:
+        return self.forward(model, tokens, cache) if cpu_active() else None
+
+    def forward(self, model: DecoderLM, tokens: mx.array, cache: list[KVCache]) -> mx.array | None:
+        """The cached forward, each block one decode_block node: the reference forward's logits up
+        to fp32 rounding (the kernels' int8 setting applies to the products as it does there).
+        None for prompts, many rows, a cache other than KVCache or not yet holding positions (the
+        prompt's pass makes the storage), or activations other than fp32."""
+        if self.plan is None or len(cache) != len(self.plan[0]):
+            return None
+        B, L = tokens.shape
+        if L > MAX_POSITIONS or B * L > MAX_ROWS:
+            return None
+        if any(type(c) is not KVCache or c.keys is None or c.keys.dtype != mx.float32 for c in cache):
+            return None
+        h = model.embed(tokens)
+        if h.dtype != mx.float32:
+            return None
+        plans, (n_heads, n_kv_heads, scale, rope) = self.plan
+        starts = cache[0].row_starts(B)
+        inv_freq, rope_scale = rope.inv_freq(), rope.scale
+        block = kernels.extension().decode_block
+        for plan, c in zip(plans, cache):
+            write_at = c.offset
+            if write_at + L > c.keys.shape[2]:  # KVCache.make_room grows the storage (its template: the stored shapes)
+                c.make_room(c.keys[:, :, :L], c.values[:, :, :L])
+            else:
+                c.offset += L  # make_room without growth: the positions are written by decode_block
+            h, c.keys, c.values = block(
+                [h, plan.input_norm, plan.post_norm, inv_freq, starts, c.keys, c.values, *plan.weights],
+                eps_in=plan.input_eps,
+                eps_post=plan.post_eps,
+                scale=scale,
+                rope_scale=rope_scale,
+                n_heads=n_heads,
+                n_kv_heads=n_kv_heads,
+                write_at=write_at,
+                group_sizes=plan.group_sizes,
+                bits=plan.bits,
+            )
+        return model.head(h)
+
+
+def install(model: Model) -> KernelDecoder | None:
+    """Give a DecoderLM whose blocks run on the CPU kernels (use_cpu_kernels) the one-node-a-block
+    decode path; returns the decoder, or None (and the model keeps its own forward) when the
+    kernels are unavailable or no block fits it now."""
+    if not isinstance(model, DecoderLM) or not kernels.available() or model_plan(model) is None:
+        return None
+    model.fast_forward = KernelDecoder()
+    return model.fast_forward

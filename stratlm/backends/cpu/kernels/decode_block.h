@@ -1,0 +1,256 @@
+// A whole Llama-style decoder block for a few new positions (decoding) as one MLX Primitive:
+// h + attention(rms_norm(h)), then + swiglu_mlp(rms_norm(.)), with the seven products on the
+// quantized kernels above (compute), RoPE (Hugging Face half-split layout), the new keys and
+// values written into the cache's storage and attention over it. On MLX's CPU stream every graph
+// node costs several microseconds of host work; the reference block is ~60 nodes a layer, this
+// is one. quantized.cpp includes this file inside its anonymous namespace.
+//
+// Inputs: h (B, L, hidden) fp32; the input and post-attention norm weights (hidden); inv_freq
+// (head_dim / 2) fp32; starts (B) int32, each row's left padding; keys, values: the cache's
+// storage (B, n_kv_heads, capacity, head_dim) fp32; then w, scales, biases of q, k, v, o, gate,
+// up, down. Outputs: the block's output (B, L, hidden) and the storage with positions
+// write_at .. write_at + L - 1 written (the input's buffer when MLX may reuse it, else a copy).
+// Row b's query l sits at RoPE position write_at + l - starts[b] and sees storage positions
+// starts[b] .. write_at + l.
+
+struct BlockParams {
+  float eps_in, eps_post, scale, rope_scale;
+  int n_heads, n_kv_heads, write_at;
+  int group_size[7], bits[7];
+};
+
+enum { IN_H, IN_NORM_IN, IN_NORM_POST, IN_INV_FREQ, IN_STARTS, IN_KEYS, IN_VALUES, IN_WEIGHTS };
+enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN, N_PROJ };
+
+// y = w * (x * 1 / sqrt(mean(x^2) + eps)) per row, as mx.fast.rms_norm rounds it in fp32
+static void rms_norm_rows(const float* x, const float* w, float eps, int M, int K, float* y) {
+  for (int m = 0; m < M; ++m) {
+    const float* xr = x + (size_t)m * K;
+    float* yr = y + (size_t)m * K;
+    float ss = 0;
+    for (int k = 0; k < K; ++k) ss += xr[k] * xr[k];
+    const float inv = 1.0f / std::sqrt(ss * (1.0f / (float)K) + eps);
+    for (int k = 0; k < K; ++k) yr[k] = w[k] * (xr[k] * inv);
+  }
+}
+
+// one head's pairs (i, i + D/2) turned by theta_i = (rope_scale * position) * inv_freq_i, in place
+static void rope_head(float* x, int D, const float* inv_freq, float rope_scale, int position) {
+  const int half = D / 2;
+  const float at = rope_scale * (float)position;
+  for (int i = 0; i < half; ++i) {
+    const float theta = at * inv_freq[i];
+    const float c = std::cos(theta), s = std::sin(theta);
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * c - x2 * s;
+    x[i + half] = x1 * s + x2 * c;
+  }
+}
+
+struct BlockJob {
+  BlockParams p;
+  int B, L, hidden, inter, D, capacity;
+  const float *h, *norm_in, *norm_post, *inv_freq;
+  const int32_t* starts;
+  float *keys, *values, *out;
+  const uint32_t* w[N_PROJ];
+  const float *s[N_PROJ], *b[N_PROJ];
+
+  void project(int which, const float* x, int M, int N, int K, float* y) const {
+    const int gs = p.group_size[which];
+    compute(Problem{x, w[which], s[which], b[which], y, M, N, K, K / gs, gs, p.bits[which]});
+  }
+
+  void run() const {
+    const int M = B * L, HQ = p.n_heads, HK = p.n_kv_heads, group = HQ / HK;
+    const size_t cap = (size_t)capacity;
+    thread_local std::vector<float> ybuf, qbuf, kbuf, vbuf, attbuf, hbuf, gbuf, ubuf, sbuf;
+    ybuf.resize((size_t)M * std::max(hidden, inter));
+    qbuf.resize((size_t)M * HQ * D);
+    kbuf.resize((size_t)M * HK * D);
+    vbuf.resize((size_t)M * HK * D);
+    attbuf.resize((size_t)M * HQ * D);
+    hbuf.resize((size_t)M * hidden);
+    gbuf.resize((size_t)M * inter);
+    ubuf.resize((size_t)M * inter);
+    float *y = ybuf.data(), *q = qbuf.data(), *k = kbuf.data(), *v = vbuf.data(), *att = attbuf.data();
+    float *h1 = hbuf.data(), *gate = gbuf.data(), *up = ubuf.data();
+
+    rms_norm_rows(h, norm_in, p.eps_in, M, hidden, y);
+    project(P_Q, y, M, HQ * D, hidden, q);
+    project(P_K, y, M, HK * D, hidden, k);
+    project(P_V, y, M, HK * D, hidden, v);
+    for (int b = 0; b < B; ++b)
+      for (int l = 0; l < L; ++l) {
+        const int m = b * L + l, position = p.write_at + l - starts[b];
+        for (int hq = 0; hq < HQ; ++hq) rope_head(q + ((size_t)m * HQ + hq) * D, D, inv_freq, p.rope_scale, position);
+        for (int hk = 0; hk < HK; ++hk) {
+          float* kr = k + ((size_t)m * HK + hk) * D;
+          rope_head(kr, D, inv_freq, p.rope_scale, position);
+          const size_t at = (((size_t)b * HK + hk) * cap + p.write_at + l) * D;
+          std::memcpy(keys + at, kr, D * sizeof(float));
+          std::memcpy(values + at, v + ((size_t)m * HK + hk) * D, D * sizeof(float));
+        }
+      }
+    // attention: (q * scale) . k, softmax over the visible positions, the weighted sum of values
+    sbuf.resize(cap);
+    float* scores = sbuf.data();
+    std::vector<float> qs(D), acc(D);
+    for (int b = 0; b < B; ++b)
+      for (int l = 0; l < L; ++l) {
+        // a padding query (left of its row's start) sees its own key, as the reference mask lets it
+        const int m = b * L + l, last = p.write_at + l, first = std::min(starts[b], last);
+        for (int hq = 0; hq < HQ; ++hq) {
+          const int hk = hq / group;
+          const float* qr = q + ((size_t)m * HQ + hq) * D;
+          for (int d = 0; d < D; ++d) qs[d] = qr[d] * p.scale;
+          const float* kh = keys + ((size_t)b * HK + hk) * cap * D;
+          const float* vh = values + ((size_t)b * HK + hk) * cap * D;
+          float top = -INFINITY;
+          for (int c = first; c <= last; ++c) {
+            const float* kc = kh + (size_t)c * D;
+            float t = 0;
+            for (int d = 0; d < D; ++d) t += qs[d] * kc[d];
+            scores[c] = t;
+            top = std::max(top, t);
+          }
+          float total = 0;
+          for (int c = first; c <= last; ++c) total += (scores[c] = std::exp(scores[c] - top));
+          const float norm = 1.0f / total;
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          for (int c = first; c <= last; ++c) {
+            const float pc = scores[c] * norm;
+            const float* vc = vh + (size_t)c * D;
+            for (int d = 0; d < D; ++d) acc[d] += pc * vc[d];
+          }
+          std::memcpy(att + ((size_t)m * HQ + hq) * D, acc.data(), D * sizeof(float));
+        }
+      }
+    project(P_O, att, M, hidden, HQ * D, h1);
+    for (size_t i = 0; i < (size_t)M * hidden; ++i) h1[i] += h[i];
+    rms_norm_rows(h1, norm_post, p.eps_post, M, hidden, y);
+    project(P_GATE, y, M, inter, hidden, gate);
+    project(P_UP, y, M, inter, hidden, up);
+    for (size_t i = 0; i < (size_t)M * inter; ++i) {  // silu(gate) * up, as nn.silu(gate) * up
+      const float g = gate[i];
+      gate[i] = (g * (1.0f / (1.0f + std::exp(-g)))) * up[i];
+    }
+    project(P_DOWN, gate, M, hidden, inter, out);
+    for (size_t i = 0; i < (size_t)M * hidden; ++i) out[i] += h1[i];
+  }
+};
+
+// how many times decode_block copied a storage it could not reuse (for tests)
+static std::atomic<long> g_block_storage_copies{0};
+
+class StratlmDecodeBlock : public mx::Primitive {
+ public:
+  StratlmDecodeBlock(mx::Stream stream, BlockParams params) : mx::Primitive(stream), p_(params) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    outs[0].set_data(mx::allocator::malloc(outs[0].nbytes()));
+    // The storage is written in place when no other array shares its buffer (no view of it, no
+    // copy made from it without copying), else copied first. Only positions at and past the
+    // cache's offset change, which KVCache's protocol holds unwritten. (MLX's is_donatable also
+    // asks that no other handle reference the array; here each of the three outputs holds one.)
+    bool copy[2];
+    for (int i = 0; i < 2; ++i) {
+      const auto& src = in[IN_KEYS + i];
+      const auto& buffer = src.data_shared_ptr();
+      copy[i] = !(src.flags().row_contiguous && buffer.use_count() == 1 && buffer->is_owned());
+      if (copy[i]) g_block_storage_copies.fetch_add(1);
+      if (copy[i]) outs[1 + i].set_data(mx::allocator::malloc(outs[1 + i].nbytes()));
+      else outs[1 + i].copy_shared_buffer(src);
+    }
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& a : outs) enc.set_output_array(a);
+    std::vector<View> views;
+    for (auto& a : in) views.push_back(View::of(a));
+    const auto& h = in[IN_H];
+    const auto& wd = in[IN_WEIGHTS + 3 * P_DOWN];
+    BlockJob job{};
+    job.p = p_;
+    job.B = h.shape(0);
+    job.L = h.shape(1);
+    job.hidden = h.shape(2);
+    job.inter = wd.shape(1) * 32 / p_.bits[P_DOWN];
+    job.D = in[IN_KEYS].shape(3);
+    job.capacity = in[IN_KEYS].shape(2);
+    enc.dispatch([job, views = std::move(views), out = outs[0].data<float>(), keys = outs[1].data<float>(),
+                  values = outs[2].data<float>(), copy0 = copy[0], copy1 = copy[1]]() mutable {
+      std::vector<std::vector<uint32_t>> tmp(views.size());
+      auto data = [&](int i) { return views[i].data(tmp[i]); };
+      job.h = static_cast<const float*>(data(IN_H));
+      job.norm_in = static_cast<const float*>(data(IN_NORM_IN));
+      job.norm_post = static_cast<const float*>(data(IN_NORM_POST));
+      job.inv_freq = static_cast<const float*>(data(IN_INV_FREQ));
+      job.starts = static_cast<const int32_t*>(data(IN_STARTS));
+      if (copy0) std::memcpy(keys, data(IN_KEYS), views[IN_KEYS].size * sizeof(float));
+      if (copy1) std::memcpy(values, data(IN_VALUES), views[IN_VALUES].size * sizeof(float));
+      job.keys = keys;
+      job.values = values;
+      job.out = out;
+      for (int j = 0; j < N_PROJ; ++j) {
+        job.w[j] = static_cast<const uint32_t*>(data(IN_WEIGHTS + 3 * j));
+        job.s[j] = static_cast<const float*>(data(IN_WEIGHTS + 3 * j + 1));
+        job.b[j] = static_cast<const float*>(data(IN_WEIGHTS + 3 * j + 2));
+      }
+      job.run();
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("stratlm decode_block runs on the CPU only");
+  }
+  const char* name() const override { return "StratlmDecodeBlock"; }
+
+ private:
+  BlockParams p_;
+};
+
+// Checks the shapes and dtypes the kernel assumes; returns (out, keys, values).
+std::vector<mx::array> decode_block(const std::vector<mx::array>& inputs, float eps_in, float eps_post, float scale,
+                                    float rope_scale, int n_heads, int n_kv_heads, int write_at,
+                                    const std::vector<int>& group_sizes, const std::vector<int>& bits) {
+  auto fail = [](const std::string& why) { throw std::invalid_argument("decode_block: " + why); };
+  if (inputs.size() != IN_WEIGHTS + 3 * N_PROJ) fail("expected " + std::to_string(IN_WEIGHTS + 3 * N_PROJ) + " inputs");
+  if (group_sizes.size() != N_PROJ || bits.size() != N_PROJ) fail("one group size and bit width per projection");
+  const auto &h = inputs[IN_H], &keys = inputs[IN_KEYS], &values = inputs[IN_VALUES];
+  if (h.ndim() != 3 || h.dtype() != mx::float32) fail("h must be (B, L, hidden) float32");
+  const int B = h.shape(0), L = h.shape(1), hidden = h.shape(2);
+  if (keys.ndim() != 4 || keys.dtype() != mx::float32 || keys.shape() != values.shape() || values.dtype() != mx::float32)
+    fail("keys and values must be (B, n_kv_heads, capacity, head_dim) float32 of one shape");
+  const int D = keys.shape(3), capacity = keys.shape(2);
+  if (keys.shape(0) != B || keys.shape(1) != n_kv_heads || n_kv_heads <= 0 || n_heads % n_kv_heads || D % 2)
+    fail("the storage's rows or heads do not match");
+  if (write_at < 0 || write_at + L > capacity) fail("no room in the storage for the new positions");
+  for (int i : {IN_NORM_IN, IN_NORM_POST})
+    if (inputs[i].dtype() != mx::float32 || inputs[i].shape() != mx::Shape{hidden}) fail("norm weights must be (hidden,) float32");
+  if (inputs[IN_INV_FREQ].dtype() != mx::float32 || inputs[IN_INV_FREQ].shape() != mx::Shape{D / 2})
+    fail("inv_freq must be (head_dim / 2,) float32");
+  if (inputs[IN_STARTS].dtype() != mx::int32 || inputs[IN_STARTS].shape() != mx::Shape{B}) fail("starts must be (B,) int32");
+  const int inter_of_down = [&] {
+    const auto& w = inputs[IN_WEIGHTS + 3 * P_DOWN];
+    return w.ndim() == 2 ? w.shape(1) * 32 / std::max(1, bits[P_DOWN]) : -1;
+  }();
+  const int out_dims[N_PROJ] = {n_heads * D, n_kv_heads * D, n_kv_heads * D, hidden, inter_of_down, inter_of_down, hidden};
+  const int in_dims[N_PROJ] = {hidden, hidden, hidden, n_heads * D, hidden, hidden, inter_of_down};
+  for (int j = 0; j < N_PROJ; ++j) {
+    const auto &w = inputs[IN_WEIGHTS + 3 * j], &s = inputs[IN_WEIGHTS + 3 * j + 1], &b = inputs[IN_WEIGHTS + 3 * j + 2];
+    if (bits[j] != 4 && bits[j] != 8) fail("bits must be 4 or 8");
+    if (group_sizes[j] != 32 && group_sizes[j] != 64 && group_sizes[j] != 128) fail("group_size must be 32, 64 or 128");
+    if (w.dtype() != mx::uint32 || w.ndim() != 2 || w.shape(0) != out_dims[j] || w.shape(1) * 32 / bits[j] != in_dims[j])
+      fail("projection " + std::to_string(j) + "'s weights do not fit the block's shapes");
+    mx::Shape sshape{out_dims[j], in_dims[j] / group_sizes[j]};
+    if (s.dtype() != mx::float32 || b.dtype() != mx::float32 || s.shape() != sshape || b.shape() != sshape)
+      fail("projection " + std::to_string(j) + "'s scales and biases must be float32 (N, K / group_size)");
+  }
+  BlockParams p{eps_in, eps_post, scale, rope_scale, n_heads, n_kv_heads, write_at, {}, {}};
+  for (int j = 0; j < N_PROJ; ++j) {
+    p.group_size[j] = group_sizes[j];
+    p.bits[j] = bits[j];
+  }
+  auto cpu = mx::default_stream(mx::Device::cpu);
+  return mx::array::make_arrays({h.shape(), keys.shape(), values.shape()}, {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<StratlmDecodeBlock>(cpu, p), inputs);
+}

