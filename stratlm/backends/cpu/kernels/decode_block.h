@@ -22,28 +22,47 @@ struct BlockParams {
 enum { IN_H, IN_NORM_IN, IN_NORM_POST, IN_INV_FREQ, IN_STARTS, IN_KEYS, IN_VALUES, IN_WEIGHTS };
 enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN, N_PROJ };
 
+// Longest head the attention below takes (its accumulators live on the stack).
+constexpr int MAX_HEAD_DIM = 512;
+
+// sum of a[i] * b[i] in 8 independent partial sums: the compiler vectorizes them (one running
+// sum is a chain of dependent adds, ~4 cycles each)
+static inline float dot(const float* a, const float* b, int n) {
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
+  float tail = 0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7])) + tail;
+}
+
 // y = w * (x * 1 / sqrt(mean(x^2) + eps)) per row, as mx.fast.rms_norm rounds it in fp32
 static void rms_norm_rows(const float* x, const float* w, float eps, int M, int K, float* y) {
   for (int m = 0; m < M; ++m) {
     const float* xr = x + (size_t)m * K;
     float* yr = y + (size_t)m * K;
-    float ss = 0;
-    for (int k = 0; k < K; ++k) ss += xr[k] * xr[k];
-    const float inv = 1.0f / std::sqrt(ss * (1.0f / (float)K) + eps);
+    const float inv = 1.0f / std::sqrt(dot(xr, xr, K) * (1.0f / (float)K) + eps);
     for (int k = 0; k < K; ++k) yr[k] = w[k] * (xr[k] * inv);
   }
 }
 
-// one head's pairs (i, i + D/2) turned by theta_i = (rope_scale * position) * inv_freq_i, in place
-static void rope_head(float* x, int D, const float* inv_freq, float rope_scale, int position) {
-  const int half = D / 2;
+// the cosines and sines of theta_i = (rope_scale * position) * inv_freq_i, i < half
+static void rope_angles(int half, const float* inv_freq, float rope_scale, int position, float* cos_out, float* sin_out) {
   const float at = rope_scale * (float)position;
   for (int i = 0; i < half; ++i) {
     const float theta = at * inv_freq[i];
-    const float c = std::cos(theta), s = std::sin(theta);
+    cos_out[i] = std::cos(theta);
+    sin_out[i] = std::sin(theta);
+  }
+}
+
+// one head's pairs (i, i + D/2) turned by the angles, in place (Hugging Face half-split layout)
+static void rope_head(float* x, int half, const float* c, const float* s) {
+  for (int i = 0; i < half; ++i) {
     const float x1 = x[i], x2 = x[i + half];
-    x[i] = x1 * c - x2 * s;
-    x[i + half] = x1 * s + x2 * c;
+    x[i] = x1 * c[i] - x2 * s[i];
+    x[i + half] = x1 * s[i] + x2 * c[i];
   }
 }
 
@@ -80,13 +99,16 @@ struct BlockJob {
     project(P_Q, y, M, HQ * D, hidden, q);
     project(P_K, y, M, HK * D, hidden, k);
     project(P_V, y, M, HK * D, hidden, v);
+    const int half = D / 2;
+    float cos_t[MAX_HEAD_DIM / 2], sin_t[MAX_HEAD_DIM / 2];
     for (int b = 0; b < B; ++b)
       for (int l = 0; l < L; ++l) {
-        const int m = b * L + l, position = p.write_at + l - starts[b];
-        for (int hq = 0; hq < HQ; ++hq) rope_head(q + ((size_t)m * HQ + hq) * D, D, inv_freq, p.rope_scale, position);
+        const int m = b * L + l;
+        rope_angles(half, inv_freq, p.rope_scale, p.write_at + l - starts[b], cos_t, sin_t);
+        for (int hq = 0; hq < HQ; ++hq) rope_head(q + ((size_t)m * HQ + hq) * D, half, cos_t, sin_t);
         for (int hk = 0; hk < HK; ++hk) {
           float* kr = k + ((size_t)m * HK + hk) * D;
-          rope_head(kr, D, inv_freq, p.rope_scale, position);
+          rope_head(kr, half, cos_t, sin_t);
           const size_t at = (((size_t)b * HK + hk) * cap + p.write_at + l) * D;
           std::memcpy(keys + at, kr, D * sizeof(float));
           std::memcpy(values + at, v + ((size_t)m * HK + hk) * D, D * sizeof(float));
@@ -95,7 +117,7 @@ struct BlockJob {
     // attention: (q * scale) . k, softmax over the visible positions, the weighted sum of values
     sbuf.resize(cap);
     float* scores = sbuf.data();
-    std::vector<float> qs(D), acc(D);
+    alignas(64) float qs[MAX_HEAD_DIM], acc[MAX_HEAD_DIM];
     for (int b = 0; b < B; ++b)
       for (int l = 0; l < L; ++l) {
         // a padding query (left of its row's start) sees its own key, as the reference mask lets it
@@ -108,22 +130,19 @@ struct BlockJob {
           const float* vh = values + ((size_t)b * HK + hk) * cap * D;
           float top = -INFINITY;
           for (int c = first; c <= last; ++c) {
-            const float* kc = kh + (size_t)c * D;
-            float t = 0;
-            for (int d = 0; d < D; ++d) t += qs[d] * kc[d];
-            scores[c] = t;
-            top = std::max(top, t);
+            scores[c] = dot(qs, kh + (size_t)c * D, D);
+            top = std::max(top, scores[c]);
           }
           float total = 0;
           for (int c = first; c <= last; ++c) total += (scores[c] = std::exp(scores[c] - top));
           const float norm = 1.0f / total;
-          std::fill(acc.begin(), acc.end(), 0.0f);
+          for (int d = 0; d < D; ++d) acc[d] = 0.0f;
           for (int c = first; c <= last; ++c) {
             const float pc = scores[c] * norm;
             const float* vc = vh + (size_t)c * D;
             for (int d = 0; d < D; ++d) acc[d] += pc * vc[d];
           }
-          std::memcpy(att + ((size_t)m * HQ + hq) * D, acc.data(), D * sizeof(float));
+          std::memcpy(att + ((size_t)m * HQ + hq) * D, acc, D * sizeof(float));
         }
       }
     project(P_O, att, M, hidden, HQ * D, h1);
@@ -223,6 +242,7 @@ std::vector<mx::array> decode_block(const std::vector<mx::array>& inputs, float 
   const int D = keys.shape(3), capacity = keys.shape(2);
   if (keys.shape(0) != B || keys.shape(1) != n_kv_heads || n_kv_heads <= 0 || n_heads % n_kv_heads || D % 2)
     fail("the storage's rows or heads do not match");
+  if (D > MAX_HEAD_DIM) fail("head_dim above " + std::to_string(MAX_HEAD_DIM));
   if (write_at < 0 || write_at + L > capacity) fail("no room in the storage for the new positions");
   for (int i : {IN_NORM_IN, IN_NORM_POST})
     if (inputs[i].dtype() != mx::float32 || inputs[i].shape() != mx::Shape{hidden}) fail("norm weights must be (hidden,) float32");
