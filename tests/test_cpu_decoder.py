@@ -104,6 +104,24 @@ def test_decode_path_gives_the_reference_forwards_logits(scaling, heads, head_di
     assert decode_both_ways(model, prompts, padding, windows, seed) < 2e-5
 
 
+@pytest.mark.parametrize("exact_products", [True, False])
+def test_a_window_of_positions_equals_those_positions_one_at_a_time(exact_products):
+    """A verify window through the decode path gives, position for position, the logits of
+    single-position steps: exactly with int8 activations (each row quantized on its own; norms and
+    attention are per row); with fp32 activations up to fp32 rounding, as the exact kernels' sums
+    for a row depend on how many rows share the call for some widths (quantized_matmul alike)."""
+    model = quantized_tiny(8, hidden_size=128, intermediate_size=256)
+    fast = decoder.install(model)
+    prompt, window = mx.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]), mx.array([[8, 9, 7, 9], [3, 2, 3, 8]])
+    with kernels.exact_mode(exact_products):
+        at_once, one_by_one = model.make_cache(), model.make_cache()
+        model(prompt, at_once)
+        model(prompt, one_by_one)
+        together = fast.forward(model, window, at_once)
+        apart = mx.concatenate([fast.forward(model, window[:, i : i + 1], one_by_one) for i in range(window.shape[1])], axis=1)
+        np.testing.assert_allclose(np.array(together), np.array(apart), rtol=0, atol=0 if not exact_products else 1e-5)
+
+
 def test_storage_grows_and_is_written_in_place():
     """Past the storage's 64-position blocks the cache grows (KVCache.make_room) and the path goes
     on; while nothing else shares the storage, no decode step copies it."""

@@ -75,9 +75,12 @@ struct BlockJob {
   const uint32_t* w[N_PROJ];
   const float *s[N_PROJ], *b[N_PROJ];
 
-  void project(int which, const float* x, int M, int N, int K, float* y) const {
+  Problem problem(int which, const float* x, int M, int N, int K, float* y) const {
     const int gs = p.group_size[which];
-    compute(Problem{x, w[which], s[which], b[which], y, M, N, K, K / gs, gs, p.bits[which]});
+    return Problem{x, w[which], s[which], b[which], y, M, N, K, K / gs, gs, p.bits[which]};
+  }
+  void project(int which, const float* x, int M, int N, int K, float* y) const {
+    compute(problem(which, x, M, N, K, y));
   }
 
   void run() const {
@@ -96,9 +99,9 @@ struct BlockJob {
     float *h1 = hbuf.data(), *gate = gbuf.data(), *up = ubuf.data();
 
     rms_norm_rows(h, norm_in, p.eps_in, M, hidden, y);
-    project(P_Q, y, M, HQ * D, hidden, q);
-    project(P_K, y, M, HK * D, hidden, k);
-    project(P_V, y, M, HK * D, hidden, v);
+    const Problem qkv[3] = {problem(P_Q, y, M, HQ * D, hidden, q), problem(P_K, y, M, HK * D, hidden, k),
+                            problem(P_V, y, M, HK * D, hidden, v)};
+    compute_many(qkv, 3);
     const int half = D / 2;
     float cos_t[MAX_HEAD_DIM / 2], sin_t[MAX_HEAD_DIM / 2];
     for (int b = 0; b < B; ++b)
@@ -148,8 +151,8 @@ struct BlockJob {
     project(P_O, att, M, hidden, HQ * D, h1);
     for (size_t i = 0; i < (size_t)M * hidden; ++i) h1[i] += h[i];
     rms_norm_rows(h1, norm_post, p.eps_post, M, hidden, y);
-    project(P_GATE, y, M, inter, hidden, gate);
-    project(P_UP, y, M, inter, hidden, up);
+    const Problem gate_up[2] = {problem(P_GATE, y, M, inter, hidden, gate), problem(P_UP, y, M, inter, hidden, up)};
+    compute_many(gate_up, 2);
     for (size_t i = 0; i < (size_t)M * inter; ++i) {  // silu(gate) * up, as nn.silu(gate) * up
       const float g = gate[i];
       gate[i] = (g * (1.0f / (1.0f + std::exp(-g)))) * up[i];

@@ -634,52 +634,76 @@ static sgemm_fn find_sgemm() { return (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm
 static std::atomic<int> g_gemm_min_rows{48};  // M at or above which the GEMM path is used
 
 // ---------------------------------------------------------------- driver
-static void run_direct(const Problem& p) {
-  int isa = float_isa(g_isa.load(std::memory_order_relaxed));
-  // per-group sums of x, and x rearranged for the kernel's lane order
-  std::vector<float> xs((size_t)p.M * p.G);
+// Output rows of one or more problems as one pool job: each problem's rows in chunks of whole
+// 24-row blocks (every block height divides 24), ~8 per thread, when there is enough work; one
+// job for several products of the same input (q/k/v, gate/up) waits once instead of per product.
+static void run_chunks(const Problem* ps, int n, const std::function<void(int, int, int)>& rows) {
+  double work = 0;
+  for (int j = 0; j < n; ++j) work += (double)ps[j].M * ps[j].N * ps[j].K;
+  Pool* pl = work >= 64.0 * 1024 ? pool() : nullptr;
+  struct Chunk { int j, n0, n1; };
+  std::vector<Chunk> chunks;
+  for (int j = 0; j < n; ++j) {
+    const int N = ps[j].N;
+    int chunk = pl ? std::max(48, (N / (8 * pl->size()) + 23) / 24 * 24) : N;
+    for (int n0 = 0; n0 < N; n0 += chunk) chunks.push_back({j, n0, std::min(N, n0 + chunk)});
+  }
+  if (pl == nullptr || chunks.size() <= 1) {
+    for (auto& c : chunks) rows(c.j, c.n0, c.n1);
+    return;
+  }
+  pl->run((int)chunks.size(), [&](int i) { rows(chunks[i].j, chunks[i].n0, chunks[i].n1); });
+}
+
+// x as the direct kernels read it: per-group sums, and the rows in the kernel's lane order
+struct DirectInput {
+  std::vector<float> xs, xbuf;
+  const float* xk = nullptr;
+};
+
+static void prepare_direct(const Problem& p, int isa, DirectInput& in) {
+  in.xs.resize((size_t)p.M * p.G);
   for (int m = 0; m < p.M; ++m)
     for (int g = 0; g < p.G; ++g) {
       const float* xg = p.x + (size_t)m * p.K + (size_t)g * p.gs;
       float t = 0;
       for (int i = 0; i < p.gs; ++i) t += xg[i];
-      xs[(size_t)m * p.G + g] = t;
+      in.xs[(size_t)m * p.G + g] = t;
     }
   // x for the kernel, 64-byte aligned (a vector load that straddles two cache lines costs two;
   // K is a multiple of 16, so every row is aligned too)
-  std::vector<float> xbuf;
   auto aligned = [&]() {
-    xbuf.resize((size_t)p.M * p.K + 16);
-    return (float*)(((uintptr_t)xbuf.data() + 63) & ~(uintptr_t)63);
+    in.xbuf.resize((size_t)p.M * p.K + 16);
+    return (float*)(((uintptr_t)in.xbuf.data() + 63) & ~(uintptr_t)63);
   };
-  const float* xk = p.x;
+  in.xk = p.x;
   if (isa == AVX512 && p.bits == 4) {
     float* xp = aligned();
     float scale[16];  // 16^-(l/2): exact powers of two
     for (int l = 0; l < 16; ++l) scale[l] = std::ldexp(1.0f, -4 * (l >> 1));
     for (size_t base = 0; base < (size_t)p.M * p.K; base += 16)
       for (int l = 0; l < 16; ++l) xp[base + l] = p.x[base + 8 * (l & 1) + (l >> 1)] * scale[l];
-    xk = xp;
+    in.xk = xp;
   } else if (isa != GENERIC && p.M > 1 && ((uintptr_t)p.x & 63) != 0) {
     float* xp = aligned();
     std::memcpy(xp, p.x, (size_t)p.M * p.K * sizeof(float));
-    xk = xp;
+    in.xk = xp;
   }
-  auto rows = [&](int n0, int n1) {
+}
+
+static void direct_rows(const Problem& p, int isa, const DirectInput& in, int n0, int n1) {
 #if SQ_X86
-    if (isa == AVX512) return avx512::rows(p, xk, xs.data(), n0, n1);
-    if (isa == AVX2) return avx2::rows(p, xk, xs.data(), n0, n1);
+  if (isa == AVX512) return avx512::rows(p, in.xk, in.xs.data(), n0, n1);
+  if (isa == AVX2) return avx2::rows(p, in.xk, in.xs.data(), n0, n1);
 #endif
-    generic::rows(p, xk, xs.data(), n0, n1);
-  };
-  // split output rows (multiples of 16) over the pool when there is enough work
-  double work = (double)p.M * p.N * p.K;
-  Pool* pl = work >= 64.0 * 1024 ? pool() : nullptr;
-  // chunks of whole 24-row blocks (every block height divides 24), ~8 per thread
-  int chunk = pl ? std::max(48, (p.N / (8 * pl->size()) + 23) / 24 * 24) : p.N;
-  int chunks = (p.N + chunk - 1) / chunk;
-  if (chunks <= 1) return rows(0, p.N);
-  pl->run(chunks, [&](int i) { rows(i * chunk, std::min(p.N, (i + 1) * chunk)); });
+  generic::rows(p, in.xk, in.xs.data(), n0, n1);
+}
+
+static void run_direct(const Problem* ps, int n) {
+  int isa = float_isa(g_isa.load(std::memory_order_relaxed));
+  std::vector<DirectInput> in(n);
+  for (int j = 0; j < n; ++j) prepare_direct(ps[j], isa, in[j]);
+  run_chunks(ps, n, [&](int j, int n0, int n1) { direct_rows(ps[j], isa, in[j], n0, n1); });
 }
 
 static void run_gemm(const Problem& p, sgemm_fn sgemm) {
@@ -795,44 +819,50 @@ static void rounded_group_sums(const Problem& p, const int32_t* block_sums, cons
     }
 }
 
-static void run_q8(const Problem& p) {
-  int isa = g_isa.load(std::memory_order_relaxed);
+// x as the int8 kernels read it: the rows quantized per block of 32 in the kernel's layout
+struct Q8Input {
+  std::vector<int8_t> qbuf;
+  std::vector<float> d, xs, dv;
+  std::vector<int32_t> sums;
+  Q8Act a{};
+};
+
+static void prepare_q8(const Problem& p, int isa, Q8Input& in) {
   const int NB = p.K / 32, NP = NB / 2;
   Q8Layout layout = q8_layout(isa, p.bits);
-  thread_local std::vector<int8_t> qbuf;
-  thread_local std::vector<float> dbuf, xsbuf, dvbuf;
-  thread_local std::vector<int32_t> sumbuf;
-  qbuf.resize((size_t)p.M * p.K + 64);
-  dbuf.resize((size_t)p.M * NB);
-  xsbuf.resize((size_t)p.M * p.G);
-  int8_t* q = (int8_t*)(((uintptr_t)qbuf.data() + 63) & ~(uintptr_t)63);
-  sumbuf.resize((size_t)p.M * NB);
-  quantize_q8(p.x, p.M, p.K, layout, q, dbuf.data(), sumbuf.data());
-  rounded_group_sums(p, sumbuf.data(), dbuf.data(), xsbuf.data());
+  in.qbuf.resize((size_t)p.M * p.K + 64);
+  in.d.resize((size_t)p.M * NB);
+  in.xs.resize((size_t)p.M * p.G);
+  in.sums.resize((size_t)p.M * NB);
+  int8_t* q = (int8_t*)(((uintptr_t)in.qbuf.data() + 63) & ~(uintptr_t)63);
+  quantize_q8(p.x, p.M, p.K, layout, q, in.d.data(), in.sums.data());
+  rounded_group_sums(p, in.sums.data(), in.d.data(), in.xs.data());
   if (isa == AVX512VNNI) {  // each lane's block scale, per pair of blocks
-    dvbuf.resize((size_t)p.M * NP * 16);
+    in.dv.resize((size_t)p.M * NP * 16);
     for (int m = 0; m < p.M; ++m)
       for (int jp = 0; jp < NP; ++jp)
         for (int l = 0; l < 16; ++l) {
           int second = p.bits == 4 ? (l >> 2) & 1 : l >> 3;
-          dvbuf[((size_t)m * NP + jp) * 16 + l] = dbuf[(size_t)m * NB + 2 * jp + second];
+          in.dv[((size_t)m * NP + jp) * 16 + l] = in.d[(size_t)m * NB + 2 * jp + second];
         }
   }
-  Q8Act a{q, dbuf.data(), xsbuf.data(), dvbuf.data()};
-  auto rows = [&](int n0, int n1) {
+  in.a = Q8Act{q, in.d.data(), in.xs.data(), in.dv.data()};
+}
+
+static void q8_rows_of(const Problem& p, int isa, const Q8Act& a, int n0, int n1) {
 #if SQ_X86
-    if (isa == AVX512VNNI) return avx512vnni::q8z_rows(p, a, n0, n1);
-    if (isa == AVXVNNI) return avxvnni::q8_rows(p, a, n0, n1);
-    if (isa == AVX2 || isa == AVX512) return avx2::q8_rows(p, a, n0, n1);
+  if (isa == AVX512VNNI) return avx512vnni::q8z_rows(p, a, n0, n1);
+  if (isa == AVXVNNI) return avxvnni::q8_rows(p, a, n0, n1);
+  if (isa == AVX2 || isa == AVX512) return avx2::q8_rows(p, a, n0, n1);
 #endif
-    q8_rows_generic(p, a, n0, n1);
-  };
-  double work = (double)p.M * p.N * p.K;
-  Pool* pl = work >= 64.0 * 1024 ? pool() : nullptr;
-  int chunk = pl ? std::max(48, (p.N / (8 * pl->size()) + 23) / 24 * 24) : p.N;
-  int chunks = (p.N + chunk - 1) / chunk;
-  if (chunks <= 1) return rows(0, p.N);
-  pl->run(chunks, [&](int i) { rows(i * chunk, std::min(p.N, (i + 1) * chunk)); });
+  q8_rows_generic(p, a, n0, n1);
+}
+
+static void run_q8(const Problem* ps, int n) {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  std::vector<Q8Input> in(n);
+  for (int j = 0; j < n; ++j) prepare_q8(ps[j], isa, in[j]);
+  run_chunks(ps, n, [&](int j, int n0, int n1) { q8_rows_of(ps[j], isa, in[j].a, n0, n1); });
 }
 
 // x rounded as the int8 path rounds it (per row and block of 32), back in fp32, for the GEMM path
@@ -858,8 +888,22 @@ static void compute(const Problem& p) {
       return run_gemm(q, sgemm);
     }
   }
-  if (!exact) return run_q8(p);
-  run_direct(p);
+  if (!exact) return run_q8(&p, 1);
+  run_direct(&p, 1);
+}
+
+// Several products (each as compute would do it) with their output rows in one pool job: the
+// same results as one compute call each.
+static void compute_many(const Problem* ps, int n) {
+  const int gemm_from = g_gemm_min_rows.load(std::memory_order_relaxed);
+  bool direct = true;
+  for (int j = 0; j < n; ++j) direct = direct && ps[j].M > 0 && ps[j].N > 0 && ps[j].M < gemm_from;
+  if (!direct) {
+    for (int j = 0; j < n; ++j) compute(ps[j]);
+    return;
+  }
+  if (!g_exact.load(std::memory_order_relaxed)) return run_q8(ps, n);
+  run_direct(ps, n);
 }
 
 // A view of a 4-byte array's data; non-contiguous or broadcast inputs are gathered row-major.
