@@ -66,6 +66,43 @@ static void rope_head(float* x, int half, const float* c, const float* s) {
   }
 }
 
+// Vector loops below are compiled for AVX-512 and AVX2 too, picked at load by the CPU (the same
+// expressions each way: the same results).
+#if SQ_X86 && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define SQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SQ_CLONES
+#endif
+
+// One query head over storage positions first..last of its KV head: out = softmax((q * scale) .
+// k) v, the values summed four positions at a time. scores: room for last + 1 floats.
+SQ_CLONES static void attend_head(const float* q, float scale, const float* keys, const float* values, int D, int first,
+                                  int last, float* scores, float* out) {
+  alignas(64) float qs[MAX_HEAD_DIM], acc[MAX_HEAD_DIM];
+  for (int d = 0; d < D; ++d) qs[d] = q[d] * scale;
+  float top = -INFINITY;
+  for (int c = first; c <= last; ++c) {
+    scores[c] = dot(qs, keys + (size_t)c * D, D);
+    top = std::max(top, scores[c]);
+  }
+  float total = 0;
+  for (int c = first; c <= last; ++c) total += (scores[c] = std::exp(scores[c] - top));
+  const float norm = 1.0f / total;
+  for (int d = 0; d < D; ++d) acc[d] = 0.0f;
+  int c = first;
+  for (; c + 4 <= last + 1; c += 4) {
+    const float p0 = scores[c] * norm, p1 = scores[c + 1] * norm, p2 = scores[c + 2] * norm, p3 = scores[c + 3] * norm;
+    const float *v0 = values + (size_t)c * D, *v1 = v0 + D, *v2 = v1 + D, *v3 = v2 + D;
+    for (int d = 0; d < D; ++d) acc[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+  }
+  for (; c <= last; ++c) {
+    const float pc = scores[c] * norm;
+    const float* vc = values + (size_t)c * D;
+    for (int d = 0; d < D; ++d) acc[d] += pc * vc[d];
+  }
+  std::memcpy(out, acc, D * sizeof(float));
+}
+
 struct BlockJob {
   BlockParams p;
   int B, L, hidden, inter, D, capacity;
@@ -117,35 +154,15 @@ struct BlockJob {
           std::memcpy(values + at, v + ((size_t)m * HK + hk) * D, D * sizeof(float));
         }
       }
-    // attention: (q * scale) . k, softmax over the visible positions, the weighted sum of values
     sbuf.resize(cap);
-    float* scores = sbuf.data();
-    alignas(64) float qs[MAX_HEAD_DIM], acc[MAX_HEAD_DIM];
     for (int b = 0; b < B; ++b)
       for (int l = 0; l < L; ++l) {
         // a padding query (left of its row's start) sees its own key, as the reference mask lets it
         const int m = b * L + l, last = p.write_at + l, first = std::min(starts[b], last);
         for (int hq = 0; hq < HQ; ++hq) {
-          const int hk = hq / group;
-          const float* qr = q + ((size_t)m * HQ + hq) * D;
-          for (int d = 0; d < D; ++d) qs[d] = qr[d] * p.scale;
-          const float* kh = keys + ((size_t)b * HK + hk) * cap * D;
-          const float* vh = values + ((size_t)b * HK + hk) * cap * D;
-          float top = -INFINITY;
-          for (int c = first; c <= last; ++c) {
-            scores[c] = dot(qs, kh + (size_t)c * D, D);
-            top = std::max(top, scores[c]);
-          }
-          float total = 0;
-          for (int c = first; c <= last; ++c) total += (scores[c] = std::exp(scores[c] - top));
-          const float norm = 1.0f / total;
-          for (int d = 0; d < D; ++d) acc[d] = 0.0f;
-          for (int c = first; c <= last; ++c) {
-            const float pc = scores[c] * norm;
-            const float* vc = vh + (size_t)c * D;
-            for (int d = 0; d < D; ++d) acc[d] += pc * vc[d];
-          }
-          std::memcpy(att + ((size_t)m * HQ + hq) * D, acc, D * sizeof(float));
+          const size_t kv = ((size_t)b * HK + hq / group) * cap * D;
+          attend_head(q + ((size_t)m * HQ + hq) * D, p.scale, keys + kv, values + kv, D, first, last, sbuf.data(),
+                      att + ((size_t)m * HQ + hq) * D);
         }
       }
     project(P_O, att, M, hidden, HQ * D, h1);
