@@ -122,6 +122,21 @@ def test_a_window_of_positions_equals_those_positions_one_at_a_time(exact_produc
         np.testing.assert_allclose(np.array(together), np.array(apart), rtol=0, atol=0 if not exact_products else 1e-5)
 
 
+@pytest.mark.parametrize("isa", kernels.extension().isas() if kernels.available() else [])
+def test_every_instruction_set_takes_the_decode_path(isa):
+    """The products on each instruction set this CPU has (the lesser ones forced, as on a machine
+    with AVX2 only), 8-bit and 4-bit: the reference forward's logits."""
+    ext = kernels.extension()
+    before = ext.isa()
+    ext.set_isa(isa)
+    try:
+        model = quantized_tiny(9, mixed=True, hidden_size=128, intermediate_size=256)
+        prompts = mx.array([[5, 4, 3, 2, 1, 0, 7], [0, 0, 1, 2, 3, 4, 5]])
+        assert decode_both_ways(model, prompts, [0, 2], [1, 3, 1], seed=9) < 2e-5
+    finally:
+        ext.set_isa(before)
+
+
 def test_storage_grows_and_is_written_in_place():
     """Past the storage's 64-position blocks the cache grows (KVCache.make_room) and the path goes
     on; while nothing else shares the storage, no decode step copies it."""
