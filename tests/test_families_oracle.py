@@ -406,13 +406,26 @@ HUB_STYLE = {  # config.json as the hub checkpoints spell them (before transform
     "qwen3-30b-a3b-style": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
         decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0)),
+    # the windows below are the real ones (32768, 4096, 2047) shrunk under the test's sequence
+    "qwen2.5-style": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        model_type="qwen2", use_sliding_window=False, sliding_window=8, max_window_layers=1, rope_theta=1000000.0, tie_word_embeddings=True)),
+    # tie_word_embeddings, attention_bias and mlp_bias left out where transformers' default applies
+    "mistral-7b-v0.1-style": ("MistralConfig", "MistralForCausalLM", dict(model_type="mistral", sliding_window=8, rope_theta=10000.0)),
+    "mistral-7b-v0.3-style": ("MistralConfig", "MistralForCausalLM", dict(model_type="mistral", sliding_window=None, rope_theta=1000000.0)),
+    "phi3-mini-4k-style": ("Phi3Config", "Phi3ForCausalLM", dict(
+        model_type="phi3", sliding_window=8, rope_scaling=None, rope_theta=10000.0, original_max_position_embeddings=512)),
+    "olmo2-style": ("Olmo2Config", "Olmo2ForCausalLM", dict(model_type="olmo2", rope_theta=500000.0, rope_scaling=None, attention_bias=False)),
+    "granite-3.3-style": ("GraniteConfig", "GraniteForCausalLM", dict(
+        model_type="granite", rope_theta=10000000.0, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True, attention_bias=False, mlp_bias=False)),
+    "smollm3-style": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        model_type="smollm3", num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0], no_rope_layer_interval=4, sliding_window=None,
+        rope_theta=5000000.0)),  # tied and use_sliding_window false by transformers' default
 }
 
 
-@pytest.mark.parametrize("name", list(HUB_STYLE))
-def test_hub_style_configs_read_as_transformers_reads_them(tmp_path, name):
-    """A config.json in the hub's older spelling (rope_theta / rope_local_base_freq / rope_scaling,
-    sliding_window_pattern, num_experts) gives the model transformers builds from it."""
+def hub_style_folder(folder, name: str):
+    """The transformers model of a HUB_STYLE config and its folder, config.json as the hub spells it."""
     import json
 
     config_cls, model_cls, hub = HUB_STYLE[name]
@@ -421,11 +434,20 @@ def test_hub_style_configs_read_as_transformers_reads_them(tmp_path, name):
     hf = getattr(transformers, model_cls)(getattr(transformers, config_cls).from_dict(dict(hub))).eval()
     with torch.no_grad():
         for pname, p in hf.named_parameters():
-            if "norm" in pname:
+            if "norm" in pname or pname.endswith(".bias"):
                 p.add_(0.2 * torch.randn_like(p))
-    hf.save_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(hub))  # what the hub checkpoint holds
-    byte_tokenizer().save(tmp_path)
+    hf.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(hub))  # what the hub checkpoint holds
+    byte_tokenizer().save(folder)
+    return hf
+
+
+@pytest.mark.parametrize("name", list(HUB_STYLE))
+def test_hub_style_configs_read_as_transformers_reads_them(tmp_path, name):
+    """A config.json in the hub's older spelling (rope_theta / rope_local_base_freq / rope_scaling,
+    sliding_window_pattern, num_experts, use_sliding_window false beside a window, no_rope_layers)
+    gives the model transformers builds from it: the configs of the aliased checkpoints' families."""
+    hf = hub_style_folder(tmp_path, name)
     ids = np.random.RandomState(7).randint(0, VOCAB, (1, 40))  # past the window and original_max_position_embeddings
     ours = load_model(str(tmp_path), dtype="float32").model
     ref = reference(hf, ids)
