@@ -456,6 +456,27 @@ def test_hub_style_configs_read_as_transformers_reads_them(tmp_path, name):
         assert np.abs(decode_stepwise(ours, ids, 6) - ref).max() < TOL
 
 
+@pytest.mark.parametrize("name", list(HUB_STYLE))
+def test_hub_style_folders_convert_to_what_mlx_lm_loads(tmp_path, name):
+    """`stratlm convert --quantize 4` of each family's hub-style folder: stratlm and mlx_lm.load
+    give the same logits from the output. The prompt is within every window (mlx-lm's Qwen2,
+    Mistral and Phi-3 attend over everything), and Phi-3.5's past its original context (mlx-lm's
+    LongRoPE always rotates by the long factors; transformers and stratlm by the short ones
+    within it)."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    from stratlm.backends.cpu import kernels
+    from stratlm.loaders.convert import convert
+
+    hub_style_folder(tmp_path / "hub", name)
+    out = convert(str(tmp_path / "hub"), tmp_path / "q4", quantize="4", group_size=32, dtype="float32", progress=None).out
+    ids = mx.array(np.random.RandomState(8).randint(0, VOCAB, (1, 40 if name == "phi3.5-style" else 8)))
+    with kernels.exact_mode():
+        ours = np.array(load_model(str(out), dtype="float32", quantized="keep").model(ids))
+    theirs = np.array(mlx_lm.load(str(out))[0](ids))
+    assert ours.std() > 0.1  # (Granite divides its logits by 8)
+    assert np.abs(ours - theirs).max() < 1e-4 * np.abs(ours).max()
+
+
 def test_gemma3_gguf_loads_to_transformers_logits(tmp_path):
     """A Gemma 3 GGUF as llama.cpp's converter writes it (every norm weight + 1, its own names
     for the four block norms, the sliding window in the metadata, 5 local : 1 global layers)
