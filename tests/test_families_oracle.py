@@ -220,6 +220,52 @@ def test_quantized_experts_run_through_gather_qmm(pairs, tmp_path):
     assert np.abs(np.array(kept(ids)) - np.array(dense(ids))).max() < TOL
 
 
+def test_experts_not_chosen_are_not_computed(pairs, monkeypatch):
+    """The experts run through mx.gather_mm, given the stacked weights and each token's k picks;
+    the experts the router does not pick for a short prompt and its decoding steps are never
+    read: NaN weights there leave the logits exactly as they were (a dense mixture that weighted
+    them by 0 would give NaN), while NaN in a chosen expert reaches the logits."""
+    from stratlm.models.qwen3_moe import SwitchGLU
+
+    ids = ids_for("qwen3-moe-every-layer")[:, :4]
+    chosen: dict[int, set] = {}
+    original, gather_mm = SwitchGLU.__call__, mx.gather_mm
+    gathers = []
+
+    def recording(self, x, indices):
+        chosen.setdefault(id(self), set()).update(np.array(indices).ravel().tolist())
+        return original(self, x, indices)
+
+    def recording_gather_mm(a, b, *args, rhs_indices=None, **kwargs):
+        gathers.append((b.shape, rhs_indices.shape))
+        return gather_mm(a, b, *args, rhs_indices=rhs_indices, **kwargs)
+
+    monkeypatch.setattr(mx, "gather_mm", recording_gather_mm)
+
+    def run():
+        model = load_model(str(FOLDERS["qwen3-moe-every-layer"]), dtype="float32").model
+        return model, decode_stepwise(model, ids, 2)
+
+    monkeypatch.setattr(SwitchGLU, "__call__", recording)
+    model, expected = run()
+    monkeypatch.setattr(SwitchGLU, "__call__", original)
+    steps = 3  # the 2-position prompt and 2 decoding steps, each through 2 layers of gate, up and down
+    assert len(gathers) == steps * 2 * 3 and {b[0] for b, _ in gathers} == {8} and {i[-1] for _, i in gathers} == {3}
+    experts = [layer.mlp.switch_mlp for layer in model.layers]
+    unused = [sorted(set(range(8)) - chosen[id(e)]) for e in experts]
+    assert all(unused), unused  # 4 tokens, 3 of 8 experts each: some are left out in every layer
+
+    def poison(switch, picks):
+        for proj in (switch.gate_proj, switch.up_proj, switch.down_proj):
+            proj.weight = mx.array(np.where(np.isin(np.arange(8), picks)[:, None, None], np.nan, np.array(proj.weight)))
+
+    for switch, picks in zip(experts, unused):
+        poison(switch, picks)
+    assert np.array_equal(decode_stepwise(model, ids, 2), expected)
+    poison(experts[0], [sorted(chosen[id(experts[0])])[0]])
+    assert np.isnan(decode_stepwise(model, ids, 2)).any()
+
+
 @pytest.mark.parametrize("name", ["mistral-window", "gemma3", "qwen3-moe"])
 def test_strategies_over_the_new_caches(pairs, name):
     """Greedy, batch and speculative decoding (a model draft: its cache and the target's trimmed
