@@ -181,6 +181,40 @@ def test_batch_rows_filtered_from_a_wrapped_window(pairs):
     assert np.abs(rest - ref[:, 80:]).max() < TOL
 
 
+# a family's folder with one field taken out of config.json -> what the one-line error must say
+MISSING_FIELD = {
+    "qwen2-tied": ("vocab_size", "config.json lacks vocab_size (needed for model_type 'qwen2')"),
+    "mistral-window": ("num_attention_heads", "config.json lacks num_attention_heads (needed for model_type 'mistral')"),
+    "phi3-window": ("intermediate_size", "config.json lacks intermediate_size (needed for model_type 'phi3')"),
+    "qwen3-moe": ("moe_intermediate_size", "config.json lacks moe_intermediate_size (needed for model_type 'qwen3_moe')"),
+    "qwen3-moe-every-layer": ("num_local_experts", "config.json lacks num_experts (or num_local_experts)"),
+    "olmo2": ("hidden_size", "config.json lacks hidden_size (needed for model_type 'olmo2')"),
+    "granite": ("num_hidden_layers", "config.json lacks num_hidden_layers (needed for model_type 'granite')"),
+    "smollm3": ("num_hidden_layers", "config.json lacks num_hidden_layers (needed for model_type 'smollm3')"),
+    # Gemma 3 fills what its config leaves out with Gemma3TextConfig's defaults, as transformers does:
+    # the weights then do not fit, and the error names the parameter and both shapes
+    "gemma3": ("hidden_size", "do not fit a gemma3 model of this config: Expected shape (259, 2304) but received shape (259, 64)"),
+}
+
+
+@pytest.mark.parametrize("name", list(MISSING_FIELD))
+def test_a_missing_config_field_is_named_on_the_command_line(pairs, tmp_path, capsys, name):
+    import json
+    import shutil
+
+    from stratlm.cli.main import main
+
+    field, message = MISSING_FIELD[name]
+    folder = tmp_path / name
+    shutil.copytree(FOLDERS[name], folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert field in config
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != field}))
+    assert main(["generate", "hi", "-m", str(folder), "--max-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
 def test_the_window_is_exercised(pairs):
     """The windowed case's reference differs from full attention on the same weights: an
     implementation ignoring the window would fail the comparisons above."""

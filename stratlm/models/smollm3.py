@@ -18,7 +18,7 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
 
 def build(config: dict[str, Any]) -> DecoderLM:
     config = with_defaults(config)
-    layers = config["num_hidden_layers"]
+    layers = config.get("num_hidden_layers", 0)  # (missing: TransformerArgs names it)
     interval = config.get("no_rope_layer_interval") or 4
     rope_layers = config.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
     return DecoderLM(config, TransformerArgs.from_config(config, rope_layers=tuple(bool(r) for r in rope_layers)))
