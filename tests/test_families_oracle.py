@@ -557,6 +557,32 @@ def test_hub_style_folders_convert_to_what_mlx_lm_loads(tmp_path, name):
     assert np.abs(ours - theirs).max() < 1e-4 * np.abs(ours).max()
 
 
+def test_multimodal_gemma3_checkpoint_loads_as_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (model_type gemma3, the text model's config under
+    text_config, its weights under language_model.*, a vision tower; as gemma-3-4b and up are)
+    loads as the text model: transformers' logits for a text-only prompt, prefill and decode."""
+    text = {**BASE, "num_hidden_layers": 3, "sliding_window": 4, "query_pre_attn_scalar": 16,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=1, image_token_index=VOCAB - 1,
+                                       boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    byte_tokenizer().save(tmp_path)
+    ids = np.random.RandomState(0).randint(0, VOCAB - 3, (1, 20))  # no image tokens
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    assert ref.std() > 0.5
+    ours = load_model(str(tmp_path), dtype="float32").model
+    assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
+    assert np.abs(decode_stepwise(ours, ids, 5) - ref).max() < TOL
+
+
 def test_gemma3_gguf_loads_to_transformers_logits(tmp_path):
     """A Gemma 3 GGUF as llama.cpp's converter writes it (every norm weight + 1, its own names
     for the four block norms, the sliding window in the metadata, 5 local : 1 global layers)
