@@ -83,6 +83,11 @@ def test_cli_convert_and_its_errors(tiny_folder, tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     assert main(["convert", str(tiny_folder), str(out), "--quantize", "q4", "--overwrite"]) == 0
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    # the spelling: --out DIR, and --dtype for a dense folder
+    assert main(["convert", str(tiny_folder), "--quantize", "4", "--group-size", "64", "--out", str(tmp_path / "opt")]) == 0
+    assert json.loads((tmp_path / "opt" / "config.json").read_text())["quantization"] == {"group_size": 64, "bits": 4}
+    assert main(["convert", str(tiny_folder), "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    assert {str(v.dtype) for v in mx.load(str(tmp_path / "bf16" / "model.safetensors")).values()} == {"mlx.core.bfloat16"}
     capsys.readouterr()
     for argv, message in [
         ([str(tiny_folder), str(tmp_path / "x"), "--quantize", "3"], "unknown --quantize '3'"),
@@ -90,6 +95,8 @@ def test_cli_convert_and_its_errors(tiny_folder, tmp_path, capsys):
         ([str(tiny_folder), str(tmp_path / "x.gguf"), "--quantize", "q4_k_m"], "GGUF output is written from a GGUF source"),
         ([str(tiny_folder), str(tmp_path / "y"), "--quantize", "q4_k_m"], "writes a GGUF file: give an output path ending in .gguf"),
         ([str(tiny_folder)], "convert needs an output"),
+        ([str(tiny_folder), str(tmp_path / "a"), "--out", str(tmp_path / "b")], "two outputs given"),
+        ([str(tiny_folder), str(tmp_path / "x"), "--dtype", "float64"], "unknown dtype 'float64'; choose one of float32"),
     ]:
         assert main(["convert", *argv]) == 1, argv
         assert message in capsys.readouterr().err, argv
