@@ -409,19 +409,25 @@ def test_rotating_cache_equals_windowed_attention_over_everything(window, room, 
         assert np.abs(got - ref).max(axis=(1, 3))[live].max(initial=0) < 1e-4
 
 
-def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
-    """A Qwen3-MoE GGUF in llama.cpp's layout (experts stacked in ffn_{gate,up,down}_exps, the
-    router in ffn_gate_inp, qwen3moe.expert_* metadata) loads to the logits of the transformers
-    model it was written from."""
-    gguf = pytest.importorskip("gguf")
-    from test_gguf import MERGES, byte_vocab  # the GGUF tests' vocabulary
-
-    tokens = byte_vocab()
+def qwen3_moe_hf(**overrides):
     torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(**{**BASE, "vocab_size": len(tokens), "tie_word_embeddings": False, "num_experts": 4,
-                                             "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True})
-    hf = transformers.Qwen3MoeForCausalLM(config).eval()
-    w = gguf.GGUFWriter(str(tmp_path / "moe.gguf"), "qwen3moe")
+    from test_gguf import byte_vocab  # the GGUF tests' vocabulary
+
+    config = transformers.Qwen3MoeConfig(**{**BASE, "vocab_size": len(byte_vocab()), "tie_word_embeddings": False, "num_experts": 4,
+                                             "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True, **overrides})
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+
+
+def write_qwen3_moe_gguf(path, hf, quantizer=None) -> None:
+    """A Qwen3-MoE GGUF in llama.cpp's layout (experts stacked in ffn_{gate,up,down}_exps, the
+    router in ffn_gate_inp, qwen3moe.expert_* metadata); quantizer(gguf name, values) -> (bytes,
+    ggml type) or None (F32)."""
+    import gguf
+
+    from test_gguf import MERGES, byte_vocab
+
+    tokens, config = byte_vocab(), hf.config
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
@@ -442,6 +448,14 @@ def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
     w.add_token_types([1] * len(tokens))
     w.add_token_merges(MERGES)
     w.add_eos_token_id(tokens.index("<|im_end|>"))
+
+    def add(name: str, data: np.ndarray) -> None:
+        quantized = quantizer(name, data) if quantizer is not None else None
+        if quantized is None:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, quantized[0], raw_dtype=quantized[1])
+
     base = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
             "mlp.gate": "ffn_gate_inp"}
@@ -449,13 +463,13 @@ def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
     for key, tensor in hf.state_dict().items():
         data = tensor.numpy().astype(np.float32)
         if key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            w.add_tensor({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(key, "output.weight"), data)
+            add({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(key, "output.weight"), data)
             continue
         _, _, layer, rest = key.split(".", 3)
         if ".experts." in rest:  # mlp.experts.gate_up_proj (experts, 2 * inter, hidden) / down_proj, or per expert
             experts.setdefault(layer, {})[rest] = data
             continue
-        w.add_tensor(f"blk.{layer}.{base[rest.rsplit('.', 1)[0]]}.weight", data)
+        add(f"blk.{layer}.{base[rest.rsplit('.', 1)[0]]}.weight", data)
     for layer, parts in experts.items():
         if "mlp.experts.gate_up_proj" in parts:
             gate_up, down = parts["mlp.experts.gate_up_proj"], parts["mlp.experts.down_proj"]
@@ -464,14 +478,54 @@ def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
             n = config.num_experts
             gate, up, down = (np.stack([parts[f"mlp.experts.{e}.{p}.weight"] for e in range(n)]) for p in ("gate_proj", "up_proj", "down_proj"))
         for name, data in (("ffn_gate_exps", gate), ("ffn_up_exps", up), ("ffn_down_exps", down)):
-            w.add_tensor(f"blk.{layer}.{name}.weight", np.ascontiguousarray(data))
+            add(f"blk.{layer}.{name}.weight", np.ascontiguousarray(data))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    ids = np.random.RandomState(0).randint(0, len(tokens), (2, 12))
+
+
+def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
+    """A Qwen3-MoE GGUF in llama.cpp's layout loads to the logits of the transformers model it
+    was written from."""
+    pytest.importorskip("gguf")
+    hf = qwen3_moe_hf()
+    write_qwen3_moe_gguf(tmp_path / "moe.gguf", hf)
+    ids = np.random.RandomState(0).randint(0, hf.config.vocab_size, (2, 12))
     ours = load_model(str(tmp_path / "moe.gguf"), dtype="float32").model
     assert np.abs(np.array(ours(mx.array(ids))) - reference(hf, ids)).max() < TOL
+
+
+def test_qwen3_moe_gguf_experts_stay_quantized(tmp_path):
+    """A Q4_K_M-style MoE GGUF (experts' gate/up Q4_K, down Q6_K, the rest Q8_0): the stacked
+    expert tensors stay quantized (gather_qmm: Q4_K as 4-bit, Q6_K re-quantized to 8-bit) and
+    give the logits of the same file expanded to fp32."""
+    gguf = pytest.importorskip("gguf")
+    from stratlm.backends.cpu import kernels
+    from stratlm.loaders import gguf_quants as gq
+    from stratlm.models.qwen3_moe import QuantizedSwitchLinear
+
+    hf = qwen3_moe_hf(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4, head_dim=64)
+    types = {"ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q4_K", "ffn_down_exps": "Q6_K"}
+
+    def quantizer(name: str, data: np.ndarray):
+        if data.ndim < 2:
+            return None
+        kind = types.get(name.split(".")[2], "Q8_0") if name.startswith("blk.") else "Q8_0"
+        return gq.quantize(data, kind), getattr(gguf.GGMLQuantizationType, kind)
+
+    path = tmp_path / "moe-q4km.gguf"
+    write_qwen3_moe_gguf(path, hf, quantizer)
+    ids = mx.array(np.random.RandomState(0).randint(0, hf.config.vocab_size, (2, 12)))
+    with kernels.exact_mode():
+        kept = load_model(str(path), dtype="float32", quantized="keep").model
+        dense = load_model(str(path), dtype="float32", quantized="dequantize").model
+        switch = kept.layers[0].mlp.switch_mlp
+        assert isinstance(switch.gate_proj, QuantizedSwitchLinear) and (switch.gate_proj.bits, switch.down_proj.bits) == (4, 8)
+        assert switch.gate_proj.weight.shape == (4, 256, 256 * 4 // 32)  # (experts, out, packed in)
+        got, expected = np.array(kept(ids)), np.array(dense(ids))
+    assert expected.std() > 0.1
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()  # Q6_K's 8-bit re-quantization: within its steps
 
 
 HUB_STYLE = {  # config.json as the hub checkpoints spell them (before transformers 5's rope_parameters)
