@@ -102,6 +102,30 @@ def test_cli_convert_and_its_errors(tiny_folder, tmp_path, capsys):
         assert message in capsys.readouterr().err, argv
 
 
+def test_cli_converts_a_hub_id_from_the_cache(tiny_folder, tmp_path):
+    """`stratlm convert org/name OUT -q 4` reads a hub id (here from the Hugging Face cache, offline)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hf" / "hub" / "models--someorg--tiny"
+    shutil.copytree(tiny_folder, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "STRATLM_PROGRESS": "off"}
+    env.pop("HF_HUB_CACHE", None)
+    out = tmp_path / "from-hub"
+    run = subprocess.run([sys.executable, "-m", "stratlm", "convert", "someorg/tiny", str(out), "-q", "4", "--group-size", "32"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(out) and "loading someorg/tiny" in run.stderr
+    assert json.loads((out / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": 4}
+    original = logits(load_model(str(tiny_folder), dtype="float32"), IDS)
+    error = np.abs(logits(load_model(str(out), dtype="float32", quantized="keep"), IDS) - original).max() / np.abs(original).max()
+    assert 0 < error < 0.5
+
+
 def test_gguf_to_folder_and_q4_k_m(tmp_path, exact_kernels):
     """A Q8_0 GGUF -> a folder that stratlm and mlx-lm load to the GGUF's own logits; the same
     GGUF -> Q4_K_M (K-quants where rows allow) -> read as transformers reads it."""
