@@ -83,6 +83,11 @@ def test_cli_convert_and_its_errors(tiny_folder, tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     assert main(["convert", str(tiny_folder), str(out), "--quantize", "q4", "--overwrite"]) == 0
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    # the issue's spelling: --out DIR, and --dtype for a dense folder
+    assert main(["convert", str(tiny_folder), "--quantize", "4", "--group-size", "64", "--out", str(tmp_path / "opt")]) == 0
+    assert json.loads((tmp_path / "opt" / "config.json").read_text())["quantization"] == {"group_size": 64, "bits": 4}
+    assert main(["convert", str(tiny_folder), "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    assert {str(v.dtype) for v in mx.load(str(tmp_path / "bf16" / "model.safetensors")).values()} == {"mlx.core.bfloat16"}
     capsys.readouterr()
     for argv, message in [
         ([str(tiny_folder), str(tmp_path / "x"), "--quantize", "3"], "unknown --quantize '3'"),
@@ -90,9 +95,35 @@ def test_cli_convert_and_its_errors(tiny_folder, tmp_path, capsys):
         ([str(tiny_folder), str(tmp_path / "x.gguf"), "--quantize", "q4_k_m"], "GGUF output is written from a GGUF source"),
         ([str(tiny_folder), str(tmp_path / "y"), "--quantize", "q4_k_m"], "writes a GGUF file: give an output path ending in .gguf"),
         ([str(tiny_folder)], "convert needs an output"),
+        ([str(tiny_folder), str(tmp_path / "a"), "--out", str(tmp_path / "b")], "two outputs given"),
+        ([str(tiny_folder), str(tmp_path / "x"), "--dtype", "float64"], "unknown dtype 'float64'; choose one of float32"),
     ]:
         assert main(["convert", *argv]) == 1, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_cli_converts_a_hub_id_from_the_cache(tiny_folder, tmp_path):
+    """`stratlm convert org/name OUT -q 4` reads a hub id (here from the Hugging Face cache, offline)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hf" / "hub" / "models--someorg--tiny"
+    shutil.copytree(tiny_folder, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "STRATLM_PROGRESS": "off"}
+    env.pop("HF_HUB_CACHE", None)
+    out = tmp_path / "from-hub"
+    run = subprocess.run([sys.executable, "-m", "stratlm", "convert", "someorg/tiny", str(out), "-q", "4", "--group-size", "32"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(out) and "loading someorg/tiny" in run.stderr
+    assert json.loads((out / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": 4}
+    original = logits(load_model(str(tiny_folder), dtype="float32"), IDS)
+    error = np.abs(logits(load_model(str(out), dtype="float32", quantized="keep"), IDS) - original).max() / np.abs(original).max()
+    assert 0 < error < 0.5
 
 
 def test_gguf_to_folder_and_q4_k_m(tmp_path, exact_kernels):

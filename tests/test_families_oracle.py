@@ -181,6 +181,40 @@ def test_batch_rows_filtered_from_a_wrapped_window(pairs):
     assert np.abs(rest - ref[:, 80:]).max() < TOL
 
 
+# a family's folder with one field taken out of config.json -> what the one-line error must say
+MISSING_FIELD = {
+    "qwen2-tied": ("vocab_size", "config.json lacks vocab_size (needed for model_type 'qwen2')"),
+    "mistral-window": ("num_attention_heads", "config.json lacks num_attention_heads (needed for model_type 'mistral')"),
+    "phi3-window": ("intermediate_size", "config.json lacks intermediate_size (needed for model_type 'phi3')"),
+    "qwen3-moe": ("moe_intermediate_size", "config.json lacks moe_intermediate_size (needed for model_type 'qwen3_moe')"),
+    "qwen3-moe-every-layer": ("num_local_experts", "config.json lacks num_experts (or num_local_experts)"),
+    "olmo2": ("hidden_size", "config.json lacks hidden_size (needed for model_type 'olmo2')"),
+    "granite": ("num_hidden_layers", "config.json lacks num_hidden_layers (needed for model_type 'granite')"),
+    "smollm3": ("num_hidden_layers", "config.json lacks num_hidden_layers (needed for model_type 'smollm3')"),
+    # Gemma 3 fills what its config leaves out with Gemma3TextConfig's defaults, as transformers does:
+    # the weights then do not fit, and the error names the parameter and both shapes
+    "gemma3": ("hidden_size", "do not fit a gemma3 model of this config: Expected shape (259, 2304) but received shape (259, 64)"),
+}
+
+
+@pytest.mark.parametrize("name", list(MISSING_FIELD))
+def test_a_missing_config_field_is_named_on_the_command_line(pairs, tmp_path, capsys, name):
+    import json
+    import shutil
+
+    from stratlm.cli.main import main
+
+    field, message = MISSING_FIELD[name]
+    folder = tmp_path / name
+    shutil.copytree(FOLDERS[name], folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert field in config
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != field}))
+    assert main(["generate", "hi", "-m", str(folder), "--max-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
 def test_the_window_is_exercised(pairs):
     """The windowed case's reference differs from full attention on the same weights: an
     implementation ignoring the window would fail the comparisons above."""
@@ -218,6 +252,52 @@ def test_quantized_experts_run_through_gather_qmm(pairs, tmp_path):
     assert isinstance(kept.layers[0].mlp.switch_mlp.gate_proj, QuantizedSwitchLinear)
     ids = mx.array(ids_for("qwen3-moe"))
     assert np.abs(np.array(kept(ids)) - np.array(dense(ids))).max() < TOL
+
+
+def test_experts_not_chosen_are_not_computed(pairs, monkeypatch):
+    """The experts run through mx.gather_mm, given the stacked weights and each token's k picks;
+    the experts the router does not pick for a short prompt and its decoding steps are never
+    read: NaN weights there leave the logits exactly as they were (a dense mixture that weighted
+    them by 0 would give NaN), while NaN in a chosen expert reaches the logits."""
+    from stratlm.models.qwen3_moe import SwitchGLU
+
+    ids = ids_for("qwen3-moe-every-layer")[:, :4]
+    chosen: dict[int, set] = {}
+    original, gather_mm = SwitchGLU.__call__, mx.gather_mm
+    gathers = []
+
+    def recording(self, x, indices):
+        chosen.setdefault(id(self), set()).update(np.array(indices).ravel().tolist())
+        return original(self, x, indices)
+
+    def recording_gather_mm(a, b, *args, rhs_indices=None, **kwargs):
+        gathers.append((b.shape, rhs_indices.shape))
+        return gather_mm(a, b, *args, rhs_indices=rhs_indices, **kwargs)
+
+    monkeypatch.setattr(mx, "gather_mm", recording_gather_mm)
+
+    def run():
+        model = load_model(str(FOLDERS["qwen3-moe-every-layer"]), dtype="float32").model
+        return model, decode_stepwise(model, ids, 2)
+
+    monkeypatch.setattr(SwitchGLU, "__call__", recording)
+    model, expected = run()
+    monkeypatch.setattr(SwitchGLU, "__call__", original)
+    steps = 3  # the 2-position prompt and 2 decoding steps, each through 2 layers of gate, up and down
+    assert len(gathers) == steps * 2 * 3 and {b[0] for b, _ in gathers} == {8} and {i[-1] for _, i in gathers} == {3}
+    experts = [layer.mlp.switch_mlp for layer in model.layers]
+    unused = [sorted(set(range(8)) - chosen[id(e)]) for e in experts]
+    assert all(unused), unused  # 4 tokens, 3 of 8 experts each: some are left out in every layer
+
+    def poison(switch, picks):
+        for proj in (switch.gate_proj, switch.up_proj, switch.down_proj):
+            proj.weight = mx.array(np.where(np.isin(np.arange(8), picks)[:, None, None], np.nan, np.array(proj.weight)))
+
+    for switch, picks in zip(experts, unused):
+        poison(switch, picks)
+    assert np.array_equal(decode_stepwise(model, ids, 2), expected)
+    poison(experts[0], [sorted(chosen[id(experts[0])])[0]])
+    assert np.isnan(decode_stepwise(model, ids, 2)).any()
 
 
 @pytest.mark.parametrize("name", ["mistral-window", "gemma3", "qwen3-moe"])
@@ -329,19 +409,25 @@ def test_rotating_cache_equals_windowed_attention_over_everything(window, room, 
         assert np.abs(got - ref).max(axis=(1, 3))[live].max(initial=0) < 1e-4
 
 
-def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
-    """A Qwen3-MoE GGUF in llama.cpp's layout (experts stacked in ffn_{gate,up,down}_exps, the
-    router in ffn_gate_inp, qwen3moe.expert_* metadata) loads to the logits of the transformers
-    model it was written from."""
-    gguf = pytest.importorskip("gguf")
-    from test_gguf import MERGES, byte_vocab  # the GGUF tests' vocabulary
-
-    tokens = byte_vocab()
+def qwen3_moe_hf(**overrides):
     torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(**{**BASE, "vocab_size": len(tokens), "tie_word_embeddings": False, "num_experts": 4,
-                                             "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True})
-    hf = transformers.Qwen3MoeForCausalLM(config).eval()
-    w = gguf.GGUFWriter(str(tmp_path / "moe.gguf"), "qwen3moe")
+    from test_gguf import byte_vocab  # the GGUF tests' vocabulary
+
+    config = transformers.Qwen3MoeConfig(**{**BASE, "vocab_size": len(byte_vocab()), "tie_word_embeddings": False, "num_experts": 4,
+                                             "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True, **overrides})
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+
+
+def write_qwen3_moe_gguf(path, hf, quantizer=None) -> None:
+    """A Qwen3-MoE GGUF in llama.cpp's layout (experts stacked in ffn_{gate,up,down}_exps, the
+    router in ffn_gate_inp, qwen3moe.expert_* metadata); quantizer(gguf name, values) -> (bytes,
+    ggml type) or None (F32)."""
+    import gguf
+
+    from test_gguf import MERGES, byte_vocab
+
+    tokens, config = byte_vocab(), hf.config
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
@@ -362,6 +448,14 @@ def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
     w.add_token_types([1] * len(tokens))
     w.add_token_merges(MERGES)
     w.add_eos_token_id(tokens.index("<|im_end|>"))
+
+    def add(name: str, data: np.ndarray) -> None:
+        quantized = quantizer(name, data) if quantizer is not None else None
+        if quantized is None:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, quantized[0], raw_dtype=quantized[1])
+
     base = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
             "mlp.gate": "ffn_gate_inp"}
@@ -369,13 +463,13 @@ def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
     for key, tensor in hf.state_dict().items():
         data = tensor.numpy().astype(np.float32)
         if key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            w.add_tensor({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(key, "output.weight"), data)
+            add({"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(key, "output.weight"), data)
             continue
         _, _, layer, rest = key.split(".", 3)
         if ".experts." in rest:  # mlp.experts.gate_up_proj (experts, 2 * inter, hidden) / down_proj, or per expert
             experts.setdefault(layer, {})[rest] = data
             continue
-        w.add_tensor(f"blk.{layer}.{base[rest.rsplit('.', 1)[0]]}.weight", data)
+        add(f"blk.{layer}.{base[rest.rsplit('.', 1)[0]]}.weight", data)
     for layer, parts in experts.items():
         if "mlp.experts.gate_up_proj" in parts:
             gate_up, down = parts["mlp.experts.gate_up_proj"], parts["mlp.experts.down_proj"]
@@ -384,14 +478,54 @@ def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
             n = config.num_experts
             gate, up, down = (np.stack([parts[f"mlp.experts.{e}.{p}.weight"] for e in range(n)]) for p in ("gate_proj", "up_proj", "down_proj"))
         for name, data in (("ffn_gate_exps", gate), ("ffn_up_exps", up), ("ffn_down_exps", down)):
-            w.add_tensor(f"blk.{layer}.{name}.weight", np.ascontiguousarray(data))
+            add(f"blk.{layer}.{name}.weight", np.ascontiguousarray(data))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    ids = np.random.RandomState(0).randint(0, len(tokens), (2, 12))
+
+
+def test_qwen3_moe_gguf_loads_to_transformers_logits(tmp_path):
+    """A Qwen3-MoE GGUF in llama.cpp's layout loads to the logits of the transformers model it
+    was written from."""
+    pytest.importorskip("gguf")
+    hf = qwen3_moe_hf()
+    write_qwen3_moe_gguf(tmp_path / "moe.gguf", hf)
+    ids = np.random.RandomState(0).randint(0, hf.config.vocab_size, (2, 12))
     ours = load_model(str(tmp_path / "moe.gguf"), dtype="float32").model
     assert np.abs(np.array(ours(mx.array(ids))) - reference(hf, ids)).max() < TOL
+
+
+def test_qwen3_moe_gguf_experts_stay_quantized(tmp_path):
+    """A Q4_K_M-style MoE GGUF (experts' gate/up Q4_K, down Q6_K, the rest Q8_0): the stacked
+    expert tensors stay quantized (gather_qmm: Q4_K as 4-bit, Q6_K re-quantized to 8-bit) and
+    give the logits of the same file expanded to fp32."""
+    gguf = pytest.importorskip("gguf")
+    from stratlm.backends.cpu import kernels
+    from stratlm.loaders import gguf_quants as gq
+    from stratlm.models.qwen3_moe import QuantizedSwitchLinear
+
+    hf = qwen3_moe_hf(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4, head_dim=64)
+    types = {"ffn_gate_exps": "Q4_K", "ffn_up_exps": "Q4_K", "ffn_down_exps": "Q6_K"}
+
+    def quantizer(name: str, data: np.ndarray):
+        if data.ndim < 2:
+            return None
+        kind = types.get(name.split(".")[2], "Q8_0") if name.startswith("blk.") else "Q8_0"
+        return gq.quantize(data, kind), getattr(gguf.GGMLQuantizationType, kind)
+
+    path = tmp_path / "moe-q4km.gguf"
+    write_qwen3_moe_gguf(path, hf, quantizer)
+    ids = mx.array(np.random.RandomState(0).randint(0, hf.config.vocab_size, (2, 12)))
+    with kernels.exact_mode():
+        kept = load_model(str(path), dtype="float32", quantized="keep").model
+        dense = load_model(str(path), dtype="float32", quantized="dequantize").model
+        switch = kept.layers[0].mlp.switch_mlp
+        assert isinstance(switch.gate_proj, QuantizedSwitchLinear) and (switch.gate_proj.bits, switch.down_proj.bits) == (4, 8)
+        assert switch.gate_proj.weight.shape == (4, 256, 256 * 4 // 32)  # (experts, out, packed in)
+        got, expected = np.array(kept(ids)), np.array(dense(ids))
+    assert expected.std() > 0.1
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()  # Q6_K's 8-bit re-quantization: within its steps
 
 
 HUB_STYLE = {  # config.json as the hub checkpoints spell them (before transformers 5's rope_parameters)
@@ -406,13 +540,26 @@ HUB_STYLE = {  # config.json as the hub checkpoints spell them (before transform
     "qwen3-30b-a3b-style": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
         decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0)),
+    # the windows below are the real ones (32768, 4096, 2047) shrunk under the test's sequence
+    "qwen2.5-style": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        model_type="qwen2", use_sliding_window=False, sliding_window=8, max_window_layers=1, rope_theta=1000000.0, tie_word_embeddings=True)),
+    # tie_word_embeddings, attention_bias and mlp_bias left out where transformers' default applies
+    "mistral-7b-v0.1-style": ("MistralConfig", "MistralForCausalLM", dict(model_type="mistral", sliding_window=8, rope_theta=10000.0)),
+    "mistral-7b-v0.3-style": ("MistralConfig", "MistralForCausalLM", dict(model_type="mistral", sliding_window=None, rope_theta=1000000.0)),
+    "phi3-mini-4k-style": ("Phi3Config", "Phi3ForCausalLM", dict(
+        model_type="phi3", sliding_window=8, rope_scaling=None, rope_theta=10000.0, original_max_position_embeddings=512)),
+    "olmo2-style": ("Olmo2Config", "Olmo2ForCausalLM", dict(model_type="olmo2", rope_theta=500000.0, rope_scaling=None, attention_bias=False)),
+    "granite-3.3-style": ("GraniteConfig", "GraniteForCausalLM", dict(
+        model_type="granite", rope_theta=10000000.0, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True, attention_bias=False, mlp_bias=False)),
+    "smollm3-style": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        model_type="smollm3", num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0], no_rope_layer_interval=4, sliding_window=None,
+        rope_theta=5000000.0)),  # tied and use_sliding_window false by transformers' default
 }
 
 
-@pytest.mark.parametrize("name", list(HUB_STYLE))
-def test_hub_style_configs_read_as_transformers_reads_them(tmp_path, name):
-    """A config.json in the hub's older spelling (rope_theta / rope_local_base_freq / rope_scaling,
-    sliding_window_pattern, num_experts) gives the model transformers builds from it."""
+def hub_style_folder(folder, name: str):
+    """The transformers model of a HUB_STYLE config and its folder, config.json as the hub spells it."""
     import json
 
     config_cls, model_cls, hub = HUB_STYLE[name]
@@ -421,17 +568,73 @@ def test_hub_style_configs_read_as_transformers_reads_them(tmp_path, name):
     hf = getattr(transformers, model_cls)(getattr(transformers, config_cls).from_dict(dict(hub))).eval()
     with torch.no_grad():
         for pname, p in hf.named_parameters():
-            if "norm" in pname:
+            if "norm" in pname or pname.endswith(".bias"):
                 p.add_(0.2 * torch.randn_like(p))
-    hf.save_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(hub))  # what the hub checkpoint holds
-    byte_tokenizer().save(tmp_path)
+    hf.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(hub))  # what the hub checkpoint holds
+    byte_tokenizer().save(folder)
+    return hf
+
+
+@pytest.mark.parametrize("name", list(HUB_STYLE))
+def test_hub_style_configs_read_as_transformers_reads_them(tmp_path, name):
+    """A config.json in the hub's older spelling (rope_theta / rope_local_base_freq / rope_scaling,
+    sliding_window_pattern, num_experts, use_sliding_window false beside a window, no_rope_layers)
+    gives the model transformers builds from it: the configs of the aliased checkpoints' families."""
+    hf = hub_style_folder(tmp_path, name)
     ids = np.random.RandomState(7).randint(0, VOCAB, (1, 40))  # past the window and original_max_position_embeddings
     ours = load_model(str(tmp_path), dtype="float32").model
     ref = reference(hf, ids)
     assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
     if name != "phi3.5-style":  # LongRoPE picks its factors by a forward's last position: stepwise differs by design
         assert np.abs(decode_stepwise(ours, ids, 6) - ref).max() < TOL
+
+
+@pytest.mark.parametrize("name", list(HUB_STYLE))
+def test_hub_style_folders_convert_to_what_mlx_lm_loads(tmp_path, name):
+    """`stratlm convert --quantize 4` of each family's hub-style folder: stratlm and mlx_lm.load
+    give the same logits from the output. The prompt is within every window (mlx-lm's Qwen2,
+    Mistral and Phi-3 attend over everything), and Phi-3.5's past its original context (mlx-lm's
+    LongRoPE always rotates by the long factors; transformers and stratlm by the short ones
+    within it)."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    from stratlm.backends.cpu import kernels
+    from stratlm.loaders.convert import convert
+
+    hub_style_folder(tmp_path / "hub", name)
+    out = convert(str(tmp_path / "hub"), tmp_path / "q4", quantize="4", group_size=32, dtype="float32", progress=None).out
+    ids = mx.array(np.random.RandomState(8).randint(0, VOCAB, (1, 40 if name == "phi3.5-style" else 8)))
+    with kernels.exact_mode():
+        ours = np.array(load_model(str(out), dtype="float32", quantized="keep").model(ids))
+    theirs = np.array(mlx_lm.load(str(out))[0](ids))
+    assert ours.std() > 0.1  # (Granite divides its logits by 8)
+    assert np.abs(ours - theirs).max() < 1e-4 * np.abs(ours).max()
+
+
+def test_multimodal_gemma3_checkpoint_loads_as_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (model_type gemma3, the text model's config under
+    text_config, its weights under language_model.*, a vision tower; as gemma-3-4b and up are)
+    loads as the text model: transformers' logits for a text-only prompt, prefill and decode."""
+    text = {**BASE, "num_hidden_layers": 3, "sliding_window": 4, "query_pre_attn_scalar": 16,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=1, image_token_index=VOCAB - 1,
+                                       boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    byte_tokenizer().save(tmp_path)
+    ids = np.random.RandomState(0).randint(0, VOCAB - 3, (1, 20))  # no image tokens
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    assert ref.std() > 0.5
+    ours = load_model(str(tmp_path), dtype="float32").model
+    assert np.abs(np.array(ours(mx.array(ids))) - ref).max() < TOL
+    assert np.abs(decode_stepwise(ours, ids, 5) - ref).max() < TOL
 
 
 def test_gemma3_gguf_loads_to_transformers_logits(tmp_path):

@@ -174,7 +174,7 @@ def _flat(model):
     return tree_flatten(model.parameters())
 
 
-@pytest.mark.parametrize("pre,add_bos", [("gpt2", False), ("llama-bpe", True), ("qwen2", False), ("smollm", False)])
+@pytest.mark.parametrize("pre,add_bos", [("gpt2", False), ("llama-bpe", True), ("qwen2", False), ("smollm", False), ("tekken", True)])
 def test_tiny_gguf_tokenizer_matches_transformers(tmp_path, pre, add_bos):
     """Each pre-tokenizer splits numbers and whitespace differently; <think> stays whole; BOS as flagged."""
     path = tmp_path / "tok.gguf"
@@ -191,6 +191,16 @@ def test_tiny_gguf_tokenizer_matches_transformers(tmp_path, pre, add_bos):
     messages = [{"role": "user", "content": "hi"}]
     assert ours.apply_chat_template(messages) == oracle.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert ours.eos_token_ids == {byte_vocab().index("<|im_end|>")}
+
+
+def test_pre_tokenizer_splits_are_transformers_own():
+    """Each `tokenizer.ggml.pre` name we split by uses the regex transformers' GGUF loader uses for
+    it (a tiny vocabulary's merges cannot tell most of them apart)."""
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    from stratlm.loaders.gguf_tokenizer import GGUF_PRE_TOKENIZER_SPLITS
+
+    theirs = mapping.GGUF_PRE_TOKENIZER_SPLITS
+    assert GGUF_PRE_TOKENIZER_SPLITS == {name: theirs.get(name) for name in GGUF_PRE_TOKENIZER_SPLITS}
 
 
 def test_gguf_end_of_turn_token_also_stops(tmp_path):

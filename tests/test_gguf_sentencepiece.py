@@ -1,8 +1,9 @@
-"""SentencePiece-style GGUF tokenizers (`tokenizer.ggml.model = "llama"`, as Llama 2 and Mistral
-files are) against transformers' own GGUF tokenizer loading, on a small vocabulary written
-here: scores and no merges (what llama.cpp's converter writes for Llama 2) and given merges,
-byte fallback to <0xNN> for what the vocabulary lacks, control and user-defined tokens, BOS as
-flagged, the space prefix."""
+"""SentencePiece-style GGUF tokenizers (`tokenizer.ggml.model = "llama"`, as Llama 2, Mistral,
+Gemma and Phi-3 files are) against transformers' own GGUF tokenizer loading, on a small
+vocabulary written here: scores and no merges (what llama.cpp's converter writes for Llama 2) and
+given merges, byte fallback to <0xNN> for what the vocabulary lacks, control and user-defined
+tokens, BOS as flagged, the space prefix; Gemma's and Phi-3's files as their families read them
+(transformers picks their builders by `general.architecture`)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,10 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_vocab_gguf(path, *, merges: bool, add_bos: bool | None = None, add_space_prefix: bool | None = None) -> list[str]:
-    tokens, scores, types = vocabulary()
-    w = gguf.GGUFWriter(str(path), "llama")
+def write_vocab_gguf(path, *, merges: bool, add_bos: bool | None = None, add_space_prefix: bool | None = None, arch: str = "llama",
+                     vocab: tuple[list[str], list[float], list[int]] | None = None, special_ids: tuple[int, int, int] = (1, 2, 0)) -> list[str]:
+    tokens, scores, types = vocab or vocabulary()
+    w = gguf.GGUFWriter(str(path), arch)
     for key, value in (("context_length", 64), ("embedding_length", 32), ("block_count", 1), ("feed_forward_length", 64)):
         w.add_uint32(f"llama.{key}", value)
     w.add_head_count(2)
@@ -71,9 +73,10 @@ def write_vocab_gguf(path, *, merges: bool, add_bos: bool | None = None, add_spa
         from stratlm.loaders.gguf_tokenizer import merges_from_scores
 
         w.add_token_merges([f"{a} {b}" for a, b in merges_from_scores(tokens, scores)][::2])  # a different set than the scores imply
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    bos, eos, unk = special_ids
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    w.add_unk_token_id(unk)
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
     if add_space_prefix is not None:
@@ -123,3 +126,54 @@ def test_space_prefix_off_and_missing_scores(tmp_path):
         gguf_tokenizer(broken)
     with pytest.raises(ModelLoadError, match="GGUF tokenizer model 'bert' is not supported; supported: 'gpt2', 'llama'"):
         gguf_tokenizer({**meta, "tokenizer.ggml.model": "bert"})
+
+
+# Gemma's vocabulary: its specials first, whitespace runs (llama.cpp writes "  " as the spaces
+# themselves) and newlines as user-defined tokens, turn markers as control tokens; scores that do
+# not follow the tokens' order (transformers ranks Gemma's merges by position, not score)
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+GEMMA_WHITESPACE = ["\n", "\n\n", "\t", "  ", "   ", "    ", "\n  "]
+GEMMA_TEXTS = TEXTS + ["<start_of_turn>user\nHi  there,   the    world\n\n<end_of_turn>\n", "  two  spaces\n  indented", "a\n\nb\t\tc", "\n  x"]
+
+
+def gemma_vocabulary() -> tuple[list[str], list[float], list[int]]:
+    tokens = GEMMA_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + GEMMA_WHITESPACE
+    types = [CONTROL] * 5 + [BYTE] * 256 + [USER_DEFINED] * len(GEMMA_WHITESPACE)
+    for piece in CHARS + PIECES:
+        if piece not in tokens and (piece.strip("▁") or piece == "▁"):  # runs of spaces are the whitespace tokens above
+            tokens.append(piece)
+            types.append(1)
+    tokens += ["<start_of_turn>", "<end_of_turn>"]
+    types += [CONTROL, CONTROL]
+    scores = list(np.random.default_rng(0).normal(size=len(tokens)))  # unrelated to the order
+    return tokens, scores, types
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_gemma_and_phi3_files_read_as_transformers_reads_them(tmp_path, arch):
+    """The family's GGUF tokenizer (what the loader builds for that architecture) on a Gemma-style
+    vocabulary (no space prefix, whitespace tokens, merges by position) and Phi-3's (the prefix
+    from a normalizer: text after a special token, or starting with a space, gets its own "▁")."""
+    from stratlm.core.registry import get_registry
+    from stratlm.loaders.gguf import family_for_gguf, model_tokenizer
+
+    path = tmp_path / f"{arch}.gguf"
+    if arch == "gemma3":
+        tokens = write_vocab_gguf(path, merges=False, arch=arch, add_space_prefix=False, vocab=gemma_vocabulary(), special_ids=(2, 1, 3))
+        texts = GEMMA_TEXTS
+    else:
+        tokens = write_vocab_gguf(path, merges=False, arch=arch)
+        texts = TEXTS + [" lead", "[INST] after a special [/INST] and more"]
+    oracle = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    meta = read_gguf(path).metadata
+    ours = model_tokenizer(path, family_for_gguf(arch, get_registry(), path.name), meta)
+    for text in texts:
+        theirs = oracle.encode(text)
+        assert ours.encode(text) == theirs, text
+        assert ours.decode(theirs) == oracle.decode(theirs), text
+    if arch == "gemma3":
+        assert ours.encode("a  b", add_special_tokens=False) == [tokens.index("a"), tokens.index("  "), tokens.index("b")]  # as "▁▁"
+        assert ours.encode("<start_of_turn>", add_special_tokens=False) == [tokens.index("<start_of_turn>")]
+        assert ours.encode("hi")[0] == tokens.index("<bos>")
+    plain = gguf_tokenizer(meta)  # the family's reading is not the plain one: the comparisons above tell them apart
+    assert sum(plain.encode(t) != ours.encode(t) for t in texts) >= 3

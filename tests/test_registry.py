@@ -18,6 +18,26 @@ def test_builtins_register_through_the_entry_point_group():
     assert registry.get("model alias", "qwen3-0.6b") == "Qwen/Qwen3-0.6B"
 
 
+def test_every_familys_aliases_resolve_to_its_hub_checkpoints():
+    """Each family's ALIASES are registered and resolve (without a download) to the hub loader
+    and the checkpoint's repo id; no alias is taken twice."""
+    from stratlm.loaders.loading import DEFAULT_ALIAS, resolve
+    from stratlm.plugins.models import FAMILIES
+
+    registry = Registry()
+    assert {module.FAMILY.name for module in FAMILIES} <= set(registry.names("model family"))
+    seen: set = set()
+    for module in FAMILIES:
+        assert module.ALIASES, module.__name__
+        for alias, repo in module.ALIASES.items():
+            assert alias not in seen
+            seen.add(alias)
+            assert registry.get("model alias", alias) == repo
+            if alias != DEFAULT_ALIAS:  # (the default stands for the embedded GGUF when installed)
+                assert resolve(alias, registry) == ("hub", repo), alias
+            assert repo.count("/") == 1, repo
+
+
 def test_unknown_name_lists_known_ones_and_suggests_the_closest():
     with pytest.raises(UnknownNameError) as err:
         get_registry().get("strategy", "gredy")

@@ -99,7 +99,7 @@ class GGUFSpec:
     config. `rope_scaling(factors, config, file_name)`: the config's `rope_scaling` from a
     `rope_freqs` tensor (None: such a file is refused). `unpermute_qk(tensors, config)`: undoes
     the converter's Q/K row permutation (None: rows as stored). `tokenizer(metadata)`: the
-    tokenizer (None: byte-level BPE from the GGUF vocabulary and merges).
+    tokenizer (None: the one `tokenizer.ggml.model` names, byte-level BPE or SentencePiece).
     """
 
     architectures: tuple[str, ...] = attrs.field(converter=tuple)

@@ -263,7 +263,7 @@ class Scheduler:
         self.cache: list[KVCache] | None = None
         # the rows' next picks, queued but not read: while nothing joins or drafts, the next
         # forward is built from them before they are read, so the device never waits on the host
-        self._pending: list[tuple] | None = None
+        self._pending: list[tuple] | mx.array | None = None
         self.reserved = 0  # positions reserved by admitted requests
         self.counters = dict.fromkeys(("requests_finished", "requests_cancelled", "requests_failed", "prompt_tokens",
                                        "cached_prompt_tokens", "generated_tokens", "decode_steps"), 0)
@@ -503,15 +503,19 @@ class Scheduler:
         if self._pipelines():
             # queue the next step on the picks not yet read (a row that turns out finished
             # costs one wasted position, dropped when it retires)
-            tokens = mx.concatenate([pick[0] for pick in picks])[:, None]
+            tokens = picks[:, None] if isinstance(picks, mx.array) else mx.concatenate([pick[0] for pick in picks])[:, None]
             self._pending = self._picks(rows, self.model(tokens, self.cache)[:, 0, :])
             self.counters["decode_steps"] += 1
-            mx.async_eval([x for pick in self._pending for x in pick[:2] if x is not None])
+            mx.async_eval(self._pending if isinstance(self._pending, mx.array) else [x for pick in self._pending for x in pick[:2] if x is not None])
         self._emit_picks(rows, picks)
 
-    def _picks(self, rows: list[Row], logits: mx.array) -> list[tuple]:
-        """Each row's next token from its logits row (rows, vocab), lazily."""
+    def _picks(self, rows: list[Row], logits: mx.array) -> list[tuple] | mx.array:
+        """Each row's next token from its logits row (rows, vocab), lazily: (token, logprob, top)
+        per row, or when every row is plain greedy without log-probabilities, the tokens as one
+        (rows,) array (one node to build and one read a step, not one per row)."""
         greedy = mx.argmax(logits, axis=-1).astype(mx.int32) if any(r.plain_greedy for r in rows) else None
+        if all(r.plain_greedy and not (r.request.params.logprobs or r.request.params.top_logprobs) for r in rows):
+            return greedy
         return [self._pick(row, logits[i : i + 1], greedy[i : i + 1] if row.plain_greedy else None) for i, row in enumerate(rows)]
 
     def _pipelines(self) -> bool:
@@ -571,7 +575,9 @@ class Scheduler:
         return token, lp, top
 
     @staticmethod
-    def _read(picks: list[tuple]) -> list[tuple[int, float | None, dict[int, float] | None]]:
+    def _read(picks: list[tuple] | mx.array) -> list[tuple[int, float | None, dict[int, float] | None]]:
+        if isinstance(picks, mx.array):
+            return [(token, None, None) for token in picks.tolist()]
         mx.eval([x for pick in picks for x in pick if x is not None and not isinstance(x, tuple)] +
                 [x for pick in picks if pick[2] is not None for x in pick[2]])
         out = []
@@ -580,7 +586,7 @@ class Scheduler:
             out.append((int(token.item()), float(lp.item()) if lp is not None else None, top_dict))
         return out
 
-    def _emit_picks(self, rows: list[Row], picks: list[tuple]) -> None:
+    def _emit_picks(self, rows: list[Row], picks: list[tuple] | mx.array) -> None:
         """Read one pick per row (waiting for the device) and emit each row's token."""
         for row, choice in zip(rows, self._read(picks)):
             self._emit(row, [choice])
@@ -635,7 +641,8 @@ class Scheduler:
                     self.prefix_cache.insert(row.sequence[:held], batch_cache.row_state(self.cache, i))
         self.rows = [self.rows[i] for i in keep]
         if self._pending is not None:
-            self._pending = [self._pending[i] for i in keep] or None
+            pending = self._pending
+            self._pending = (pending[mx.array(keep, dtype=mx.int32)] if isinstance(pending, mx.array) else [pending[i] for i in keep]) if keep else None
         if keep:
             index = mx.array(keep, dtype=mx.int32)
             for layer in self.cache:

@@ -192,14 +192,16 @@ def affine(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> tuple[np.
 
 
 def tensor_arrays(tensor: TensorInfo, raw: np.ndarray, *, keep_quantized: bool) -> dict[str, "object"]:
-    """One GGUF tensor -> the MLX arrays its parameter takes: {"": dense} or, for a kept 2-D
-    quantized weight, {"": packed, "scales": ..., "biases": ...} (suffixes replace ".weight"'s tail)."""
+    """One GGUF tensor -> the MLX arrays its parameter takes: {"": dense} or, for a kept quantized
+    weight (2-D, or MoE experts stacked in 3-D), {"": packed, "scales": ..., "biases": ...}
+    (suffixes replace ".weight"'s tail)."""
     import mlx.core as mx
 
     type_name = tensor.type_name
     if type_name not in SUPPORTED:
         raise unsupported(tensor.name, type_name)
-    quantizable = keep_quantized and len(tensor.shape) == 2 and tensor.shape[-1] % GROUP_SIZE == 0
+    # 2-D weights, and MoE experts stacked (experts, out, in): their layers run gather_qmm
+    quantizable = keep_quantized and len(tensor.shape) >= 2 and tensor.shape[-1] % GROUP_SIZE == 0
     if quantizable and type_name in AFFINE_4BIT + AFFINE_8BIT:
         packed, scales, biases, _ = affine(raw, type_name, tensor.shape)
         return {"": mx.array(packed), "scales": mx.array(scales), "biases": mx.array(biases)}

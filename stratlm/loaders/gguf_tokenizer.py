@@ -11,12 +11,24 @@ from stratlm.core.tokenizer import Tokenizer
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-#: llama.cpp's `tokenizer.ggml.pre` names -> the split regex the merges were learned with (else GPT-2's)
+# Mistral's Tekken (Mistral Nemo, Small 3): cased words split at their capitals
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+                 r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+#: llama.cpp's `tokenizer.ggml.pre` names -> the split regex the merges were learned with (else
+#: GPT-2's); the names transformers' GGUF loader knows, for the architectures stratlm reads
 GGUF_PRE_TOKENIZER_SPLITS = {
     "llama-bpe": _LLAMA3_SPLIT,
     "llama3": _LLAMA3_SPLIT,
     "llama-v3": _LLAMA3_SPLIT,
     "smaug-bpe": _LLAMA3_SPLIT,
+    "falcon3": _LLAMA3_SPLIT,
+    "pixtral": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "tekken": _TEKKEN_SPLIT,
+    "gpt-4o": _GPT4O_SPLIT,
     "qwen2": _QWEN2_SPLIT,
     "deepseek-r1-qwen": _QWEN2_SPLIT,
 }
@@ -39,7 +51,7 @@ def _flag(meta: dict[str, Any], key: str, default: bool) -> bool:
     return default if value is None else bool(value.item() if hasattr(value, "item") else value)
 
 
-def _token_types(meta: dict[str, Any], n: int) -> list[int]:
+def token_types(meta: dict[str, Any], n: int) -> list[int]:
     types = meta.get("tokenizer.ggml.token_type")
     return [1] * n if types is None else (types.tolist() if hasattr(types, "tolist") else list(types))  # tolist: 2 s faster than iterating
 
@@ -71,14 +83,18 @@ def bpe_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     return _finish(rust, meta, tokens, add_bos_default=False)
 
 
-def sentencepiece_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+def sentencepiece_tokenizer(meta: dict[str, Any], *, prefix_every_segment: bool = False) -> Tokenizer:
     """SentencePiece-style BPE (`tokenizer.ggml.model = "llama"`: Llama 2, Mistral, TinyLlama files),
     built as transformers' GGUF loader builds it (its LlamaTokenizer): the vocabulary with byte
     fallback to the <0xNN> tokens, no normalizer, "▁" for spaces and one "▁" before the text
     (unless `tokenizer.ggml.add_space_prefix` is false), merges from the file or, when it has
     none, recovered from the vocabulary ranked by the tokens' scores. BOS is added unless
-    `tokenizer.ggml.add_bos_token` is false (llama.cpp's default for these vocabularies)."""
-    from tokenizers import decoders, models, pre_tokenizers
+    `tokenizer.ggml.add_bos_token` is false (llama.cpp's default for these vocabularies).
+
+    `prefix_every_segment`: the "▁" prefix comes from a normalizer instead (Phi-3's tokenizer.json,
+    which transformers rebuilds for phi3 files): every run of text between special tokens gets
+    one, even a run that already starts with a space."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as RustTokenizer
 
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
@@ -92,7 +108,10 @@ def sentencepiece_tokenizer(meta: dict[str, Any]) -> Tokenizer:
         merges = merges_from_scores(tokens, [float(x) for x in scores])
     rust = RustTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
     prefix = _flag(meta, "tokenizer.ggml.add_space_prefix", True)
-    rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+    if prefix_every_segment:
+        rust.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     rust.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
     return _finish(rust, meta, tokens, add_bos_default=True)
@@ -115,7 +134,7 @@ def _finish(rust: Any, meta: dict[str, Any], tokens: list[str], add_bos_default:
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
-    types = _token_types(meta, len(tokens))
+    types = token_types(meta, len(tokens))
     rust.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == GGUF_CONTROL])
     rust.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == GGUF_USER_DEFINED])
 

@@ -129,6 +129,9 @@ def save_model(loaded: LoadedModel, out: str | Path) -> Path:
     weights = dict(tree_flatten(loaded.model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     config = dict(loaded.model.config)
+    args = getattr(loaded.model, "args", None)
+    if args is not None:  # stated, not left to a default: mlx-lm's Llama, OLMo 2 and Qwen3-MoE default otherwise or require it
+        config.setdefault("tie_word_embeddings", args.tie_word_embeddings)
     if loaded.eos_token_ids:
         config.setdefault("eos_token_id", sorted(loaded.eos_token_ids))
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -14,6 +14,8 @@ import mlx.nn as nn
 
 from stratlm.core.errors import ModelLoadError
 from stratlm.core.model import GGUFSpec, ModelFamily
+from stratlm.core.tokenizer import Tokenizer
+from stratlm.loaders.gguf_tokenizer import GGUF_USER_DEFINED, gguf_tokenizer, sentencepiece_tokenizer, token_types
 
 from . import llama
 from .transformer import Attention, Block, DecoderLM, TransformerArgs, drop_unused
@@ -162,11 +164,27 @@ def undo_norm_shift(weights: dict[str, mx.array], config: dict[str, Any]) -> dic
     return {k: v - 1.0 if k.endswith("norm.weight") else v for k, v in weights.items()}
 
 
+def gemma_gguf_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    """A SentencePiece vocabulary (`tokenizer.ggml.model = llama`) read as transformers' GGUF loader
+    reads Gemma files (its GemmaTokenizer): no "▁" before the text; tokens that are runs of
+    whitespace with a space in them, which llama.cpp writes as the spaces themselves, spelled with
+    "▁" (and so left to the merges, not matched whole); and, when the file has no merges, merges
+    ranked by the tokens' order in the file, which Gemma's scores do not follow."""
+    if str(meta.get("tokenizer.ggml.model", "")) != "llama":
+        return gguf_tokenizer(meta)
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    respelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    types = [1 if kind == GGUF_USER_DEFINED and new != old else kind for kind, new, old in zip(token_types(meta, len(tokens)), respelled, tokens)]
+    positions = [-float(i) for i in range(len(tokens))]
+    respelled_meta = {"tokenizer.ggml.tokens": respelled, "tokenizer.ggml.token_type": types, "tokenizer.ggml.scores": positions}
+    return sentencepiece_tokenizer({**meta, **respelled_meta, "tokenizer.ggml.add_space_prefix": False})
+
+
 FAMILY = ModelFamily(
     name="gemma3",
     build=build,
     model_types=("gemma3_text", "gemma3"),
-    gguf=GGUFSpec(architectures=("gemma3",), tensor_names=GGUF_NAMES, config=gguf_config, unpermute_qk=undo_norm_shift),
+    gguf=GGUFSpec(architectures=("gemma3",), tensor_names=GGUF_NAMES, config=gguf_config, unpermute_qk=undo_norm_shift, tokenizer=gemma_gguf_tokenizer),
     sanitize=sanitize,
 )
 

@@ -11,6 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from stratlm.core.model import GGUFSpec, ModelFamily
+from stratlm.core.tokenizer import Tokenizer
+from stratlm.loaders.gguf_tokenizer import gguf_tokenizer, sentencepiece_tokenizer
 
 from . import llama
 from .transformer import MLP, Attention, Block, DecoderLM, TransformerArgs, drop_unused
@@ -101,11 +103,20 @@ def sanitize(weights: dict[str, mx.array], config: dict[str, Any]) -> dict[str, 
     return drop_unused({k: v for k, v in weights.items() if not k.startswith("rope_factors_")}, config)
 
 
+def phi3_gguf_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    """Phi-3's SentencePiece vocabulary as transformers' GGUF loader rebuilds its tokenizer.json:
+    the "▁" prefix from a normalizer (every run of text between special tokens gets one). Phi-4's
+    byte-level BPE files are read as any other."""
+    if str(meta.get("tokenizer.ggml.model", "")) != "llama":
+        return gguf_tokenizer(meta)
+    return sentencepiece_tokenizer(meta, prefix_every_segment=True)
+
+
 FAMILY = ModelFamily(
     name="phi3",
     build=build,
     model_types=("phi3",),
-    gguf=GGUFSpec(architectures=("phi3",), tensor_names=GGUF_NAMES, config=gguf_config),
+    gguf=GGUFSpec(architectures=("phi3",), tensor_names=GGUF_NAMES, config=gguf_config, tokenizer=phi3_gguf_tokenizer),
     sanitize=sanitize,
 )
 

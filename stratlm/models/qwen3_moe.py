@@ -113,7 +113,7 @@ class MoEBlock(Block):
 
 def moe_config(config: dict[str, Any]) -> dict[str, Any]:
     experts = config.get("num_experts", config.get("num_local_experts"))
-    missing = [k for k, v in (("num_experts", experts), ("num_experts_per_tok", config.get("num_experts_per_tok")),
+    missing = [k for k, v in (("num_experts (or num_local_experts)", experts), ("num_experts_per_tok", config.get("num_experts_per_tok")),
                               ("moe_intermediate_size", config.get("moe_intermediate_size"))) if v is None]
     if missing:
         raise ModelLoadError(f"config.json lacks {', '.join(missing)} (needed for model_type {config.get('model_type')!r})")

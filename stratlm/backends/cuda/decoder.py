@@ -153,10 +153,10 @@ class FusedDecoder:
         hidden, inter = h.shape[-1], plans[0].down.shape[1]
         # a few rows (decoding): the norm, the projection and SwiGLU each in one gemv kernel
         few = ops.gemv_fits(B * L, (hidden, n_heads * head_dim, inter), h.dtype, head_dim)
-        if few:  # attention writes the cache's storage and reads it up to each row's length: no mask, no slices
-            starts = cache[0].row_starts(B)
-        else:
-            mask = cache[0].make_mask(L)
+        # attention writes the cache's storage and reads it up to each row's length: no mask, no
+        # slices, and the same graph whatever the cache's length (a mask of a new shape each step
+        # cost MLX's CUDA attention far more than the step itself: docs/benchmarks.md)
+        starts = cache[0].row_starts(B)
         delta = None
         for plan, layer_cache in zip(plans, cache):
             in_w, in_eps, qkv_t, qkv_w, (q_w, k_w, qk_eps), o_t, o_w, post_w, post_eps, gate_up_t, gate_up_w, down_t, down_w = plan
@@ -171,10 +171,9 @@ class FusedDecoder:
             else:
                 h, y = (h, mx.fast.rms_norm(h, in_w, in_eps)) if delta is None else ops.add_rms_norm(h, delta, in_w, in_eps)
                 q, k, v = ops.attention_heads(y @ qkv_t, n_heads, n_kv_heads, head_dim, inv_freq, offsets, rope_scale, q_w, k_w, qk_eps)
-                k, v = layer_cache.update_and_fetch(k, v)
-                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-                out = out.reshape(B, 1, -1) if L == 1 else out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-                h, y = ops.add_rms_norm(h, out @ o_t, post_w, post_eps)
+                keys, values = layer_cache.make_room(k, v)
+                out, layer_cache.keys, layer_cache.values = ops.attention_cached(q, k, v, keys, values, offsets, starts, scale)
+                h, y = ops.add_rms_norm(h, out.reshape(B, L, -1) @ o_t, post_w, post_eps)
                 delta = ops.swiglu(y @ gate_up_t) @ down_t
         _, y = ops.add_rms_norm(h, delta, final_w, final_eps)
         return y @ head_t

@@ -1,0 +1,136 @@
+"""Where the scheduler's decode step goes on CUDA at many rows (issue 14): the model's cached
+forward at 64 rows with and without left padding (the scheduler's joined batch is left-padded,
+so its attention takes a mask), with the cache growing a position a step or held at one length,
+then the scheduler and mlx-lm's BatchGenerator on the same 64 requests. Each variant of MLX's
+CUDA settings runs in its own process (MLX reads them once).
+
+    GPU_SCRIPT=scripts/gpu_sched_profile.py bash scripts/gpu_bench.sh
+    python3 scripts/gpu_sched_profile.py --variant default   # one process, one variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = {
+    "default": {},
+    "no-cudnn-sdpa": {"MLX_CUDA_USE_CUDNN_SDPA": "0"},
+    "no-cuda-graphs": {"MLX_USE_CUDA_GRAPHS": "0"},
+}
+ROWS, PROMPT, STEPS = 64, 128, 24
+
+
+def forward_steps(loaded, padded: bool, grow: bool, fused: bool) -> tuple[float, float]:
+    """Median (build ms, eval ms) of a decode step at ROWS rows over a PROMPT-token cache, through
+    the installed fused decoder or the reference forward."""
+    import mlx.core as mx
+
+    from stratlm.core.model import Model
+    from stratlm.decoding import batch_cache
+
+    model = loaded.model
+    forward = model if fused else lambda tokens, cache: Model.__call__(model, tokens, cache)
+    cache = model.make_cache()
+    tokens = mx.random.randint(0, 1000, (ROWS, PROMPT)).astype(mx.int32)
+    mx.eval(forward(tokens, cache))
+    if padded:  # as a joined batch: rows of different prompt lengths, left-padded
+        for c in cache:
+            batch_cache.set_padding(c, [i % 17 for i in range(ROWS)])
+    step = mx.zeros((ROWS, 1), dtype=mx.int32)
+    builds, evals = [], []
+    for i in range(STEPS + 3):
+        t0 = time.perf_counter()
+        logits = forward(step, cache)
+        t1 = time.perf_counter()
+        mx.eval(logits)
+        t2 = time.perf_counter()
+        if not grow:
+            for c in cache:
+                c.trim(1)
+        if i >= 3:
+            builds.append(1e3 * (t1 - t0))
+            evals.append(1e3 * (t2 - t1))
+    return statistics.median(builds), statistics.median(evals)
+
+
+def fused_agreement(loaded, steps: int = 8) -> tuple[float, float]:
+    """Left-padded ROWS rows, prompt then decode steps: the fused forward against the reference,
+    (largest logit difference at decode steps, share of rows whose argmax agrees)."""
+    import mlx.core as mx
+
+    from stratlm.core.model import Model
+
+    model = loaded.model
+    padding = [i % 17 for i in range(ROWS)]
+    plain, fast = model.make_cache(padding), model.make_cache(padding)
+    tokens = mx.random.randint(0, 1000, (ROWS, PROMPT)).astype(mx.int32)
+    expected, got = Model.__call__(model, tokens, plain), model(tokens, fast)
+    worst, agree = 0.0, []
+    step = mx.argmax(expected[:, -1:], axis=-1)
+    for _ in range(steps):
+        expected, got = Model.__call__(model, step, plain), model(step, fast)
+        worst = max(worst, float(mx.abs(expected.astype(mx.float32) - got.astype(mx.float32)).max()))
+        agree.append(float(mx.mean(mx.argmax(expected, -1) == mx.argmax(got, -1))))
+        step = mx.argmax(expected[:, -1:], axis=-1)
+    return worst, sum(agree) / len(agree)
+
+
+def one_variant(name: str) -> None:
+    import mlx.core as mx
+
+    from stratlm import Engine
+    from stratlm.bench import load as load_bench
+    from stratlm.bench.models import bench_model, model_folder, prompt_tokens
+
+    print(f"--- variant {name}: {VARIANTS[name] or 'MLX defaults'}; mlx {mx.__version__} {mx.default_device()}", flush=True)
+    loaded = bench_model("qwen3-0.6b-random", "bfloat16")
+    Engine(loaded).close()  # the device policy: on CUDA the fused decoder is installed now
+    worst, agree = fused_agreement(loaded)
+    print(f"fused vs reference, {ROWS} left-padded rows, bf16: max |logit diff| {worst:.4f}, argmax agreement {agree:.3f}", flush=True)
+    for fused in (False, True):
+        for padded in (False, True):
+            for grow in (True, False):
+                build, run = forward_steps(loaded, padded, grow, fused)
+                print(f"{'fused' if fused else 'reference'} forward {ROWS} rows, {'left-padded' if padded else 'no padding':<11} "
+                      f"cache {'growing' if grow else 'same length'}: build {build:.2f} ms, eval {run:.2f} ms", flush=True)
+    config = load_bench.LoadConfig(requests=ROWS, rate=0.0, prompt_tokens=PROMPT, max_tokens=64)
+    work = load_bench.make_workload(loaded, config, lambda n: prompt_tokens(loaded, n))
+    runs = {"stratlm scheduler, fused decoder": lambda: load_bench.run_stratlm(loaded, work, ROWS),
+            "stratlm scheduler, reference forward": lambda: without_fused_decoder(lambda: load_bench.run_stratlm(loaded, work, ROWS)),
+            "mlx-lm BatchGenerator": lambda: load_bench.run_mlx_lm(str(model_folder(loaded)), work, ROWS)}
+    for label, run in runs.items():
+        result = run().row()
+        print(f"{label:<38} {result['tok_per_s']:8.0f} tok/s, ITL p50 {result['itl_p50_ms']:.1f} ms, TTFT p50 {result['ttft_p50_ms']:.0f} ms", flush=True)
+
+
+def without_fused_decoder(run):
+    """run() with the fused decoder declining every call (the reference forward runs)."""
+    from stratlm.backends.cuda import decoder
+
+    call = decoder.FusedDecoder.__call__
+    decoder.FusedDecoder.__call__ = lambda self, model, tokens, cache: None
+    try:
+        return run()
+    finally:
+        decoder.FusedDecoder.__call__ = call
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variant", choices=list(VARIANTS))
+    args = parser.parse_args()
+    if args.variant:
+        one_variant(args.variant)
+        return 0
+    for name, env in VARIANTS.items():
+        subprocess.run([sys.executable, __file__, "--variant", name], env={**os.environ, **env}, check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
