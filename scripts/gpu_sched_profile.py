@@ -120,10 +120,67 @@ def without_fused_decoder(run):
         decoder.FusedDecoder.__call__ = call
 
 
+def diagnose() -> None:
+    """One process, the scheduler on the same 64 requests: the fused decoder in the cold process
+    under cProfile (the loop's thread), then warm (after a short unmeasured pass of each), fused,
+    the reference forward and mlx-lm's BatchGenerator alternating twice."""
+    import cProfile
+    import pstats
+
+    import mlx.core as mx
+
+    from stratlm import Engine
+    from stratlm.bench import load as load_bench
+    from stratlm.bench.models import bench_model, model_folder, prompt_tokens
+    from stratlm.decoding import scheduler as sched
+
+    print(f"--- diagnose; mlx {mx.__version__} {mx.default_device()}", flush=True)
+    loaded = bench_model("qwen3-0.6b-random", "bfloat16")
+    Engine(loaded).close()
+    config = load_bench.LoadConfig(requests=ROWS, rate=0.0, prompt_tokens=PROMPT, max_tokens=64)
+    work = load_bench.make_workload(loaded, config, lambda n: prompt_tokens(loaded, n))
+    profiles = []
+    run_loop = sched.Scheduler._run
+
+    def profiled_loop(self):
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            run_loop(self)
+        finally:
+            profile.disable()
+            profiles.append(profile)
+
+    def report(label, result):
+        row = result.row()
+        print(f"{label:<44} {row['tok_per_s']:8.0f} tok/s, ITL p50 {row['itl_p50_ms']:.1f} ms, "
+              f"TTFT p50 {row['ttft_p50_ms']:.0f} ms, wall {row['wall_s']:.1f} s", flush=True)
+
+    sched.Scheduler._run = profiled_loop
+    try:
+        report("fused, cold process, loop under cProfile", load_bench.run_stratlm(loaded, work, ROWS))
+    finally:
+        sched.Scheduler._run = run_loop
+    folder = str(model_folder(loaded))
+    warm = load_bench.warmup_workload(work, ROWS)
+    load_bench.run_mlx_lm(folder, warm, ROWS)
+    without_fused_decoder(lambda: load_bench.run_stratlm(loaded, warm, ROWS))
+    for _ in range(2):  # warm, alternating
+        report("fused (warm)", load_bench.run_stratlm(loaded, work, ROWS))
+        report("reference forward (warm)", without_fused_decoder(lambda: load_bench.run_stratlm(loaded, work, ROWS)))
+        report("mlx-lm BatchGenerator (warm)", load_bench.run_mlx_lm(folder, work, ROWS))
+    stats = pstats.Stats(profiles[0])
+    stats.sort_stats("cumulative").print_stats(12)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", choices=list(VARIANTS))
+    parser.add_argument("--diagnose", action="store_true")
     args = parser.parse_args()
+    if args.diagnose:
+        diagnose()
+        return 0
     if args.variant:
         one_variant(args.variant)
         return 0

@@ -130,7 +130,7 @@ def decode_both_ways(model: Model, prompts: mx.array, padding: list[int], steps:
 )
 def test_fused_forward_gives_the_ordinary_forwards_logits(family, scaling, rows, length, pad, tied, gemv, seed):
     """Prompts and decode steps, rows left-padded; with the gemv route, prompts of more than 8
-    rows x positions take the matmul route and decode steps the gemv one."""
+    rows x positions take the matmul route and one row's decode steps the gemv one."""
     loaded = tiny_model(family, seed=seed, rope_scaling=SCALINGS[scaling], tie_word_embeddings=tied)
     model = loaded.model
     decoder.install(model)

@@ -72,6 +72,14 @@ def make_workload(loaded: LoadedModel, config: LoadConfig, text_tokens: Callable
     return Workload(prompts, lengths, arrivals)
 
 
+def warmup_workload(work: Workload, rows: int, max_tokens: int = 8) -> Workload:
+    """A short unmeasured pass before each engine's timed one: kernels compiled (MLX's JIT, CUDA
+    kernels per template) and caches allocated at the row counts the load will reach, so a cold
+    process's one-time costs do not count as throughput (mlx-lm's and ours alike)."""
+    n = min(len(work.prompts), rows)
+    return Workload(work.prompts[:n], [min(max_tokens, m) for m in work.max_tokens[:n]], [0.0] * n)
+
+
 def run_stratlm(loaded: LoadedModel, work: Workload, max_running: int) -> LoadResult:
     from stratlm import Engine
 

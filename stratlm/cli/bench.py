@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 def run_load(args: argparse.Namespace) -> int:
     import json
 
-    from stratlm.bench.load import LoadConfig, chat_turn_ttft, format_load_report, make_workload, run_mlx_lm, run_static, run_stratlm
+    from stratlm.bench.load import (LoadConfig, chat_turn_ttft, format_load_report, make_workload, run_mlx_lm, run_static, run_stratlm,
+                                    warmup_workload)
     from stratlm.bench.models import PASSAGE, bench_model, model_folder, prompt_tokens
     from stratlm.bench.runner import machine_info
 
@@ -65,13 +66,18 @@ def run_load(args: argparse.Namespace) -> int:
                         history_tokens=args.history_tokens)
     loaded = bench_model(args.model, args.dtype)
     work = make_workload(loaded, config, lambda n: prompt_tokens(loaded, n, args.prompt))
+    warm = warmup_workload(work, args.concurrency)
     rows = []
     say("stratlm scheduler ...")
+    run_stratlm(loaded, warm, args.concurrency)
     rows.append(run_stratlm(loaded, work, args.concurrency).row())
     if args.baselines != "none":
         say("mlx-lm BatchGenerator ...")
-        rows.append(run_mlx_lm(str(model_folder(loaded, dtype=args.dtype)), work, args.concurrency).row())
+        folder = str(model_folder(loaded, dtype=args.dtype))
+        run_mlx_lm(folder, warm, args.concurrency)
+        rows.append(run_mlx_lm(folder, work, args.concurrency).row())
     say("stratlm static batch ...")
+    run_static(loaded, warm)
     rows.append(run_static(loaded, work).row())
     chat = None
     if args.history_tokens:

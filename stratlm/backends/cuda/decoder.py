@@ -152,7 +152,10 @@ class FusedDecoder:
         ops = ops or fused_ops.ops_for(h.dtype)
         hidden, inter = h.shape[-1], plans[0].down.shape[1]
         # a few rows (decoding): the norm, the projection and SwiGLU each in one gemv kernel
-        few = ops.gemv_fits(B * L, (hidden, n_heads * head_dim, inter), h.dtype, head_dim)
+        # the gemv kernels are compiled per row count (their accumulators live in registers): one
+        # sequence only, so a batch whose rows come and go (the scheduler) does not compile a
+        # kernel set for each count it passes through; several rows take the matmuls
+        few = B == 1 and ops.gemv_fits(L, (hidden, n_heads * head_dim, inter), h.dtype, head_dim)
         # attention writes the cache's storage and reads it up to each row's length: no mask, no
         # slices, and the same graph whatever the cache's length (a mask of a new shape each step
         # cost MLX's CUDA attention far more than the step itself: docs/benchmarks.md)
