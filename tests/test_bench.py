@@ -240,3 +240,22 @@ def test_bench_runs_llama_cpp_on_the_same_gguf():
     # the same weights, greedy: llama.cpp's 8-bit activations may flip a near-tie, not the first token
     assert report.engines[1].first_difference != 0
     assert set(report.decode_ratios) == {"llama.cpp, 1 thread", "llama.cpp, 2 threads"}
+
+
+def test_load_mode_counts_requested_tokens_and_warms_up_on_a_short_pass():
+    """stratlm bench --load: the scheduler generates each request's own max_tokens (EOS ignored);
+    the static batch runs every row to the longest but is credited only the requested tokens; the
+    warm-up pass is short and reaches the load's row count."""
+    from stratlm.bench.load import LoadConfig, make_workload, run_static, run_stratlm, warmup_workload
+
+    loaded = tiny_model("llama", seed=3)
+    vocab = loaded.model.vocab_size
+    config = LoadConfig(requests=6, prompt_tokens=6, max_tokens=6, seed=1)
+    work = make_workload(loaded, config, lambda n: [1 + i % (vocab - 1) for i in range(n)])
+    assert len(set(work.max_tokens)) > 1  # rows of different lengths: the static batch pads some
+    warm = warmup_workload(work, rows=4, max_tokens=2)
+    assert len(warm.prompts) == 4 and all(n <= 2 for n in warm.max_tokens) and warm.arrivals == [0.0] * 4
+    scheduled = run_stratlm(loaded, work, max_running=4)
+    static = run_static(loaded, work)
+    assert scheduled.tokens == static.tokens == sum(work.max_tokens)
+    assert len(scheduled.ttft) == len(static.ttft) == len(work.prompts)
