@@ -606,11 +606,11 @@ static int default_threads() {
     int v = std::atoi(e);
     if (v > 0) return v;
   }
-  // Half the hardware threads, at most 8: SMT siblings share the FMA units these loops keep
-  // busy. On the 2-vCPU development VM a second thread gained nothing (1536x576, warm: 67 us
-  // either way; cold, DRAM-bound: the same GB/s) and lost 30-50% whenever another process ran.
-  unsigned hc = std::thread::hardware_concurrency();
-  return (int)std::clamp(hc / 2, 1u, 8u);
+  // Every hardware thread of a small machine (on 2 vCPUs a second thread decodes ~25% faster
+  // since the decode step became one op a block: docs/benchmarks.md); half of a larger one's,
+  // at most 8, as SMT siblings share the FMA units these loops keep busy.
+  unsigned hc = std::max(1u, std::thread::hardware_concurrency());
+  return hc <= 2 ? (int)hc : (int)std::clamp(hc / 2, 2u, 8u);
 }
 static std::atomic<int> g_threads{default_threads()};
 static std::mutex g_pool_mu;
