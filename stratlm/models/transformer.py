@@ -9,7 +9,7 @@ set on CUDA by backends/cuda/decoder.install) and does not live here.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 import attrs
 import mlx.core as mx
@@ -373,6 +373,21 @@ class FastForward(Protocol):
 
     def compiled_decoding_pays(self) -> bool:
         """The model's answer to Model.compiled_decoding_pays."""
+
+
+PlanT = TypeVar("PlanT")
+
+
+def plan_blocks(model: "DecoderLM", block_plan: Callable[[nn.Module], PlanT | None]) -> tuple[PlanT, ...] | None:
+    """A backend's plan of each block in order (`block_plan`), or None at the first block it
+    does not take: a fast forward runs every block or none."""
+    plans = []
+    for block in model.layers:
+        plan = block_plan(block)
+        if plan is None:
+            return None
+        plans.append(plan)
+    return tuple(plans)
 
 
 class DecoderLM(Model):

@@ -26,7 +26,7 @@ from stratlm.backends.cpu.quantized import KernelQuantizedLinear, supported
 from stratlm.core.cache import KVCache
 from stratlm.core.model import Model
 from stratlm.device import cpu_active
-from stratlm.models.transformer import MLP, Attention, Block, DecoderLM
+from stratlm.models.transformer import MLP, Attention, Block, DecoderLM, plan_blocks
 
 # Decode steps and speculative verify windows; a prompt is compute-bound, and its rows go to the
 # kernels' GEMM path through the reference graph at no extra cost per row.
@@ -93,12 +93,9 @@ def model_plan(model: nn.Module) -> tuple | None:
     block fits and they share one RoPE (one position table a step)."""
     if not isinstance(model, DecoderLM) or not model.layers:
         return None
-    plans = []
-    for block in model.layers:  # stops at the first block out of the plan
-        plan = block_plan(block)
-        if plan is None:
-            return None
-        plans.append(plan)
+    plans = plan_blocks(model, block_plan)
+    if plans is None:
+        return None
     attn = model.layers[0].self_attn
     if any(block.self_attn.rope is not attn.rope or block.self_attn.scale != attn.scale for block in model.layers):
         return None

@@ -20,7 +20,7 @@ from stratlm.backends.cuda import fused as fused_ops
 from stratlm.core.cache import KVCache, StaticKVCache
 from stratlm.core.model import Model
 from stratlm.models.fused_layout import fused_intact
-from stratlm.models.transformer import MLP, Attention, Block, DecoderLM
+from stratlm.models.transformer import MLP, Attention, Block, DecoderLM, plan_blocks
 
 # Prompts (more positions than a decode step or a speculative verify window) and many rows take
 # the ordinary graph: compute-bound there, it is as fast, and its ~37 nodes a layer keep fewer
@@ -93,12 +93,7 @@ def block_plan(block: nn.Module) -> BlockPlan | None:
 def model_plan(model: DecoderLM) -> tuple | None:
     """Per block what the fused forward needs (block_plan), and the final norm and head; None
     unless every block is in the fused layout."""
-    plans = []
-    for block in model.layers:  # stops at the first block out of the layout
-        plan = block_plan(block)
-        if plan is None:
-            return None
-        plans.append(plan)
+    plans = plan_blocks(model, block_plan)
     final_norm, head = model.model.get("norm"), model.get("lm_head", model.model.get("embed_tokens"))
     if not plans or type(final_norm) is not nn.RMSNorm:
         return None
