@@ -58,6 +58,25 @@ def forward_steps(loaded, padded: bool, grow: bool, fused: bool) -> tuple[float,
     return statistics.median(builds), statistics.median(evals)
 
 
+def model_and_work():
+    """The Qwen3-0.6B-shaped model with the device policy applied (on CUDA the fused decoder is
+    installed), and ROWS requests at once."""
+    from stratlm import Engine
+    from stratlm.bench import load as load_bench
+    from stratlm.bench.models import bench_model, prompt_tokens
+
+    loaded = bench_model("qwen3-0.6b-random", "bfloat16")
+    Engine(loaded).close()
+    config = load_bench.LoadConfig(requests=ROWS, rate=0.0, prompt_tokens=PROMPT, max_tokens=64)
+    return loaded, load_bench.make_workload(loaded, config, lambda n: prompt_tokens(loaded, n))
+
+
+def report(label: str, result) -> None:
+    row = result.row()
+    print(f"{label:<44} {row['tok_per_s']:8.0f} tok/s, ITL p50 {row['itl_p50_ms']:.1f} ms, "
+          f"TTFT p50 {row['ttft_p50_ms']:.0f} ms, wall {row['wall_s']:.1f} s", flush=True)
+
+
 def fused_agreement(loaded, steps: int = 8) -> tuple[float, float]:
     """Left-padded ROWS rows, prompt then decode steps: the fused forward against the reference,
     (largest logit difference at decode steps, share of rows whose argmax agrees)."""
@@ -83,13 +102,11 @@ def fused_agreement(loaded, steps: int = 8) -> tuple[float, float]:
 def one_variant(name: str) -> None:
     import mlx.core as mx
 
-    from stratlm import Engine
     from stratlm.bench import load as load_bench
-    from stratlm.bench.models import bench_model, model_folder, prompt_tokens
+    from stratlm.bench.models import model_folder
 
     print(f"--- variant {name}: {VARIANTS[name] or 'MLX defaults'}; mlx {mx.__version__} {mx.default_device()}", flush=True)
-    loaded = bench_model("qwen3-0.6b-random", "bfloat16")
-    Engine(loaded).close()  # the device policy: on CUDA the fused decoder is installed now
+    loaded, work = model_and_work()
     worst, agree = fused_agreement(loaded)
     print(f"fused vs reference, {ROWS} left-padded rows, bf16: max |logit diff| {worst:.4f}, argmax agreement {agree:.3f}", flush=True)
     for fused in (False, True):
@@ -98,14 +115,9 @@ def one_variant(name: str) -> None:
                 build, run = forward_steps(loaded, padded, grow, fused)
                 print(f"{'fused' if fused else 'reference'} forward {ROWS} rows, {'left-padded' if padded else 'no padding':<11} "
                       f"cache {'growing' if grow else 'same length'}: build {build:.2f} ms, eval {run:.2f} ms", flush=True)
-    config = load_bench.LoadConfig(requests=ROWS, rate=0.0, prompt_tokens=PROMPT, max_tokens=64)
-    work = load_bench.make_workload(loaded, config, lambda n: prompt_tokens(loaded, n))
-    runs = {"stratlm scheduler, fused decoder": lambda: load_bench.run_stratlm(loaded, work, ROWS),
-            "stratlm scheduler, reference forward": lambda: without_fused_decoder(lambda: load_bench.run_stratlm(loaded, work, ROWS)),
-            "mlx-lm BatchGenerator": lambda: load_bench.run_mlx_lm(str(model_folder(loaded)), work, ROWS)}
-    for label, run in runs.items():
-        result = run().row()
-        print(f"{label:<38} {result['tok_per_s']:8.0f} tok/s, ITL p50 {result['itl_p50_ms']:.1f} ms, TTFT p50 {result['ttft_p50_ms']:.0f} ms", flush=True)
+    report("stratlm scheduler, fused decoder", load_bench.run_stratlm(loaded, work, ROWS))
+    report("stratlm scheduler, reference forward", without_fused_decoder(lambda: load_bench.run_stratlm(loaded, work, ROWS)))
+    report("mlx-lm BatchGenerator", load_bench.run_mlx_lm(str(model_folder(loaded)), work, ROWS))
 
 
 def without_fused_decoder(run):
@@ -129,16 +141,12 @@ def diagnose() -> None:
 
     import mlx.core as mx
 
-    from stratlm import Engine
     from stratlm.bench import load as load_bench
-    from stratlm.bench.models import bench_model, model_folder, prompt_tokens
+    from stratlm.bench.models import model_folder
     from stratlm.decoding import scheduler as sched
 
     print(f"--- diagnose; mlx {mx.__version__} {mx.default_device()}", flush=True)
-    loaded = bench_model("qwen3-0.6b-random", "bfloat16")
-    Engine(loaded).close()
-    config = load_bench.LoadConfig(requests=ROWS, rate=0.0, prompt_tokens=PROMPT, max_tokens=64)
-    work = load_bench.make_workload(loaded, config, lambda n: prompt_tokens(loaded, n))
+    loaded, work = model_and_work()
     profiles = []
     run_loop = sched.Scheduler._run
 
@@ -150,11 +158,6 @@ def diagnose() -> None:
         finally:
             profile.disable()
             profiles.append(profile)
-
-    def report(label, result):
-        row = result.row()
-        print(f"{label:<44} {row['tok_per_s']:8.0f} tok/s, ITL p50 {row['itl_p50_ms']:.1f} ms, "
-              f"TTFT p50 {row['ttft_p50_ms']:.0f} ms, wall {row['wall_s']:.1f} s", flush=True)
 
     sched.Scheduler._run = profiled_loop
     try:

@@ -640,15 +640,16 @@ class Scheduler:
                     held = self.cache[0].offset - batch_cache.padding_of(self.cache[0])[i]
                     self.prefix_cache.insert(row.sequence[:held], batch_cache.row_state(self.cache, i))
         self.rows = [self.rows[i] for i in keep]
-        if self._pending is not None:
-            pending = self._pending
-            self._pending = (pending[mx.array(keep, dtype=mx.int32)] if isinstance(pending, mx.array) else [pending[i] for i in keep]) if keep else None
         if keep:
             index = mx.array(keep, dtype=mx.int32)
+            if isinstance(self._pending, mx.array):
+                self._pending = self._pending[index]
+            elif self._pending is not None:
+                self._pending = [self._pending[i] for i in keep]
             for layer in self.cache:
                 layer.filter(index)
         else:
-            self.cache = None
+            self.cache, self._pending = None, None
         for request in {id(row.request): row.request for _, row in gone}.values():
             if all(r.finished for r in request.rows):
                 self._finish_request(request)
@@ -755,9 +756,9 @@ def _wait_for_os_thread_exit(thread: threading.Thread, timeout: float = 5.0) -> 
     compile cache per thread whose entries release Python objects then; if the interpreter is
     finalizing by that time, the thread exits inside a destructor and the process aborts
     ("terminate called without an active exception"). Wait until the OS thread is gone (Linux)."""
-    task = f"/proc/self/task/{thread.native_id}"
     if thread.native_id is None or not os.path.isdir("/proc/self/task"):
         return
+    task = f"/proc/self/task/{thread.native_id}"
     deadline = time.monotonic() + timeout
     while os.path.exists(task) and time.monotonic() < deadline:
         time.sleep(0.001)

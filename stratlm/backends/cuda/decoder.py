@@ -1,5 +1,5 @@
 """The fused decode path: the reference model's cached forward (models/transformer.py) in 5 graph
-nodes a layer (a few rows: decoding) or 14 (more) instead of ~37, with fused.py's ops.
+nodes a layer (one sequence) or ~11 (several rows) instead of ~37, with fused.py's ops.
 
 The reference model stays as it reads; the device policy (the Engine, on CUDA) calls `install`,
 which puts the model in the fused-projection layout (optimize_for_inference) and sets a
@@ -146,10 +146,10 @@ class FusedDecoder:
         h = model.embed(tokens)
         ops = ops or fused_ops.ops_for(h.dtype)
         hidden, inter = h.shape[-1], plans[0].down.shape[1]
-        # a few rows (decoding): the norm, the projection and SwiGLU each in one gemv kernel
-        # the gemv kernels are compiled per row count (their accumulators live in registers): one
-        # sequence only, so a batch whose rows come and go (the scheduler) does not compile a
-        # kernel set for each count it passes through; several rows take the matmuls
+        # one sequence: the norm, the projection and SwiGLU each in one gemv kernel. The gemv
+        # kernels are compiled per row count (their accumulators live in registers), so a batch
+        # whose rows come and go (the scheduler) would compile a set for each count it passes
+        # through; several rows take the matmuls
         few = B == 1 and ops.gemv_fits(L, (hidden, n_heads * head_dim, inter), h.dtype, head_dim)
         # attention writes the cache's storage and reads it up to each row's length: no mask, no
         # slices, and the same graph whatever the cache's length (a mask of a new shape each step
