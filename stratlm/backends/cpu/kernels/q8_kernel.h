@@ -65,9 +65,12 @@ template <int BITS, int GS>
 static void q8_rows256_bg(const Problem& p, const Q8Act& a, int n0, int n1) {
   constexpr int R = 4;
   int n = n0;
+  const RowPrefetch ahead(p, n, n1, R);
   // every activation row for a tile of R weight rows: the tile stays in L1 between rows
-  for (; n + R <= n1; n += R)
+  for (; n + R <= n1; n += R) {
+    ahead.at(n);
     for (int m = 0; m < p.M; ++m) q8_block256<BITS, GS, R>(p, a, n, m);
+  }
   for (; n < n1; ++n)
     for (int m = 0; m < p.M; ++m) q8_block256<BITS, GS, 1>(p, a, n, m);
 }

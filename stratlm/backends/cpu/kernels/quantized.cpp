@@ -82,6 +82,50 @@ enum Q8Layout { NATURAL = 0, SPLIT = 1, PAIR = 2 };
 static std::atomic<int> g_pass_rows{16};
 static int pass_rows() { return g_pass_rows.load(std::memory_order_relaxed); }
 
+// ---------------------------------------------------------------- prefetching
+// A decode step's weights are cold (a model is larger than the caches), and one output row's
+// weights, scales and biases are only a few cache lines each: streams too short for the hardware
+// prefetcher, so a row loop waits on memory at every row. The loops below ask for the rows
+// PREFETCH_BYTES of packed weights ahead of the ones they read (a tuning knob for benchmarks).
+static constexpr int PREFETCH_BYTES = 8192;
+static std::atomic<bool> g_prefetch{true};
+
+static SQ_INLINE void prefetch_span(const void* begin, const void* end) {
+  for (const char* a = static_cast<const char*>(begin); a < static_cast<const char*>(end); a += 64)
+#if SQ_X86
+    asm volatile("prefetcht0 %0" : : "m"(*a));  // (GCC 12 dropped the builtin here, inlined into the ISA loops)
+#else
+    __builtin_prefetch(a, 0, 3);
+#endif
+}
+
+// Output rows [n0, n1)'s packed weights, scales and biases, toward L1.
+static void prefetch_rows(const Problem& p, int n0, int n1) {
+  if (n0 >= n1) return;
+  const size_t row_bytes = (size_t)p.K * p.bits / 8;
+  const char* w = reinterpret_cast<const char*>(p.w);
+  prefetch_span(w + n0 * row_bytes, w + n1 * row_bytes);
+  prefetch_span(p.s + (size_t)n0 * p.G, p.s + (size_t)n1 * p.G);
+  prefetch_span(p.b + (size_t)n0 * p.G, p.b + (size_t)n1 * p.G);
+}
+
+// For a loop over output rows [n, end) in steps of `step` rows: at the start, the first rows
+// (a chunk's streams start cold); then at each step, the step's worth of rows `ahead` further on.
+struct RowPrefetch {
+  const Problem& p;
+  int step, end, ahead;
+  RowPrefetch(const Problem& problem, int n, int end_row, int step_rows) : p(problem), step(step_rows), end(end_row) {
+    const int row_bytes = std::max(1, problem.K * problem.bits / 8);
+    ahead = std::max(step, PREFETCH_BYTES / row_bytes / step * step);
+    on = g_prefetch.load(std::memory_order_relaxed);
+    if (on) prefetch_rows(p, n, std::min(n + ahead, end));
+  }
+  SQ_INLINE void at(int n) const {
+    if (on) prefetch_rows(p, std::min(n + ahead, end), std::min(n + ahead + step, end));
+  }
+  bool on;
+};
+
 // ---------------------------------------------------------------- portable fallback
 namespace generic {
 static void rows(const Problem& p, const float*, const float*, int n0, int n1) {
@@ -423,8 +467,11 @@ template <int BITS, int GS>
 static void q8z_rows_bg(const Problem& p, const Q8Act& a, int n0, int n1) {
   constexpr int R = 4;
   int n = n0;
-  for (; n + R <= n1; n += R)
+  const RowPrefetch ahead(p, n, n1, R);
+  for (; n + R <= n1; n += R) {
+    ahead.at(n);
     for (int m = 0; m < p.M; ++m) q8z_block<BITS, GS, R>(p, a, n, m);
+  }
   for (; n < n1; ++n)
     for (int m = 0; m < p.M; ++m) q8z_block<BITS, GS, 1>(p, a, n, m);
 }
@@ -631,12 +678,15 @@ static Pool* pool() {
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
                          int);
 static sgemm_fn find_sgemm() { return (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm"); }
+static std::atomic<int> g_chunks_per_thread{2};
 static std::atomic<int> g_gemm_min_rows{48};  // M at or above which the GEMM path is used
 
 // ---------------------------------------------------------------- driver
 // Output rows of one or more problems as one pool job: each problem's rows in chunks of whole
-// 24-row blocks (every block height divides 24), ~8 per thread, when there is enough work; one
-// job for several products of the same input (q/k/v, gate/up) waits once instead of per product.
+// 24-row blocks (every block height divides 24), g_chunks_per_thread per thread, when there is
+// enough work; one job for several products of the same input (q/k/v, gate/up) waits once
+// instead of per product. Few long chunks stream the weights best (each chunk's rows start cold);
+// more than one per thread lets the others take over from a late worker. A tuning knob.
 static void run_chunks(const Problem* ps, int n, const std::function<void(int, int, int)>& rows) {
   double work = 0;
   for (int j = 0; j < n; ++j) work += (double)ps[j].M * ps[j].N * ps[j].K;
@@ -645,7 +695,7 @@ static void run_chunks(const Problem* ps, int n, const std::function<void(int, i
   std::vector<Chunk> chunks;
   for (int j = 0; j < n; ++j) {
     const int N = ps[j].N;
-    int chunk = pl ? std::max(48, (N / (8 * pl->size()) + 23) / 24 * 24) : N;
+    int chunk = pl ? std::max(48, (N / (g_chunks_per_thread.load(std::memory_order_relaxed) * pl->size()) + 23) / 24 * 24) : N;
     for (int n0 = 0; n0 < N; n0 += chunk) chunks.push_back({j, n0, std::min(N, n0 + chunk)});
   }
   if (pl == nullptr || chunks.size() <= 1) {
@@ -1085,6 +1135,10 @@ NB_MODULE(_stratlm_quantized, m) {
   m.def("threads", [] { return g_threads.load(); });
   m.def("set_threads", [](int n) { g_threads.store(std::max(1, n)); }, nb::arg("n"));
   m.def("pass_rows", [] { return g_pass_rows.load(); }, "most activation rows per pass of the direct kernel");
+  m.def("chunks_per_thread", [] { return g_chunks_per_thread.load(); }, "row chunks per thread of a product");
+  m.def("set_chunks_per_thread", [](int n) { g_chunks_per_thread.store(std::max(1, n)); }, nb::arg("n"));
+  m.def("prefetch", [] { return g_prefetch.load(); }, "whether the row loops prefetch the rows ahead");
+  m.def("set_prefetch", [](bool on) { g_prefetch.store(on); }, nb::arg("on"));
   m.def("set_pass_rows", [](int n) { g_pass_rows.store(std::max(2, n)); }, nb::arg("n"));
   m.def("gemm_min_rows", [] { return g_gemm_min_rows.load(); });
   m.def("set_gemm_min_rows", [](int n) { g_gemm_min_rows.store(n); }, nb::arg("n"));

@@ -142,7 +142,11 @@ static void rows_bg(const Problem& p, const float* xp, const float* xs, int n_be
   if (p.M == 1) {
     constexpr int R = 4;
     int n = n_begin;
-    for (; n + R <= n_end; n += R) block<BITS, R, GS>(p, xp, xs, n, 0);
+    const RowPrefetch ahead(p, n, n_end, R);
+    for (; n + R <= n_end; n += R) {
+      ahead.at(n);
+      block<BITS, R, GS>(p, xp, xs, n, 0);
+    }
     for (; n < n_end; ++n) block<BITS, 1, GS>(p, xp, xs, n, 0);
     return;
   }
@@ -151,7 +155,9 @@ static void rows_bg(const Problem& p, const float* xp, const float* xs, int n_be
   int max_pass = std::clamp(pass_rows(), 2, MB_MAX);
   int passes = (p.M + max_pass - 1) / max_pass;
   constexpr int TILE = 48;
+  const RowPrefetch ahead(p, n_begin, n_end, TILE);
   for (int t = n_begin; t < n_end; t += TILE) {
+    ahead.at(t);
     int t1 = std::min(n_end, t + TILE);
     for (int i = 0, m0 = 0; i < passes; ++i) {
       int mb = (p.M - m0) / (passes - i);
