@@ -519,9 +519,11 @@ class Scheduler:
         return [self._pick(row, logits[i : i + 1], greedy[i : i + 1] if row.plain_greedy else None) for i, row in enumerate(rows)]
 
     def _pipelines(self) -> bool:
-        """Whether the next step's input is known before this step's picks are read: nothing waits
-        to join, and every row takes one token a step and samples without looking at its history."""
-        if self._prefilling or self._serial or self._waiting:
+        """Whether the next step's input is known before this step's picks are read: nothing is
+        being prefilled to join, and every row takes one token a step and samples without looking
+        at its history. Requests still waiting after _admit have no room until a row retires, and
+        a retiring row reads the queued picks anyway, so a full queue keeps the pipeline."""
+        if self._prefilling or self._serial:
             return False
         return all(type(r.request.policy).propose is RequestPolicy.propose and not r.sampler.processors and not r.request.params.top_logprobs
                    for r in self.rows)
