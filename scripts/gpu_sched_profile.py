@@ -176,13 +176,51 @@ def diagnose() -> None:
     stats.sort_stats("cumulative").print_stats(12)
 
 
+def profile_warm() -> None:
+    """Where the warm scheduler's host time goes at ROWS rows: the same requests once unmeasured,
+    once timed, once with the loop's thread under cProfile (its own time, then cumulative)."""
+    import cProfile
+    import pstats
+
+    from stratlm.bench import load as load_bench
+    from stratlm.decoding import scheduler as sched
+
+    loaded, work = model_and_work()
+    load_bench.run_stratlm(loaded, load_bench.warmup_workload(work, ROWS), ROWS)
+    report("fused (warm)", load_bench.run_stratlm(loaded, work, ROWS))
+    profiles = []
+    run_loop = sched.Scheduler._run
+
+    def profiled_loop(self):
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            run_loop(self)
+        finally:
+            profile.disable()
+            profiles.append(profile)
+
+    sched.Scheduler._run = profiled_loop
+    try:
+        report("fused (warm), loop under cProfile", load_bench.run_stratlm(loaded, work, ROWS))
+    finally:
+        sched.Scheduler._run = run_loop
+    stats = pstats.Stats(profiles[0])
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", choices=list(VARIANTS))
     parser.add_argument("--diagnose", action="store_true")
+    parser.add_argument("--profile-warm", action="store_true")
     args = parser.parse_args()
     if args.diagnose:
         diagnose()
+        return 0
+    if args.profile_warm:
+        profile_warm()
         return 0
     if args.variant:
         one_variant(args.variant)

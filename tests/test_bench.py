@@ -257,5 +257,8 @@ def test_load_mode_counts_requested_tokens_and_warms_up_on_a_short_pass():
     assert len(warm.prompts) == 4 and all(n <= 2 for n in warm.max_tokens) and warm.arrivals == [0.0] * 4
     scheduled = run_stratlm(loaded, work, max_running=4)
     static = run_static(loaded, work)
-    assert scheduled.tokens == static.tokens == sum(work.max_tokens)
-    assert len(scheduled.ttft) == len(static.ttft) == len(work.prompts)
+    waves = run_static(loaded, work, wave=4)  # the same concurrency as the scheduler's: 4 rows, then 2
+    assert scheduled.tokens == static.tokens == waves.tokens == sum(work.max_tokens)
+    assert len(scheduled.ttft) == len(static.ttft) == len(waves.ttft) == len(work.prompts)
+    assert waves.engine == "stratlm static batch (waves of 4)"
+    assert max(waves.ttft[4:]) > max(waves.ttft[:4])  # the second wave starts after the first

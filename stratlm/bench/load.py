@@ -112,22 +112,24 @@ def run_stratlm(loaded: LoadedModel, work: Workload, max_running: int) -> LoadRe
                       [s.generation_time / max(1, s.generation_tokens) for s in stats])
 
 
-def run_static(loaded: LoadedModel, work: Workload) -> LoadResult:
+def run_static(loaded: LoadedModel, work: Workload, wave: int | None = None) -> LoadResult:
+    """The static batch, arrivals ignored: every prompt at once, or in waves of `wave` rows (the
+    same concurrency as the scheduler's), each wave one batch after the last."""
     from stratlm.strategies.batched import run_batch
     from stratlm.engine import make_params
 
-    longest = max(work.max_tokens)
-    params = make_params(max_tokens=longest, ignore_eos=True)
-    # its best case: every prompt at once, every row busy every step until the longest is done; a
-    # row cannot leave early, so the tokens past its own max_tokens are work nobody asked for and
-    # only the requested ones count (as the other engines' do)
+    wave = wave or len(work.prompts)
+    # a row cannot leave its batch early, so the tokens past its own max_tokens are work nobody
+    # asked for: only the requested ones count (as the other engines' do)
     start = time.perf_counter()
     first: dict[int, float] = {}
-    for row, _ in run_batch(loaded, work.prompts, params, stream=True):
-        first.setdefault(row, time.perf_counter())
+    for w0 in range(0, len(work.prompts), wave):
+        params = make_params(max_tokens=max(work.max_tokens[w0 : w0 + wave]), ignore_eos=True)
+        for row, _ in run_batch(loaded, work.prompts[w0 : w0 + wave], params, stream=True):
+            first.setdefault(w0 + row, time.perf_counter())
     wall = time.perf_counter() - start
-    return LoadResult("stratlm static batch (all at once)", sum(work.max_tokens), wall,
-                      [first.get(i, wall + start) - start for i in range(len(work.prompts))], [])
+    label = "stratlm static batch (all at once)" if wave >= len(work.prompts) else f"stratlm static batch (waves of {wave})"
+    return LoadResult(label, sum(work.max_tokens), wall, [first.get(i, wall + start) - start for i in range(len(work.prompts))], [])
 
 
 def run_mlx_lm(folder: str, work: Workload, max_running: int) -> LoadResult:

@@ -81,6 +81,9 @@ def run_load(args: argparse.Namespace) -> int:
         rows.append(measured(lambda w: run_mlx_lm(folder, w, args.concurrency)))
     say("stratlm static batch ...")
     rows.append(measured(lambda w: run_static(loaded, w)))
+    if args.concurrency < len(work.prompts):
+        say(f"stratlm static batch, waves of {args.concurrency} ...")
+        rows.append(measured(lambda w: run_static(loaded, w, args.concurrency)))
     chat = None
     if args.history_tokens:
         say("second chat turn ...")

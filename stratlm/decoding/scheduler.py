@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Iterable, Iterator, Sequence
 
 import attrs
 import mlx.core as mx
@@ -118,10 +118,13 @@ class RequestHandle:
         self.prompt = ""  # the text the model saw (set by the Engine)
 
     # -- the scheduler's side ----------------------------------------------------------------
-    def _push(self, piece: str) -> None:
+    def _push(self, piece: str, wake: bool = True) -> None:
+        """Add a piece; without `wake` the scheduler wakes the readers later (wake_handles, once
+        a step for every row's piece: one cross-thread call per event loop, not one per piece)."""
         with self._cond:
             self._pieces.append(piece)
-            self._wake()
+            if wake:
+                self._wake()
 
     def _finish(self, result: GenerationResult | None = None, error: BaseException | None = None) -> None:
         with self._cond:
@@ -166,6 +169,8 @@ class RequestHandle:
         return self._result  # type: ignore[return-value]
 
     async def astream(self) -> AsyncIterator[str]:
+        """The text as it comes: each item is every piece that arrived since the last one, joined
+        (a reader that falls behind catches up in one item, not one per token)."""
         event = asyncio.Event()
         entry = (asyncio.get_running_loop(), event)
         with self._cond:
@@ -177,8 +182,8 @@ class RequestHandle:
                     pieces, finished = self._pieces[shown:], self.done
                     event.clear()
                 shown += len(pieces)
-                for piece in pieces:
-                    yield piece
+                if pieces:
+                    yield "".join(pieces)
                 if finished and shown == len(self._pieces):
                     self._raise_error()
                     return
@@ -196,6 +201,27 @@ class RequestHandle:
     def _raise_error(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def wake_handles(handles: Iterable[RequestHandle]) -> None:
+    """Wake the readers of handles whose pieces were pushed without waking: threads directly,
+    each event loop with one call for all of its handles."""
+    events: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+    for handle in handles:
+        with handle._cond:
+            handle._cond.notify_all()
+            for loop, event in handle._waiters:
+                events.setdefault(loop, []).append(event)
+    for loop, loop_events in events.items():
+        try:
+            loop.call_soon_threadsafe(_set_all, loop_events)
+        except RuntimeError:  # the loop was closed: nobody is reading there any more
+            pass
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 class Row:
@@ -264,6 +290,7 @@ class Scheduler:
         # the rows' next picks, queued but not read: while nothing joins or drafts, the next
         # forward is built from them before they are read, so the device never waits on the host
         self._pending: list[tuple] | mx.array | None = None
+        self._unwoken: dict[int, RequestHandle] = {}  # handles given pieces this step, woken at its end
         self.reserved = 0  # positions reserved by admitted requests
         self.counters = dict.fromkeys(("requests_finished", "requests_cancelled", "requests_failed", "prompt_tokens",
                                        "cached_prompt_tokens", "generated_tokens", "decode_steps"), 0)
@@ -368,6 +395,8 @@ class Scheduler:
             except Exception as exc:  # the batch's state is unknown: fail what ran in it, keep serving
                 log.error("scheduler step failed", error=repr(exc))
                 self._fail_all(exc)
+            finally:
+                self._wake_streams()
         self._fail_all(StratlmError("the engine was closed before this request finished"))
 
     def _start(self) -> None:
@@ -618,9 +647,14 @@ class Scheduler:
             if not completion.finished and self.context_length is not None and len(row.sequence) >= self.context_length:
                 piece += completion.end("length")
             if piece and request.policy.streams:
-                request.handle._push(piece)
+                request.handle._push(piece, wake=False)
+                self._unwoken[request.id] = request.handle
 
     # -- retiring -----------------------------------------------------------------------------
+    def _wake_streams(self) -> None:
+        handles, self._unwoken = self._unwoken.values(), {}
+        wake_handles(handles)
+
     def _retire_cancelled_running(self) -> None:
         for row in self.rows:
             if row.request.handle.cancelled and not row.finished:
