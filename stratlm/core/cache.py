@@ -34,7 +34,33 @@ class KVCache:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
-        self.left_padding = mx.array(list(left_padding), dtype=mx.int32) if left_padding is not None and any(left_padding) else None
+        self.left_padding = None
+        if left_padding is not None:
+            self.set_left_padding(left_padding)
+
+    # Each row's left padding lives on the device (attention reads it) and, when known, on the
+    # host too: batch bookkeeping (filter, join) then needs no read from the device, which would
+    # wait for the step in flight.
+    @property
+    def left_padding(self) -> mx.array | None:
+        return self._left_padding
+
+    @left_padding.setter
+    def left_padding(self, value: mx.array | None) -> None:
+        self._left_padding, self._padding_host = value, None
+
+    def set_left_padding(self, padding: Sequence[int]) -> None:
+        padding = [int(p) for p in padding]
+        self._left_padding = mx.array(padding, dtype=mx.int32) if any(padding) else None
+        self._padding_host = padding
+
+    def padding_list(self, rows: int = 0) -> list[int]:
+        """Each row's left padding on the host (read from the device once if unknown); `rows` zeros when none is padded."""
+        if self._left_padding is None:
+            return [0] * rows
+        if self._padding_host is None:
+            self._padding_host = [int(p) for p in self._left_padding.tolist()]
+        return self._padding_host
 
     # -- the protocol ----------------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -100,23 +126,26 @@ class KVCache:
     # -- batch bookkeeping -------------------------------------------------------------------
     def filter(self, rows: Sequence[int] | mx.array) -> None:
         """Keep only these batch rows; drop padding columns no remaining row needs."""
-        rows = mx.array(rows, dtype=mx.int32) if not isinstance(rows, mx.array) else rows
+        kept = [int(r) for r in (rows.tolist() if isinstance(rows, mx.array) else rows)]
+        index = rows if isinstance(rows, mx.array) else mx.array(kept, dtype=mx.int32)
         if self.keys is not None:
-            self.keys, self.values = self.keys[rows], self.values[rows]
-        if self.left_padding is not None:
-            self.left_padding = self.left_padding[rows]
-            self._drop_padding_columns()
-            if not bool(mx.any(self.left_padding > 0).item()):
-                self.left_padding = None
+            self.keys, self.values = self.keys[index], self.values[index]
+        if self.left_padding is None:
+            return
+        before = self.padding_list()
+        padding = [before[r] for r in kept]
+        shift = self._drop_padding_columns(padding)
+        self.set_left_padding([p - shift for p in padding])
 
-    def _drop_padding_columns(self) -> None:
-        """Drop the leading columns that are padding in every row."""
-        shift = int(self.left_padding.min().item()) if self.left_padding.size else 0
-        if shift and self.keys is not None:
-            self.keys = self.keys[..., shift:, :]
-            self.values = self.values[..., shift:, :]
-            self.offset -= shift
-            self.left_padding = self.left_padding - shift
+    def _drop_padding_columns(self, padding: list[int]) -> int:
+        """Drop the leading columns that are padding in every row; how many were dropped."""
+        shift = min(padding, default=0)
+        if not shift or self.keys is None:
+            return 0
+        self.keys = self.keys[..., shift:, :]
+        self.values = self.values[..., shift:, :]
+        self.offset -= shift
+        return shift
 
     @property
     def nbytes(self) -> int:
@@ -136,9 +165,11 @@ class KVCache:
             # (measured: growth peak 1.5x instead of 2x the new block)
             extra = [(0, 0), (0, 0), (0, capacity - self.keys.shape[2]), (0, 0)]
             self.keys, self.values = mx.pad(self.keys, extra), mx.pad(self.values, extra)
-            # copy now, one layer at a time: left in the step's graph, the old buffers of every
-            # layer in one GPU command batch stay alive until it completes (once per growth)
-            mx.eval(self.keys, self.values)
+            # queue the copy now, one layer at a time: left in the step's graph, the old buffers of
+            # every layer in one GPU command batch stay alive until it completes (once per
+            # growth). Queued, not waited for: a wait here stalls the host on the step already in
+            # flight, layer after layer (on CUDA that was most of the scheduler's host time).
+            mx.async_eval(self.keys, self.values)
 
 
 class StaticKVCache(KVCache):
@@ -297,8 +328,9 @@ class RotatingKVCache(KVCache):
         return mask
 
     # -- batch bookkeeping -------------------------------------------------------------------
-    def _drop_padding_columns(self) -> None:
+    def _drop_padding_columns(self, padding: list[int]) -> int:
         """Nothing: filter keeps positions as they are (the ring is not shifted)."""
+        return 0
 
     @property
     def nbytes(self) -> int:

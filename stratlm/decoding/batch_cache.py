@@ -17,14 +17,11 @@ from stratlm.core.cache import KVCache
 
 
 def padding_of(cache: KVCache) -> list[int]:
-    rows = 0 if cache.keys is None else cache.keys.shape[0]
-    if cache.left_padding is None:
-        return [0] * rows
-    return [int(p) for p in cache.left_padding.tolist()]
+    return list(cache.padding_list(0 if cache.keys is None else cache.keys.shape[0]))
 
 
 def set_padding(cache: KVCache, padding: Sequence[int]) -> None:
-    cache.left_padding = mx.array(list(padding), dtype=mx.int32) if any(padding) else None
+    cache.set_left_padding(padding)
 
 
 SPARE = 64  # positions of room a joined cache gets, so the next steps do not grow (copy) it at once
@@ -121,7 +118,8 @@ def _take_rows(cache: KVCache, index: mx.array) -> KVCache:
     out = KVCache()
     out.keys, out.values, out.offset = cache.keys[index], cache.values[index], cache.offset
     if cache.left_padding is not None:
-        out.left_padding = cache.left_padding[index]
+        padding = padding_of(cache)
+        out.set_left_padding([padding[r] for r in index.tolist()])
     return out
 
 
@@ -134,5 +132,7 @@ def _with_room(cache: KVCache) -> KVCache:
 def _trimmed(cache: KVCache) -> KVCache:
     out = KVCache()
     out.keys, out.values = cache.keys[:, :, : cache.offset], cache.values[:, :, : cache.offset]
-    out.offset, out.left_padding = cache.offset, cache.left_padding
+    out.offset = cache.offset
+    if cache.left_padding is not None:
+        out.set_left_padding(padding_of(cache))
     return out

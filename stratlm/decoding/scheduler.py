@@ -677,13 +677,12 @@ class Scheduler:
                     self.prefix_cache.insert(row.sequence[:held], batch_cache.row_state(self.cache, i))
         self.rows = [self.rows[i] for i in keep]
         if keep:
-            index = mx.array(keep, dtype=mx.int32)
             if isinstance(self._pending, mx.array):
-                self._pending = self._pending[index]
+                self._pending = self._pending[mx.array(keep, dtype=mx.int32)]
             elif self._pending is not None:
                 self._pending = [self._pending[i] for i in keep]
             for layer in self.cache:
-                layer.filter(index)
+                layer.filter(keep)
         else:
             self.cache, self._pending = None, None
         for request in {id(row.request): row.request for _, row in gone}.values():
