@@ -27,19 +27,20 @@ def set_padding(cache: KVCache, padding: Sequence[int]) -> None:
 SPARE = 64  # positions of room a joined cache gets, so the next steps do not grow (copy) it at once
 
 
-def join(batch: list[KVCache] | None, new: list[KVCache], copies: int | Sequence[int] = 1) -> list[KVCache]:
+def join(batch: list[KVCache] | None, new: list[KVCache], copies: int | Sequence[int] = 1, room: int = SPARE) -> list[KVCache]:
     """The batch with the rows of `new` appended after its rows, row r of `new` repeated
     `copies` (or copies[r]) times.
 
     Both are aligned at the right (the shorter one gains left padding); storage holds the
-    positions in use and SPARE more."""
+    positions in use and `room` more (the most any row will still write: no growth, which
+    copies the whole batch's storage, while they decode)."""
     rows = new[0].keys.shape[0]
     counts = [copies] * rows if isinstance(copies, int) else list(copies)
     if any(c != 1 for c in counts):
         index = mx.array([r for r in range(rows) for _ in range(counts[r])], dtype=mx.int32)
         new = [_take_rows(c, index) for c in new]
     if not batch or batch[0].keys is None:
-        return [_with_room(_trimmed(c)) for c in new]
+        return [_with_room(_trimmed(c), room) for c in new]
     joined = []
     for old_layer, new_layer in zip(batch, new):
         width = max(old_layer.offset, new_layer.offset)
@@ -56,7 +57,7 @@ def join(batch: list[KVCache] | None, new: list[KVCache], copies: int | Sequence
         cache = KVCache()
         cache.keys, cache.values, cache.offset = mx.concatenate(keys, axis=0), mx.concatenate(values, axis=0), width
         set_padding(cache, padding)
-        joined.append(_with_room(cache))
+        joined.append(_with_room(cache, room))
     mx.eval([c.keys for c in joined] + [c.values for c in joined])
     return joined
 
@@ -123,8 +124,8 @@ def _take_rows(cache: KVCache, index: mx.array) -> KVCache:
     return out
 
 
-def _with_room(cache: KVCache) -> KVCache:
-    extra = [(0, 0), (0, 0), (0, SPARE), (0, 0)]
+def _with_room(cache: KVCache, room: int) -> KVCache:
+    extra = [(0, 0), (0, 0), (0, room), (0, 0)]
     cache.keys, cache.values = mx.pad(cache.keys, extra), mx.pad(cache.values, extra)
     return cache
 

@@ -50,6 +50,7 @@ log = get_logger(__name__)
 
 GB = 1 << 30
 PREFILL_ROWS = 32  # prompts prefilled together at most
+MAX_ROOM = 512  # most free positions a joined batch keeps (a longer generation grows the storage)
 BUCKET = 16  # a batched prefill's width is a multiple of this: fewer distinct shapes to compile
 
 
@@ -463,7 +464,7 @@ class Scheduler:
             self.prefix_cache.insert(prompt, batch_cache.row_state(request.cache, 0))
         self._start_rows(request)
         picks = [self._pick(row, logits) for row in request.rows]
-        self.cache = batch_cache.join(self.cache, request.cache, copies=request.n_rows)
+        self.cache = batch_cache.join(self.cache, request.cache, copies=request.n_rows, room=self._room(request.rows))
         request.cache = None
         self.rows += request.rows
         self._emit_picks(request.rows, picks)
@@ -502,8 +503,8 @@ class Scheduler:
                 self.prefix_cache.insert(request.prompt, batch_cache.row_state(cache, j))
             self._start_rows(request)
             picks += [self._pick(row, logits[j : j + 1]) for row in request.rows]
-        self.cache = batch_cache.join(self.cache, cache, copies=[r.n_rows for r in group])
         new_rows = [row for request in group for row in request.rows]
+        self.cache = batch_cache.join(self.cache, cache, copies=[r.n_rows for r in group], room=self._room(new_rows))
         self.rows += new_rows
         for _ in group:  # only now: a failure before this leaves them where _fail_all finds them
             self._prefilling.popleft()
@@ -514,6 +515,12 @@ class Scheduler:
         request.rows = [Row(request, i, policy.params, self.tokenizer, self.loaded.eos_token_ids) for i in range(policy.rows)]
         self.counters["prompt_tokens"] += len(request.prompt)
         self.counters["cached_prompt_tokens"] += request.cached_tokens
+
+    def _room(self, new_rows: list[Row]) -> int:
+        """Positions a joined batch keeps free: the most any of its rows may still write (its
+        tokens left, with room for a few draft tokens), at most MAX_ROOM (beyond, it grows)."""
+        left = max(row.request.params.max_tokens - len(row.completion.tokens) for row in [*self.rows, *new_rows])
+        return max(batch_cache.SPARE, min(MAX_ROOM, left + batch_cache.SPARE))
 
     # -- decode -------------------------------------------------------------------------------
     def _decode_step(self) -> None:
