@@ -50,6 +50,7 @@ log = get_logger(__name__)
 
 GB = 1 << 30
 PREFILL_ROWS = 32  # prompts prefilled together at most
+MIN_REUSED_PREFIX = 64  # shorter cached prefixes are recomputed in a batched prefill (see _fresh_group)
 MAX_ROOM = 512  # most free positions a joined batch keeps (a longer generation grows the storage)
 BUCKET = 16  # a batched prefill's width is a multiple of this: fewer distinct shapes to compile
 
@@ -474,11 +475,14 @@ class Scheduler:
         batch: at most PREFILL_ROWS rows and 4 * prefill_chunk padded tokens (a longer prompt
         goes alone, chunk by chunk)."""
         group: list[Request] = []
+        alone = len(self._prefilling) == 1
         for request in self._prefilling:
             if request.cache is not None or len(group) >= PREFILL_ROWS:
                 break
             hit, state = self.prefix_cache.lookup(request.prompt) if self.prefix_cache is not None else (0, None)
-            if state is not None:
+            # a short cached prefix (a chat template's system lines) is recomputed when the prompt
+            # can be prefilled with others: a prompt with a cached prefix is prefilled alone
+            if state is not None and (alone or hit >= MIN_REUSED_PREFIX):
                 request.cache = batch_cache.from_state(state, hit)
                 request.filled = request.cached_tokens = hit
                 break
