@@ -132,21 +132,13 @@ def without_fused_decoder(run):
         decoder.FusedDecoder.__call__ = call
 
 
-def diagnose() -> None:
-    """One process, the scheduler on the same 64 requests: the fused decoder in the cold process
-    under cProfile (the loop's thread), then warm (after a short unmeasured pass of each), fused,
-    the reference forward and mlx-lm's BatchGenerator alternating twice."""
+def with_loop_profiled(run):
+    """run() with the scheduler loop's thread under cProfile: (its result, the loop's pstats.Stats)."""
     import cProfile
     import pstats
 
-    import mlx.core as mx
-
-    from stratlm.bench import load as load_bench
-    from stratlm.bench.models import model_folder
     from stratlm.decoding import scheduler as sched
 
-    print(f"--- diagnose; mlx {mx.__version__} {mx.default_device()}", flush=True)
-    loaded, work = model_and_work()
     profiles = []
     run_loop = sched.Scheduler._run
 
@@ -161,9 +153,25 @@ def diagnose() -> None:
 
     sched.Scheduler._run = profiled_loop
     try:
-        report("fused, cold process, loop under cProfile", load_bench.run_stratlm(loaded, work, ROWS))
+        result = run()
     finally:
         sched.Scheduler._run = run_loop
+    return result, pstats.Stats(profiles[0])
+
+
+def diagnose() -> None:
+    """One process, the scheduler on the same 64 requests: the fused decoder in the cold process
+    under cProfile (the loop's thread), then warm (after a short unmeasured pass of each), fused,
+    the reference forward and mlx-lm's BatchGenerator alternating twice."""
+    import mlx.core as mx
+
+    from stratlm.bench import load as load_bench
+    from stratlm.bench.models import model_folder
+
+    print(f"--- diagnose; mlx {mx.__version__} {mx.default_device()}", flush=True)
+    loaded, work = model_and_work()
+    result, stats = with_loop_profiled(lambda: load_bench.run_stratlm(loaded, work, ROWS))
+    report("fused, cold process, loop under cProfile", result)
     folder = str(model_folder(loaded))
     warm = load_bench.warmup_workload(work, ROWS)
     load_bench.run_mlx_lm(folder, warm, ROWS)
@@ -172,40 +180,19 @@ def diagnose() -> None:
         report("fused (warm)", load_bench.run_stratlm(loaded, work, ROWS))
         report("reference forward (warm)", without_fused_decoder(lambda: load_bench.run_stratlm(loaded, work, ROWS)))
         report("mlx-lm BatchGenerator (warm)", load_bench.run_mlx_lm(folder, work, ROWS))
-    stats = pstats.Stats(profiles[0])
     stats.sort_stats("cumulative").print_stats(12)
 
 
 def profile_warm() -> None:
     """Where the warm scheduler's host time goes at ROWS rows: the same requests once unmeasured,
     once timed, once with the loop's thread under cProfile (its own time, then cumulative)."""
-    import cProfile
-    import pstats
-
     from stratlm.bench import load as load_bench
-    from stratlm.decoding import scheduler as sched
 
     loaded, work = model_and_work()
     load_bench.run_stratlm(loaded, load_bench.warmup_workload(work, ROWS), ROWS)
     report("fused (warm)", load_bench.run_stratlm(loaded, work, ROWS))
-    profiles = []
-    run_loop = sched.Scheduler._run
-
-    def profiled_loop(self):
-        profile = cProfile.Profile()
-        profile.enable()
-        try:
-            run_loop(self)
-        finally:
-            profile.disable()
-            profiles.append(profile)
-
-    sched.Scheduler._run = profiled_loop
-    try:
-        report("fused (warm), loop under cProfile", load_bench.run_stratlm(loaded, work, ROWS))
-    finally:
-        sched.Scheduler._run = run_loop
-    stats = pstats.Stats(profiles[0])
+    result, stats = with_loop_profiled(lambda: load_bench.run_stratlm(loaded, work, ROWS))
+    report("fused (warm), loop under cProfile", result)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(30)
 
