@@ -430,7 +430,8 @@ class Scheduler:
             (self._prefilling if request.policy is not None else self._serial).append(request)
 
     def _step(self) -> None:
-        if self._pending is not None and (self._prefilling or self._serial or any(r.request.handle.cancelled for r in self.rows)):
+        # (a prefill reads the queued picks itself, once its own forward is queued behind them)
+        if self._pending is not None and (self._serial or any(r.request.handle.cancelled for r in self.rows)):
             self._flush_pending()
         self._retire_cancelled_running()
         if self._prefilling:
@@ -460,6 +461,7 @@ class Scheduler:
             if end < len(prompt) - 1:
                 return  # the rest after the next decode step
         logits = self.model(mx.array([prompt[-1:]], dtype=mx.int32), request.cache)[:, -1, :]
+        self._read_pending_behind(logits)
         self._prefilling.popleft()
         if self.prefix_cache is not None:
             self.prefix_cache.insert(prompt, batch_cache.row_state(request.cache, 0))
@@ -501,6 +503,7 @@ class Scheduler:
         tokens = mx.array([[r.prompt[0]] * pad + r.prompt for r, pad in zip(group, padding)], dtype=mx.int32)
         cache = self.model.make_cache(left_padding=padding)
         logits = prefill(self.model, tokens, cache, self.config.prefill_chunk)
+        self._read_pending_behind(logits)
         picks = []
         for j, request in enumerate(group):
             if self.prefix_cache is not None:
@@ -513,6 +516,13 @@ class Scheduler:
         for _ in group:  # only now: a failure before this leaves them where _fail_all finds them
             self._prefilling.popleft()
         self._emit_picks(new_rows, picks)
+
+    def _read_pending_behind(self, logits: mx.array) -> None:
+        """Before rows join: queue the new rows' prefill, then read the batch's queued picks. The
+        device runs the prefill right after the step in flight; the host built it meanwhile."""
+        if self._pending is not None:
+            mx.async_eval(logits)
+            self._flush_pending()
 
     def _start_rows(self, request: Request) -> None:
         policy = request.policy
