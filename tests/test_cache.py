@@ -76,6 +76,31 @@ def test_filter_drops_rows_and_the_padding_no_row_needs():
     assert np.array(cache.keys)[0, 0, : cache.offset, 0].tolist() == [3, 4]
 
 
+def test_padding_is_known_on_the_host_after_filter_and_from_a_device_array():
+    cache = KVCache(left_padding=[3, 1, 0])
+    cache.update_and_fetch(*kv(5, batch=3))
+    cache.filter(mx.array([2, 0]))  # rows given as a device array, in a new order
+    assert cache.padding_list() == np.array(cache.left_padding).tolist() == [0, 3]
+    cache.left_padding = mx.array([2, 0], dtype=mx.int32)  # set on the device only: read once when asked
+    assert cache.padding_list() == [2, 0]
+    cache.filter([0])
+    assert cache.left_padding is None and cache.padding_list(1) == [0] and cache.offset == 3
+
+
+def test_a_joined_batch_keeps_the_room_asked_for():
+    from stratlm.decoding import batch_cache
+
+    first, second = KVCache(), KVCache()
+    first.update_and_fetch(*kv(5))
+    second.update_and_fetch(*kv(3))
+    joined = batch_cache.join([first], [second], room=100)[0]
+    assert joined.offset == 5 and joined.keys.shape[2] == 5 + 100
+    assert batch_cache.padding_of(joined) == [0, 2]  # the shorter row aligned at the right
+    assert np.array(joined.keys)[1, 0, 2:5, 0].tolist() == [0, 1, 2]
+    joined.update_and_fetch(*kv(100, start=5, batch=2))
+    assert joined.keys.shape[2] == 105  # no growth while the rows write their room
+
+
 def test_filtered_batch_decodes_like_single_rows():
     """Left-padded batch of three; after a few steps the middle row finishes and is filtered out;
     the others keep producing the same logits as when decoded alone."""
