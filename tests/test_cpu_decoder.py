@@ -137,6 +137,68 @@ def test_every_instruction_set_takes_the_decode_path(isa):
         ext.set_isa(before)
 
 
+@settings(max_examples=8, deadline=None)
+@given(
+    heads=st.sampled_from([(4, 4), (4, 2), (8, 2), (6, 1)]),
+    head_dim=st.sampled_from([32, 64]),
+    rows=st.integers(1, 3),
+    prompt=st.integers(130, 200),  # long enough for the pool (heads x positions x head_dim >= 16K)
+    window=st.integers(1, 3),
+    seed=st.integers(0, 50),
+)
+def test_attention_over_the_pool_equals_one_thread(heads, head_dim, rows, prompt, window, seed):
+    """decode_block spreads a long context's attention heads over the kernels' threads: each head
+    is computed whole by one thread, so the logits equal the serial attention's exactly."""
+    ext = kernels.extension()
+    threads, parallel = ext.threads(), ext.parallel_attention()
+    model = quantized_tiny(seed, num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim, hidden_size=128, intermediate_size=256)
+    fast = decoder.install(model)
+    prompts = mx.random.randint(0, model.vocab_size, (rows, prompt), key=mx.random.key(seed))
+    tokens = mx.random.randint(0, model.vocab_size, (rows, window), key=mx.random.key(seed + 1))
+    got = {}
+    try:
+        ext.set_threads(2)
+        for spread in (True, False):
+            ext.set_parallel_attention(spread)
+            cache = model.make_cache()
+            model(prompts, cache)
+            got[spread] = np.array(fast.forward(model, tokens, cache))
+    finally:
+        ext.set_threads(threads)
+        ext.set_parallel_attention(parallel)
+    np.testing.assert_array_equal(got[True], got[False])
+
+
+def test_block_weights_and_inputs_are_checked():
+    """The weights are checked once when the plan is made, the step's inputs against them."""
+    model = quantized_tiny(2)
+    fast = decoder.KernelDecoder()
+    fast.prepare(model)
+    ext = kernels.extension()
+    weights = fast.plan[0][0]
+    block = model.layers[0]
+    norms = [block.input_layernorm.weight, block.post_attention_layernorm.weight]
+    projections = [block[part][name] for part, name in decoder.PROJECTIONS]
+    arrays = [*norms, *(a for p in projections for a in (p["weight"], p["scales"], p["biases"]))]
+    widths = {"eps_in": 1e-5, "eps_post": 1e-5, "group_sizes": [32] * 7, "bits": [4] * 7}
+    with pytest.raises(ValueError, match="expected"):
+        ext.block_weights(arrays[:-1], **widths)
+    with pytest.raises(ValueError, match="projection 3"):  # o's input width is not q's output width
+        ext.block_weights(arrays[:11] + [arrays[14], arrays[15], arrays[16]] + arrays[14:], **widths)
+    attn = block.self_attn
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache)
+    h = model.embed(mx.array([[4]]))
+    inputs = [h, attn.rope.inv_freq(), cache[0].row_starts(1), cache[0].keys, cache[0].values]
+    shape = {"scale": attn.scale, "rope_scale": 1.0, "n_kv_heads": attn.n_kv_heads, "write_at": 3}
+    with pytest.raises(ValueError, match="heads do not match"):
+        ext.decode_block(inputs, weights, n_heads=attn.n_heads * 2, **shape)
+    with pytest.raises(ValueError, match="hidden"):
+        ext.decode_block([h[..., :32], *inputs[1:]], weights, n_heads=attn.n_heads, **shape)
+    out, keys, values = ext.decode_block(inputs, weights, n_heads=attn.n_heads, **shape)
+    assert out.shape == h.shape and keys.shape == cache[0].keys.shape
+
+
 def test_storage_grows_and_is_written_in_place():
     """Past the storage's 64-position blocks the cache grows (KVCache.make_room) and the path goes
     on; while nothing else shares the storage, no decode step copies it."""

@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -1089,9 +1090,12 @@ NB_MODULE(_stratlm_quantized, m) {
   m.def("quantized_matmul", &qmm, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::kw_only(),
         nb::arg("group_size"), nb::arg("bits"),
         "x @ dequantize(w, scales, biases, group_size, bits).T, lazily, on the CPU");
-  m.def("decode_block", &decode_block, nb::arg("inputs"), nb::kw_only(), nb::arg("eps_in"), nb::arg("eps_post"),
-        nb::arg("scale"), nb::arg("rope_scale"), nb::arg("n_heads"), nb::arg("n_kv_heads"), nb::arg("write_at"),
+  nb::class_<BlockWeightsHandle>(m, "BlockWeights", "a decoder block's weights as decode_block holds them (block_weights)");
+  m.def("block_weights", &block_weights, nb::arg("arrays"), nb::kw_only(), nb::arg("eps_in"), nb::arg("eps_post"),
         nb::arg("group_sizes"), nb::arg("bits"),
+        "a block's norm weights and (w, scales, biases) of q, k, v, o, gate, up, down, checked and evaluated once");
+  m.def("decode_block", &decode_block, nb::arg("inputs"), nb::arg("weights"), nb::kw_only(), nb::arg("scale"),
+        nb::arg("rope_scale"), nb::arg("n_heads"), nb::arg("n_kv_heads"), nb::arg("write_at"),
         "a decoder block for a few new positions as one lazy op (decode_block.h): [out, keys, values]");
   m.def("decode_block_storage_copies", [] { return g_block_storage_copies.load(); },
         "how many times decode_block copied a cache storage it could not reuse in place");
@@ -1139,6 +1143,8 @@ NB_MODULE(_stratlm_quantized, m) {
   m.def("set_chunks_per_thread", [](int n) { g_chunks_per_thread.store(std::max(1, n)); }, nb::arg("n"));
   m.def("prefetch", [] { return g_prefetch.load(); }, "whether the row loops prefetch the rows ahead");
   m.def("set_prefetch", [](bool on) { g_prefetch.store(on); }, nb::arg("on"));
+  m.def("parallel_attention", [] { return g_parallel_attention.load(); }, "whether a block's attention heads use the pool");
+  m.def("set_parallel_attention", [](bool on) { g_parallel_attention.store(on); }, nb::arg("on"));
   m.def("set_pass_rows", [](int n) { g_pass_rows.store(std::max(2, n)); }, nb::arg("n"));
   m.def("gemm_min_rows", [] { return g_gemm_min_rows.load(); });
   m.def("set_gemm_min_rows", [](int n) { g_gemm_min_rows.store(n); }, nb::arg("n"));
