@@ -31,9 +31,10 @@ def exact(exact_kernels):
     yield
 
 
-def quantized_tiny(seed: int = 0, group_size: int = 32, bits: int = 4, mixed: bool = False, **overrides):
+def quantized_tiny(seed: int = 0, group_size: int = 32, bits: int = 4, mixed: bool = False, fp16_scales: bool = False, **overrides):
     """A tiny Llama quantized as a GGUF is (mixed: 8-bit v and down projections, as Q4_K_M files
-    have), its layers on the CPU kernels."""
+    have; fp16_scales: scales and biases fp16 values, as a GGUF's are, which the kernels then read
+    as fp16), its layers on the CPU kernels."""
     model = tiny_model("llama", seed=seed, **overrides).model
 
     def width(path, layer):
@@ -42,6 +43,10 @@ def quantized_tiny(seed: int = 0, group_size: int = 32, bits: int = 4, mixed: bo
         return {"group_size": group_size, "bits": 8 if mixed and path.endswith(("v_proj", "down_proj")) else bits, "mode": "affine"}
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=width)
+    if fp16_scales:
+        for _, layer in model.named_modules():
+            if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+                layer.update({name: layer[name].astype(mx.float16).astype(mx.float32) for name in ("scales", "biases")})
     assert use_cpu_kernels(model) > 0
     return model
 
@@ -76,6 +81,7 @@ def decode_both_ways(model, prompts: mx.array, padding: list[int], windows: list
     hidden=st.sampled_from([64, 128]),
     inter=st.sampled_from([128, 256]),
     quant=st.sampled_from([(32, 4, False), (32, 8, False), (64, 4, False), (32, 4, True)]),
+    fp16_scales=st.booleans(),
     rows=st.integers(1, 3),
     prompt=st.integers(1, 7),
     pad=st.integers(0, 3),
@@ -83,7 +89,7 @@ def decode_both_ways(model, prompts: mx.array, padding: list[int], windows: list
     tied=st.booleans(),
     seed=st.integers(0, 50),
 )
-def test_decode_path_gives_the_reference_forwards_logits(scaling, heads, head_dim, hidden, inter, quant, rows, prompt, pad, windows, tied, seed):
+def test_decode_path_gives_the_reference_forwards_logits(scaling, heads, head_dim, hidden, inter, quant, fp16_scales, rows, prompt, pad, windows, tied, seed):
     group_size, bits, mixed = quant
     assume(heads[0] * head_dim % group_size == 0)  # o_proj's inputs in whole groups
     model = quantized_tiny(
@@ -91,6 +97,7 @@ def test_decode_path_gives_the_reference_forwards_logits(scaling, heads, head_di
         group_size,
         bits,
         mixed,
+        fp16_scales,
         rope_scaling=SCALINGS[scaling],
         tie_word_embeddings=tied,
         num_attention_heads=heads[0],
@@ -130,7 +137,7 @@ def test_every_instruction_set_takes_the_decode_path(isa):
     before = ext.isa()
     ext.set_isa(isa)
     try:
-        model = quantized_tiny(9, mixed=True, hidden_size=128, intermediate_size=256)
+        model = quantized_tiny(9, mixed=True, fp16_scales=True, hidden_size=128, intermediate_size=256)
         prompts = mx.array([[5, 4, 3, 2, 1, 0, 7], [0, 0, 1, 2, 3, 4, 5]])
         assert decode_both_ways(model, prompts, [0, 2], [1, 3, 1], seed=9) < 2e-5
     finally:

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from stratlm.backends.cpu import kernels
-from stratlm.backends.cpu.quantized import KernelQuantizedLinear, supported
+from stratlm.backends.cpu.quantized import KernelQuantizedLinear, kernel_scales, supported
 from stratlm.core.cache import KVCache
 from stratlm.core.model import Model
 from stratlm.device import cpu_active
@@ -64,7 +64,7 @@ def block_plan(block: nn.Module) -> object | None:
     layers = [block[part].get(name) for part, name in PROJECTIONS]
     if any(type(layer) is not KernelQuantizedLinear or "bias" in layer or not supported(layer) for layer in layers):
         return None
-    arrays = [norms[0].weight, norms[1].weight, *(a for layer in layers for a in (layer["weight"], layer["scales"], layer["biases"]))]
+    arrays = [norms[0].weight, norms[1].weight, *(a for layer in layers for a in (layer["weight"], *kernel_scales(layer)))]
     return kernels.extension().block_weights(
         arrays,
         eps_in=norms[0].eps,

@@ -5,7 +5,8 @@
 // node costs several microseconds of host work; the reference block is ~60 nodes a layer, this
 // is one. quantized.cpp includes this file inside its anonymous namespace.
 //
-// The block's weights (the two norm weights; w, scales, biases of q, k, v, o, gate, up, down) are
+// The block's weights (the two norm weights; w, scales, biases of q, k, v, o, gate, up, down: the
+// scales and biases fp32 or fp16, as quantized_matmul takes them) are
 // a BlockWeights the op holds, made once per plan (block_weights), not graph inputs: each input
 // costs every step's graph walk and the encoder's bookkeeping, on the two threads the step has.
 // Inputs: h (B, L, hidden) fp32; inv_freq (head_dim / 2) fp32; starts (B) int32, each row's left
@@ -134,8 +135,15 @@ struct BlockJob {
   Problem problem(int which, const float* x, int M, int N, int K, float* y) const {
     const BlockWeights& wt = *weights;
     const int gs = wt.group_size[which];
-    return Problem{x, wt.proj(which, 0).data<uint32_t>(), wt.proj(which, 1).data<float>(), wt.proj(which, 2).data<float>(),
-                   y, M, N, K, K / gs, gs, wt.bits[which]};
+    const mx::array &s = wt.proj(which, 1), &b = wt.proj(which, 2);
+    const bool half = s.dtype() == mx::float16;
+    Problem p{x, wt.proj(which, 0).data<uint32_t>(), half ? nullptr : s.data<float>(), half ? nullptr : b.data<float>(),
+              y, M, N, K, K / gs, gs, wt.bits[which]};
+    if (half) {
+      p.s16 = s.data<uint16_t>();
+      p.b16 = b.data<uint16_t>();
+    }
+    return p;
   }
   void project(int which, const float* x, int M, int N, int K, float* y) const {
     compute(problem(which, x, M, N, K, y));
@@ -310,8 +318,9 @@ BlockWeightsHandle block_weights(const std::vector<mx::array>& arrays, float eps
         w.shape(1) * 32 / bits[j] != in_dims[j])
       fail("projection " + std::to_string(j) + "'s weights do not fit the block's shapes");
     mx::Shape sshape{out_dims[j], in_dims[j] / group_sizes[j]};
-    if (s.dtype() != mx::float32 || b.dtype() != mx::float32 || s.shape() != sshape || b.shape() != sshape)
-      fail("projection " + std::to_string(j) + "'s scales and biases must be float32 (N, K / group_size)");
+    if ((s.dtype() != mx::float32 && s.dtype() != mx::float16) || b.dtype() != s.dtype() || s.shape() != sshape ||
+        b.shape() != sshape)
+      fail("projection " + std::to_string(j) + "'s scales and biases must be float32 or float16 (N, K / group_size)");
     wt->group_size[j] = group_sizes[j];
     wt->bits[j] = bits[j];
   }
