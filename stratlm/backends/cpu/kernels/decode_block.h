@@ -242,8 +242,18 @@ class StratlmDecodeBlock : public mx::Primitive {
     }
     for (auto& a : in) enc.set_input_array(a);
     for (auto& a : outs) enc.set_output_array(a);
-    std::array<View, N_INPUTS> views;
-    for (int i = 0; i < N_INPUTS; ++i) views[i] = View::of(in[i]);
+    // The task keeps the inputs' addresses, and their shapes only when one must be gathered (not
+    // row-contiguous): a task of a kilobyte or more makes glibc consolidate its free lists on
+    // every step's allocation.
+    std::array<const void*, N_INPUTS> ptrs;
+    std::shared_ptr<std::array<View, N_INPUTS>> gather;
+    for (int i = 0; i < N_INPUTS; ++i) {
+      ptrs[i] = in[i].data<void>();
+      if (!in[i].flags().row_contiguous && !gather) gather = std::make_shared<std::array<View, N_INPUTS>>();
+    }
+    if (gather)
+      for (int i = 0; i < N_INPUTS; ++i) (*gather)[i] = View::of(in[i]);
+    const size_t storage_size = in[IN_KEYS].size();
     const auto& h = in[IN_H];
     BlockJob job{};
     job.p = p_;
@@ -255,15 +265,16 @@ class StratlmDecodeBlock : public mx::Primitive {
     job.D = in[IN_KEYS].shape(3);
     job.capacity = in[IN_KEYS].shape(2);
     // the task holds the weights too: it may run after the graph (and this primitive) is gone
-    enc.dispatch([job, views, weights = weights_, out = outs[0].data<float>(), keys = outs[1].data<float>(),
-                  values = outs[2].data<float>(), copy0 = copy[0], copy1 = copy[1]]() mutable {
+    enc.dispatch([job, ptrs, gather, storage_size, weights = weights_, out = outs[0].data<float>(),
+                  keys = outs[1].data<float>(), values = outs[2].data<float>(), copy0 = copy[0],
+                  copy1 = copy[1]]() mutable {
       std::array<std::vector<uint32_t>, N_INPUTS> tmp;
-      auto data = [&](int i) { return views[i].data(tmp[i]); };
+      auto data = [&](int i) { return gather ? (*gather)[i].data(tmp[i]) : ptrs[i]; };
       job.h = static_cast<const float*>(data(IN_H));
       job.inv_freq = static_cast<const float*>(data(IN_INV_FREQ));
       job.starts = static_cast<const int32_t*>(data(IN_STARTS));
-      if (copy0) std::memcpy(keys, data(IN_KEYS), views[IN_KEYS].size * sizeof(float));
-      if (copy1) std::memcpy(values, data(IN_VALUES), views[IN_VALUES].size * sizeof(float));
+      if (copy0) std::memcpy(keys, data(IN_KEYS), storage_size * sizeof(float));
+      if (copy1) std::memcpy(values, data(IN_VALUES), storage_size * sizeof(float));
       job.keys = keys;
       job.values = values;
       job.out = out;
