@@ -205,7 +205,6 @@ def test_gemm_path_and_direct_path_agree(m):
     ext = kernels.extension()
     q, s, b = _weights(130, 160, 4, 32, seed=10)
     x = mx.random.normal((m, 160), key=mx.random.key(11))
-    before = ext.gemm_min_rows()
     try:
         ext.set_gemm_min_rows(32)
         gemm = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4)
@@ -214,7 +213,7 @@ def test_gemm_path_and_direct_path_agree(m):
         direct = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4)
         mx.eval(direct)
     finally:
-        ext.set_gemm_min_rows(before)
+        ext.set_gemm_min_rows(0)  # the default: by the instruction set
     _assert_matches(gemm, x, q, s, b, 32, 4)
     _assert_matches(direct, x, q, s, b, 32, 4)
 
@@ -406,7 +405,12 @@ def test_q8_rows_do_not_depend_on_how_many_rows_share_the_call(q8, bits):
     the same product up to fp32 summation order: batch = solo holds in int8 mode too."""
     q, s, b = _weights(96, 32 * 6, bits, 32, seed=33)
     x = mx.random.normal((64, 32 * 6), key=mx.random.key(34)) * 2
-    together = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=bits)
+    try:
+        q8.set_gemm_min_rows(48)
+        together = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=bits)
+        mx.eval(together)
+    finally:
+        q8.set_gemm_min_rows(0)
     for row in (0, 17, 63):
         alone = kernels.quantized_matmul(x[row : row + 1], q, s, b, group_size=32, bits=bits)[0]
         size = mx.abs(x[row]) @ mx.abs(mx.dequantize(q, s, b, group_size=32, bits=bits)).T

@@ -725,7 +725,16 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int,
                          int);
 static sgemm_fn find_sgemm() { return (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm"); }
 static std::atomic<int> g_chunks_per_thread{2};
-static std::atomic<int> g_gemm_min_rows{48};  // M at or above which the GEMM path is used
+static std::atomic<int> g_gemm_min_rows{0};  // a tuning knob; 0: gemm_min_rows() picks
+
+// M at or above which the GEMM path (dequantized tiles, sgemm) is used. The direct kernels keep
+// each weight tile in L1 for every row: AVX-512's (9 rows a pass) keep up with the GEMM path to
+// ~128 rows, AVX2's (4 rows a pass) to ~48 (measured on SmolLM2's shapes, docs/benchmarks.md).
+static int gemm_min_rows() {
+  const int knob = g_gemm_min_rows.load(std::memory_order_relaxed);
+  if (knob > 0) return knob;
+  return float_isa(g_isa.load(std::memory_order_relaxed)) == AVX512 ? 128 : 48;
+}
 
 // ---------------------------------------------------------------- driver
 // Output rows of one or more problems as one pool job: each problem's rows in chunks of whole
@@ -1025,7 +1034,7 @@ static void round_like_q8(const Problem& p, float* out) {
 static void compute(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
   bool exact = g_exact.load(std::memory_order_relaxed);
-  if (p.M >= g_gemm_min_rows.load(std::memory_order_relaxed)) {
+  if (p.M >= gemm_min_rows()) {
     static sgemm_fn sgemm = find_sgemm();
     if (sgemm && exact) return run_gemm(p, sgemm);
     if (sgemm) {
@@ -1043,7 +1052,7 @@ static void compute(const Problem& p) {
 // Several products (each as compute would do it) with their output rows in one pool job: the
 // same results as one compute call each.
 static void compute_many(const Problem* ps, int n) {
-  const int gemm_from = g_gemm_min_rows.load(std::memory_order_relaxed);
+  const int gemm_from = gemm_min_rows();
   bool direct = true;
   for (int j = 0; j < n; ++j) direct = direct && ps[j].M > 0 && ps[j].N > 0 && ps[j].M < gemm_from;
   if (!direct) {
@@ -1252,8 +1261,9 @@ NB_MODULE(_stratlm_quantized, m) {
   m.def("parallel_attention", [] { return g_parallel_attention.load(); }, "whether a block's attention heads use the pool");
   m.def("set_parallel_attention", [](bool on) { g_parallel_attention.store(on); }, nb::arg("on"));
   m.def("set_pass_rows", [](int n) { g_pass_rows.store(std::max(2, n)); }, nb::arg("n"));
-  m.def("gemm_min_rows", [] { return g_gemm_min_rows.load(); });
-  m.def("set_gemm_min_rows", [](int n) { g_gemm_min_rows.store(n); }, nb::arg("n"));
+  m.def("gemm_min_rows", [] { return gemm_min_rows(); }, "rows from which a product takes the GEMM path");
+  m.def("set_gemm_min_rows", [](int n) { g_gemm_min_rows.store(std::max(0, n)); }, nb::arg("n"),
+        "rows from which a product takes the GEMM path; 0: by the instruction set");
   m.def("has_sgemm", [] { return find_sgemm() != nullptr; });
   m.def(
       "time_kernel",
