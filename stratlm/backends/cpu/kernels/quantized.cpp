@@ -112,7 +112,7 @@ static SQ_INLINE void prefetch_span(const void* begin, const void* end) {
 }
 
 // Output rows [n0, n1)'s packed weights, scales and biases, toward L1.
-static void prefetch_rows(const Problem& p, int n0, int n1) {
+static SQ_INLINE void prefetch_rows(const Problem& p, int n0, int n1) {
   if (n0 >= n1) return;
   const size_t row_bytes = (size_t)p.K * p.bits / 8;
   const char* w = reinterpret_cast<const char*>(p.w);
