@@ -31,9 +31,10 @@ def exact(exact_kernels):
     yield
 
 
-def quantized_tiny(seed: int = 0, group_size: int = 32, bits: int = 4, mixed: bool = False, **overrides):
+def quantized_tiny(seed: int = 0, group_size: int = 32, bits: int = 4, mixed: bool = False, fp16_scales: bool = False, **overrides):
     """A tiny Llama quantized as a GGUF is (mixed: 8-bit v and down projections, as Q4_K_M files
-    have), its layers on the CPU kernels."""
+    have; fp16_scales: scales and biases fp16 values, as a GGUF's are, which the kernels then read
+    as fp16), its layers on the CPU kernels."""
     model = tiny_model("llama", seed=seed, **overrides).model
 
     def width(path, layer):
@@ -42,6 +43,10 @@ def quantized_tiny(seed: int = 0, group_size: int = 32, bits: int = 4, mixed: bo
         return {"group_size": group_size, "bits": 8 if mixed and path.endswith(("v_proj", "down_proj")) else bits, "mode": "affine"}
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=width)
+    if fp16_scales:
+        for _, layer in model.named_modules():
+            if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+                layer.update({name: layer[name].astype(mx.float16).astype(mx.float32) for name in ("scales", "biases")})
     assert use_cpu_kernels(model) > 0
     return model
 
@@ -76,6 +81,7 @@ def decode_both_ways(model, prompts: mx.array, padding: list[int], windows: list
     hidden=st.sampled_from([64, 128]),
     inter=st.sampled_from([128, 256]),
     quant=st.sampled_from([(32, 4, False), (32, 8, False), (64, 4, False), (32, 4, True)]),
+    fp16_scales=st.booleans(),
     rows=st.integers(1, 3),
     prompt=st.integers(1, 7),
     pad=st.integers(0, 3),
@@ -83,7 +89,7 @@ def decode_both_ways(model, prompts: mx.array, padding: list[int], windows: list
     tied=st.booleans(),
     seed=st.integers(0, 50),
 )
-def test_decode_path_gives_the_reference_forwards_logits(scaling, heads, head_dim, hidden, inter, quant, rows, prompt, pad, windows, tied, seed):
+def test_decode_path_gives_the_reference_forwards_logits(scaling, heads, head_dim, hidden, inter, quant, fp16_scales, rows, prompt, pad, windows, tied, seed):
     group_size, bits, mixed = quant
     assume(heads[0] * head_dim % group_size == 0)  # o_proj's inputs in whole groups
     model = quantized_tiny(
@@ -91,6 +97,7 @@ def test_decode_path_gives_the_reference_forwards_logits(scaling, heads, head_di
         group_size,
         bits,
         mixed,
+        fp16_scales,
         rope_scaling=SCALINGS[scaling],
         tie_word_embeddings=tied,
         num_attention_heads=heads[0],
@@ -130,11 +137,73 @@ def test_every_instruction_set_takes_the_decode_path(isa):
     before = ext.isa()
     ext.set_isa(isa)
     try:
-        model = quantized_tiny(9, mixed=True, hidden_size=128, intermediate_size=256)
+        model = quantized_tiny(9, mixed=True, fp16_scales=True, hidden_size=128, intermediate_size=256)
         prompts = mx.array([[5, 4, 3, 2, 1, 0, 7], [0, 0, 1, 2, 3, 4, 5]])
         assert decode_both_ways(model, prompts, [0, 2], [1, 3, 1], seed=9) < 2e-5
     finally:
         ext.set_isa(before)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    heads=st.sampled_from([(4, 4), (4, 2), (8, 2), (6, 1)]),
+    head_dim=st.sampled_from([32, 64]),
+    rows=st.integers(1, 3),
+    prompt=st.integers(130, 200),  # long enough for the pool (heads x positions x head_dim >= 16K)
+    window=st.integers(1, 3),
+    seed=st.integers(0, 50),
+)
+def test_attention_over_the_pool_equals_one_thread(heads, head_dim, rows, prompt, window, seed):
+    """decode_block spreads a long context's attention heads over the kernels' threads: each head
+    is computed whole by one thread, so the logits equal the serial attention's exactly."""
+    ext = kernels.extension()
+    threads, parallel = ext.threads(), ext.parallel_attention()
+    model = quantized_tiny(seed, num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=head_dim, hidden_size=128, intermediate_size=256)
+    fast = decoder.install(model)
+    prompts = mx.random.randint(0, model.vocab_size, (rows, prompt), key=mx.random.key(seed))
+    tokens = mx.random.randint(0, model.vocab_size, (rows, window), key=mx.random.key(seed + 1))
+    got = {}
+    try:
+        ext.set_threads(2)
+        for spread in (True, False):
+            ext.set_parallel_attention(spread)
+            cache = model.make_cache()
+            model(prompts, cache)
+            got[spread] = np.array(fast.forward(model, tokens, cache))
+    finally:
+        ext.set_threads(threads)
+        ext.set_parallel_attention(parallel)
+    np.testing.assert_array_equal(got[True], got[False])
+
+
+def test_block_weights_and_inputs_are_checked():
+    """The weights are checked once when the plan is made, the step's inputs against them."""
+    model = quantized_tiny(2)
+    fast = decoder.KernelDecoder()
+    fast.prepare(model)
+    ext = kernels.extension()
+    weights = fast.plan[0][0]
+    block = model.layers[0]
+    norms = [block.input_layernorm.weight, block.post_attention_layernorm.weight]
+    projections = [block[part][name] for part, name in decoder.PROJECTIONS]
+    arrays = [*norms, *(a for p in projections for a in (p["weight"], p["scales"], p["biases"]))]
+    widths = {"eps_in": 1e-5, "eps_post": 1e-5, "group_sizes": [32] * 7, "bits": [4] * 7}
+    with pytest.raises(ValueError, match="expected"):
+        ext.block_weights(arrays[:-1], **widths)
+    with pytest.raises(ValueError, match="projection 3"):  # o's input width is not q's output width
+        ext.block_weights(arrays[:11] + [arrays[14], arrays[15], arrays[16]] + arrays[14:], **widths)
+    attn = block.self_attn
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache)
+    h = model.embed(mx.array([[4]]))
+    inputs = [h, attn.rope.inv_freq(), cache[0].row_starts(1), cache[0].keys, cache[0].values]
+    shape = {"scale": attn.scale, "rope_scale": 1.0, "n_kv_heads": attn.n_kv_heads, "write_at": 3}
+    with pytest.raises(ValueError, match="heads do not match"):
+        ext.decode_block(inputs, weights, n_heads=attn.n_heads * 2, **shape)
+    with pytest.raises(ValueError, match="hidden"):
+        ext.decode_block([h[..., :32], *inputs[1:]], weights, n_heads=attn.n_heads, **shape)
+    out, keys, values = ext.decode_block(inputs, weights, n_heads=attn.n_heads, **shape)
+    assert out.shape == h.shape and keys.shape == cache[0].keys.shape
 
 
 def test_storage_grows_and_is_written_in_place():

@@ -156,12 +156,55 @@ def test_half_precision_activations_keep_their_dtype():
 
 
 @needs_ext
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_fp16_scales_and_biases_give_the_fp32_product(isa, exact, bits, gs):
+    """fp16 scales and biases (a GGUF's) read as they are give exactly the product of the same
+    values in fp32, on every path: one row, several, the GEMM path, int8 activations, a
+    non-contiguous scales array."""
+    kernels.extension().set_exact(exact)
+    q, s, b = _weights(45, 640, bits, gs, seed=gs + bits)
+    s16, b16 = s.astype(mx.float16), b.astype(mx.float16)
+    s32, b32 = s16.astype(mx.float32), b16.astype(mx.float32)
+    s16_strided = mx.array(np.ascontiguousarray(np.array(s16).T)).T
+    for m in (1, 3, 11, 60):
+        x = mx.random.normal((m, 640), key=mx.random.key(m))
+        want = np.array(kernels.quantized_matmul(x, q, s32, b32, group_size=gs, bits=bits))
+        for scales in (s16, s16_strided):
+            got = kernels.quantized_matmul(x, q, scales, b16, group_size=gs, bits=bits)
+            assert got.dtype == mx.float32
+            np.testing.assert_array_equal(np.array(got), want)
+
+
+@needs_ext
+def test_layers_hand_the_kernels_fp16_scales_only_where_exact():
+    """kernel_scales: fp16 copies when fp16 holds the values (kept beside the fp32 parameters,
+    made again when the parameters change), the layer's own fp32 arrays when it does not."""
+    import mlx.nn as nn
+
+    from stratlm.backends.cpu.quantized import KernelQuantizedLinear, adopt, kernel_scales
+
+    layer = adopt(KernelQuantizedLinear, nn.QuantizedLinear(64, 32, bias=False, group_size=32, bits=4))
+    layer.update({"scales": mx.random.normal(layer["scales"].shape, key=mx.random.key(1))})
+    assert all(a is p for a, p in zip(kernel_scales(layer), (layer["scales"], layer["biases"])))
+    rounded = {name: layer[name].astype(mx.float16).astype(mx.float32) for name in ("scales", "biases")}
+    layer.update(rounded)
+    half = kernel_scales(layer)
+    assert [a.dtype for a in half] == [mx.float16, mx.float16] and kernel_scales(layer)[0] is half[0]
+    assert mx.array_equal(half[0].astype(mx.float32), layer["scales"]).item()
+    assert set(layer.parameters()) == {"weight", "scales", "biases"} and layer["scales"].dtype == mx.float32
+    x = mx.random.normal((2, 64), key=mx.random.key(2))
+    want = kernels.quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], group_size=32, bits=4)
+    np.testing.assert_array_equal(np.array(layer(x)), np.array(want))
+
+
+@needs_ext
 @pytest.mark.parametrize("m", [40, 64])
 def test_gemm_path_and_direct_path_agree(m):
     ext = kernels.extension()
     q, s, b = _weights(130, 160, 4, 32, seed=10)
     x = mx.random.normal((m, 160), key=mx.random.key(11))
-    before = ext.gemm_min_rows()
     try:
         ext.set_gemm_min_rows(32)
         gemm = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4)
@@ -170,7 +213,7 @@ def test_gemm_path_and_direct_path_agree(m):
         direct = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4)
         mx.eval(direct)
     finally:
-        ext.set_gemm_min_rows(before)
+        ext.set_gemm_min_rows(0)  # the default: by the instruction set
     _assert_matches(gemm, x, q, s, b, 32, 4)
     _assert_matches(direct, x, q, s, b, 32, 4)
 
@@ -362,7 +405,12 @@ def test_q8_rows_do_not_depend_on_how_many_rows_share_the_call(q8, bits):
     the same product up to fp32 summation order: batch = solo holds in int8 mode too."""
     q, s, b = _weights(96, 32 * 6, bits, 32, seed=33)
     x = mx.random.normal((64, 32 * 6), key=mx.random.key(34)) * 2
-    together = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=bits)
+    try:
+        q8.set_gemm_min_rows(48)
+        together = kernels.quantized_matmul(x, q, s, b, group_size=32, bits=bits)
+        mx.eval(together)
+    finally:
+        q8.set_gemm_min_rows(0)
     for row in (0, 17, 63):
         alone = kernels.quantized_matmul(x[row : row + 1], q, s, b, group_size=32, bits=bits)[0]
         size = mx.abs(x[row]) @ mx.abs(mx.dequantize(q, s, b, group_size=32, bits=bits)).T

@@ -16,13 +16,11 @@ the plan's shape, off the CPU) and the reference forward runs.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from stratlm.backends.cpu import kernels
-from stratlm.backends.cpu.quantized import KernelQuantizedLinear, supported
+from stratlm.backends.cpu.quantized import KernelQuantizedLinear, kernel_scales, supported
 from stratlm.core.cache import KVCache
 from stratlm.core.model import Model
 from stratlm.device import cpu_active
@@ -44,20 +42,10 @@ PROJECTIONS = (
 )  # decode_block's order
 
 
-class BlockPlan(NamedTuple):
-    """A block's arrays and settings for decode_block."""
-
-    input_norm: mx.array
-    input_eps: float
-    post_norm: mx.array
-    post_eps: float
-    weights: tuple[mx.array, ...]  # (w, scales, biases) of each projection, in PROJECTIONS order
-    group_sizes: tuple[int, ...]
-    bits: tuple[int, ...]
-
-
-def block_plan(block: nn.Module) -> BlockPlan | None:
-    """What decode_block needs from this block, or None when it computes something else: not the
+def block_plan(block: nn.Module) -> object | None:
+    """The block's weights as decode_block holds them (the extension's BlockWeights: its norm
+    weights and the projections' arrays, checked and evaluated once), or None when it computes
+    something else: not the
     reference Block, a projection not on the kernels (dense, adapted) or with a bias, q/k norms,
     a sliding window, partial or LongRoPE rotation, no rotation, another activation."""
     if type(block) is not Block:
@@ -76,15 +64,13 @@ def block_plan(block: nn.Module) -> BlockPlan | None:
     layers = [block[part].get(name) for part, name in PROJECTIONS]
     if any(type(layer) is not KernelQuantizedLinear or "bias" in layer or not supported(layer) for layer in layers):
         return None
-    weights = tuple(a for layer in layers for a in (layer["weight"], layer["scales"], layer["biases"]))
-    return BlockPlan(
-        norms[0].weight,
-        norms[0].eps,
-        norms[1].weight,
-        norms[1].eps,
-        weights,
-        tuple(layer.group_size for layer in layers),
-        tuple(layer.bits for layer in layers),
+    arrays = [norms[0].weight, norms[1].weight, *(a for layer in layers for a in (layer["weight"], *kernel_scales(layer)))]
+    return kernels.extension().block_weights(
+        arrays,
+        eps_in=norms[0].eps,
+        eps_post=norms[1].eps,
+        group_sizes=[layer.group_size for layer in layers],
+        bits=[layer.bits for layer in layers],
     )
 
 
@@ -138,23 +124,20 @@ class KernelDecoder:
         starts = cache[0].row_starts(B)
         inv_freq, rope_scale = rope.inv_freq(), rope.scale
         block = kernels.extension().decode_block
-        for plan, c in zip(plans, cache):
+        for weights, c in zip(plans, cache):
             write_at = c.offset
             if write_at + L > c.keys.shape[2]:  # KVCache.make_room grows the storage (its template: the stored shapes)
                 c.make_room(c.keys[:, :, :L], c.values[:, :, :L])
             else:
                 c.offset += L  # make_room without growth: the positions are written by decode_block
             h, c.keys, c.values = block(
-                [h, plan.input_norm, plan.post_norm, inv_freq, starts, c.keys, c.values, *plan.weights],
-                eps_in=plan.input_eps,
-                eps_post=plan.post_eps,
+                [h, inv_freq, starts, c.keys, c.values],
+                weights,
                 scale=scale,
                 rope_scale=rope_scale,
                 n_heads=n_heads,
                 n_kv_heads=n_kv_heads,
                 write_at=write_at,
-                group_sizes=plan.group_sizes,
-                bits=plan.bits,
             )
         return model.head(h)
 

@@ -22,11 +22,28 @@ def kernel_takes(x: mx.array) -> bool:
     return x.dtype in (mx.float32, mx.bfloat16, mx.float16) and cpu_active()
 
 
+def kernel_scales(layer: nn.Module) -> tuple[mx.array, mx.array]:
+    """The scales and biases the kernels read for this layer: fp16 copies when fp16 holds their
+    values exactly (a GGUF's are fp16; a 4-bit layer's fp32 scales and biases are a sixth of its
+    bytes a token), else its own fp32 ones. The copies are made once for the arrays the layer
+    holds (kept beside them, not parameters: saving and adapters see the fp32 ones)."""
+    scales, biases = layer["scales"], layer["biases"]
+    made = layer.__dict__.get("_kernel_scales")
+    if made is None or made[0] is not scales or made[1] is not biases:
+        half = scales.astype(mx.float16), biases.astype(mx.float16)
+        exact = all(mx.array_equal(h.astype(a.dtype), a).item() for h, a in zip(half, (scales, biases)))
+        if exact:
+            mx.eval(half)
+        made = (scales, biases, half if exact else (scales, biases))
+        layer.__dict__["_kernel_scales"] = made  # not setattr: a Module keeps tuples of arrays as parameters
+    return made[2]
+
+
 class KernelQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if not kernel_takes(x):
             return super().__call__(x)
-        y = kernels.quantized_matmul(x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits)
+        y = kernels.quantized_matmul(x, self["weight"], *kernel_scales(self), group_size=self.group_size, bits=self.bits)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -44,7 +61,7 @@ class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         if not kernel_takes(x):
             return super().as_linear(x)
-        return kernels.quantized_matmul(x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits)
+        return kernels.quantized_matmul(x, self["weight"], *kernel_scales(self), group_size=self.group_size, bits=self.bits)
 
 
 KERNEL_LAYERS = {nn.QuantizedLinear: KernelQuantizedLinear, nn.QuantizedEmbedding: KernelQuantizedEmbedding}

@@ -3,7 +3,9 @@
 `quantized_matmul(x, w, scales, biases, group_size=, bits=)` computes what
 `x @ mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).T` computes, lazily, as an
 MLX Primitive on the CPU stream, reading the 4- or 8-bit weights directly (decode) or through
-dequantized fp32 tiles and cblas_sgemm (prefill). Gradients flow to x.
+dequantized fp32 tiles and cblas_sgemm (prefill). Gradients flow to x. fp16 scales and biases
+(both) are read as they are (the decode kernels take them directly: fewer bytes a token); other
+dtypes are made fp32.
 
 With int8 activations (opt-in: STRATLM_KERNELS_EXACT=0 or set_exact(False)) each row is quantized
 per block of 32 and the 4- or 8-bit weights meet it in integer dot products (AVX2 maddubs, AVX-VNNI

@@ -5,25 +5,46 @@
 // node costs several microseconds of host work; the reference block is ~60 nodes a layer, this
 // is one. quantized.cpp includes this file inside its anonymous namespace.
 //
-// Inputs: h (B, L, hidden) fp32; the input and post-attention norm weights (hidden); inv_freq
-// (head_dim / 2) fp32; starts (B) int32, each row's left padding; keys, values: the cache's
-// storage (B, n_kv_heads, capacity, head_dim) fp32; then w, scales, biases of q, k, v, o, gate,
-// up, down. Outputs: the block's output (B, L, hidden) and the storage with positions
-// write_at .. write_at + L - 1 written (the input's buffer when MLX may reuse it, else a copy).
-// Row b's query l sits at RoPE position write_at + l - starts[b] and sees storage positions
-// starts[b] .. write_at + l.
+// The block's weights (the two norm weights; w, scales, biases of q, k, v, o, gate, up, down: the
+// scales and biases fp32 or fp16, as quantized_matmul takes them) are
+// a BlockWeights the op holds, made once per plan (block_weights), not graph inputs: each input
+// costs every step's graph walk and the encoder's bookkeeping, on the two threads the step has.
+// Inputs: h (B, L, hidden) fp32; inv_freq (head_dim / 2) fp32; starts (B) int32, each row's left
+// padding; keys, values: the cache's storage (B, n_kv_heads, capacity, head_dim) fp32. Outputs:
+// the block's output (B, L, hidden) and the storage with positions write_at .. write_at + L - 1
+// written (the input's buffer when MLX may reuse it, else a copy). Row b's query l sits at RoPE
+// position write_at + l - starts[b] and sees storage positions starts[b] .. write_at + l.
 
-struct BlockParams {
-  float eps_in, eps_post, scale, rope_scale;
-  int n_heads, n_kv_heads, write_at;
-  int group_size[7], bits[7];
+enum { IN_H, IN_INV_FREQ, IN_STARTS, IN_KEYS, IN_VALUES, N_INPUTS };
+enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN, N_PROJ };
+enum { W_NORM_IN, W_NORM_POST, W_PROJ, N_WEIGHTS = W_PROJ + 3 * N_PROJ };
+
+// A block's weights, evaluated and row-contiguous, with the widths they imply (checked once).
+struct BlockWeights {
+  std::vector<mx::array> arrays;  // the norms, then (w, scales, biases) of each projection
+  float eps_in, eps_post;
+  int group_size[N_PROJ], bits[N_PROJ];
+  int hidden, inter, q_width, kv_width;  // q_width = n_heads * head_dim, kv_width for k and v
+  const float* norm(int which) const { return arrays[which].data<float>(); }
+  const mx::array& proj(int which, int part) const { return arrays[W_PROJ + 3 * which + part]; }
 };
 
-enum { IN_H, IN_NORM_IN, IN_NORM_POST, IN_INV_FREQ, IN_STARTS, IN_KEYS, IN_VALUES, IN_WEIGHTS };
-enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN, N_PROJ };
+// Python's handle on a BlockWeights. (Not a shared_ptr through nanobind: its caster's deleter
+// takes the GIL, and the last owner is a task on MLX's stream thread.)
+struct BlockWeightsHandle {
+  std::shared_ptr<const BlockWeights> weights;
+};
+
+struct BlockParams {
+  float scale, rope_scale;
+  int n_heads, n_kv_heads, write_at;
+};
 
 // Longest head the attention below takes (its accumulators live on the stack).
 constexpr int MAX_HEAD_DIM = 512;
+
+// whether a block's attention heads are spread over the pool (a tuning knob for benchmarks)
+static std::atomic<bool> g_parallel_attention{true};
 
 // sum of a[i] * b[i] in 8 independent partial sums: the compiler vectorizes them (one running
 // sum is a chain of dependent adds, ~4 cycles each)
@@ -105,16 +126,24 @@ SQ_CLONES static void attend_head(const float* q, float scale, const float* keys
 
 struct BlockJob {
   BlockParams p;
+  const BlockWeights* weights;
   int B, L, hidden, inter, D, capacity;
-  const float *h, *norm_in, *norm_post, *inv_freq;
+  const float *h, *inv_freq;
   const int32_t* starts;
   float *keys, *values, *out;
-  const uint32_t* w[N_PROJ];
-  const float *s[N_PROJ], *b[N_PROJ];
 
   Problem problem(int which, const float* x, int M, int N, int K, float* y) const {
-    const int gs = p.group_size[which];
-    return Problem{x, w[which], s[which], b[which], y, M, N, K, K / gs, gs, p.bits[which]};
+    const BlockWeights& wt = *weights;
+    const int gs = wt.group_size[which];
+    const mx::array &s = wt.proj(which, 1), &b = wt.proj(which, 2);
+    const bool half = s.dtype() == mx::float16;
+    Problem p{x, wt.proj(which, 0).data<uint32_t>(), half ? nullptr : s.data<float>(), half ? nullptr : b.data<float>(),
+              y, M, N, K, K / gs, gs, wt.bits[which]};
+    if (half) {
+      p.s16 = s.data<uint16_t>();
+      p.b16 = b.data<uint16_t>();
+    }
+    return p;
   }
   void project(int which, const float* x, int M, int N, int K, float* y) const {
     compute(problem(which, x, M, N, K, y));
@@ -123,7 +152,7 @@ struct BlockJob {
   void run() const {
     const int M = B * L, HQ = p.n_heads, HK = p.n_kv_heads, group = HQ / HK;
     const size_t cap = (size_t)capacity;
-    thread_local std::vector<float> ybuf, qbuf, kbuf, vbuf, attbuf, hbuf, gbuf, ubuf, sbuf;
+    thread_local std::vector<float> ybuf, qbuf, kbuf, vbuf, attbuf, hbuf, gbuf, ubuf;
     ybuf.resize((size_t)M * std::max(hidden, inter));
     qbuf.resize((size_t)M * HQ * D);
     kbuf.resize((size_t)M * HK * D);
@@ -135,7 +164,7 @@ struct BlockJob {
     float *y = ybuf.data(), *q = qbuf.data(), *k = kbuf.data(), *v = vbuf.data(), *att = attbuf.data();
     float *h1 = hbuf.data(), *gate = gbuf.data(), *up = ubuf.data();
 
-    rms_norm_rows(h, norm_in, p.eps_in, M, hidden, y);
+    rms_norm_rows(h, weights->norm(W_NORM_IN), weights->eps_in, M, hidden, y);
     const Problem qkv[3] = {problem(P_Q, y, M, HQ * D, hidden, q), problem(P_K, y, M, HK * D, hidden, k),
                             problem(P_V, y, M, HK * D, hidden, v)};
     compute_many(qkv, 3);
@@ -154,20 +183,28 @@ struct BlockJob {
           std::memcpy(values + at, v + ((size_t)m * HK + hk) * D, D * sizeof(float));
         }
       }
-    sbuf.resize(cap);
-    for (int b = 0; b < B; ++b)
-      for (int l = 0; l < L; ++l) {
-        // a padding query (left of its row's start) sees its own key, as the reference mask lets it
-        const int m = b * L + l, last = p.write_at + l, first = std::min(starts[b], last);
-        for (int hq = 0; hq < HQ; ++hq) {
-          const size_t kv = ((size_t)b * HK + hq / group) * cap * D;
-          attend_head(q + ((size_t)m * HQ + hq) * D, p.scale, keys + kv, values + kv, D, first, last, sbuf.data(),
-                      att + ((size_t)m * HQ + hq) * D);
-        }
-      }
+    // attention: each (row, query head) on its own, as pool chunks when it is worth a job (a
+    // head's result does not depend on which thread takes it)
+    auto attend = [&](int i) {
+      // a padding query (left of its row's start) sees its own key, as the reference mask lets it
+      const int m = i / HQ, hq = i % HQ, b = m / L, l = m % L;
+      const int last = p.write_at + l, first = std::min(starts[b], last);
+      const size_t kv = ((size_t)b * HK + hq / group) * cap * D;
+      thread_local std::vector<float> scores;
+      if (scores.size() < cap) scores.resize(cap);
+      attend_head(q + ((size_t)m * HQ + hq) * D, p.scale, keys + kv, values + kv, D, first, last, scores.data(),
+                  att + ((size_t)m * HQ + hq) * D);
+    };
+    const double attention_work = (double)M * HQ * (p.write_at + L) * D;
+    Pool* pl = attention_work >= 16.0 * 1024 && g_parallel_attention.load(std::memory_order_relaxed) ? pool() : nullptr;
+    if (pl != nullptr) {
+      pl->run(M * HQ, attend);
+    } else {
+      for (int i = 0; i < M * HQ; ++i) attend(i);
+    }
     project(P_O, att, M, hidden, HQ * D, h1);
     for (size_t i = 0; i < (size_t)M * hidden; ++i) h1[i] += h[i];
-    rms_norm_rows(h1, norm_post, p.eps_post, M, hidden, y);
+    rms_norm_rows(h1, weights->norm(W_NORM_POST), weights->eps_post, M, hidden, y);
     const Problem gate_up[2] = {problem(P_GATE, y, M, inter, hidden, gate), problem(P_UP, y, M, inter, hidden, up)};
     compute_many(gate_up, 2);
     for (size_t i = 0; i < (size_t)M * inter; ++i) {  // silu(gate) * up, as nn.silu(gate) * up
@@ -184,7 +221,8 @@ static std::atomic<long> g_block_storage_copies{0};
 
 class StratlmDecodeBlock : public mx::Primitive {
  public:
-  StratlmDecodeBlock(mx::Stream stream, BlockParams params) : mx::Primitive(stream), p_(params) {}
+  StratlmDecodeBlock(mx::Stream stream, BlockParams params, std::shared_ptr<const BlockWeights> weights)
+      : mx::Primitive(stream), p_(params), weights_(std::move(weights)) {}
 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
@@ -204,37 +242,42 @@ class StratlmDecodeBlock : public mx::Primitive {
     }
     for (auto& a : in) enc.set_input_array(a);
     for (auto& a : outs) enc.set_output_array(a);
-    std::vector<View> views;
-    for (auto& a : in) views.push_back(View::of(a));
+    // The task keeps the inputs' addresses, and their shapes only when one must be gathered (not
+    // row-contiguous): a task of a kilobyte or more makes glibc consolidate its free lists on
+    // every step's allocation.
+    std::array<const void*, N_INPUTS> ptrs;
+    std::shared_ptr<std::array<View, N_INPUTS>> gather;
+    for (int i = 0; i < N_INPUTS; ++i) {
+      ptrs[i] = in[i].data<void>();
+      if (!in[i].flags().row_contiguous && !gather) gather = std::make_shared<std::array<View, N_INPUTS>>();
+    }
+    if (gather)
+      for (int i = 0; i < N_INPUTS; ++i) (*gather)[i] = View::of(in[i]);
+    const size_t storage_size = in[IN_KEYS].size();
     const auto& h = in[IN_H];
-    const auto& wd = in[IN_WEIGHTS + 3 * P_DOWN];
     BlockJob job{};
     job.p = p_;
+    job.weights = weights_.get();
     job.B = h.shape(0);
     job.L = h.shape(1);
     job.hidden = h.shape(2);
-    job.inter = wd.shape(1) * 32 / p_.bits[P_DOWN];
+    job.inter = weights_->inter;
     job.D = in[IN_KEYS].shape(3);
     job.capacity = in[IN_KEYS].shape(2);
-    enc.dispatch([job, views = std::move(views), out = outs[0].data<float>(), keys = outs[1].data<float>(),
-                  values = outs[2].data<float>(), copy0 = copy[0], copy1 = copy[1]]() mutable {
-      std::vector<std::vector<uint32_t>> tmp(views.size());
-      auto data = [&](int i) { return views[i].data(tmp[i]); };
+    // the task holds the weights too: it may run after the graph (and this primitive) is gone
+    enc.dispatch([job, ptrs, gather, storage_size, weights = weights_, out = outs[0].data<float>(),
+                  keys = outs[1].data<float>(), values = outs[2].data<float>(), copy0 = copy[0],
+                  copy1 = copy[1]]() mutable {
+      std::array<std::vector<uint32_t>, N_INPUTS> tmp;
+      auto data = [&](int i) { return gather ? (*gather)[i].data(tmp[i]) : ptrs[i]; };
       job.h = static_cast<const float*>(data(IN_H));
-      job.norm_in = static_cast<const float*>(data(IN_NORM_IN));
-      job.norm_post = static_cast<const float*>(data(IN_NORM_POST));
       job.inv_freq = static_cast<const float*>(data(IN_INV_FREQ));
       job.starts = static_cast<const int32_t*>(data(IN_STARTS));
-      if (copy0) std::memcpy(keys, data(IN_KEYS), views[IN_KEYS].size * sizeof(float));
-      if (copy1) std::memcpy(values, data(IN_VALUES), views[IN_VALUES].size * sizeof(float));
+      if (copy0) std::memcpy(keys, data(IN_KEYS), storage_size * sizeof(float));
+      if (copy1) std::memcpy(values, data(IN_VALUES), storage_size * sizeof(float));
       job.keys = keys;
       job.values = values;
       job.out = out;
-      for (int j = 0; j < N_PROJ; ++j) {
-        job.w[j] = static_cast<const uint32_t*>(data(IN_WEIGHTS + 3 * j));
-        job.s[j] = static_cast<const float*>(data(IN_WEIGHTS + 3 * j + 1));
-        job.b[j] = static_cast<const float*>(data(IN_WEIGHTS + 3 * j + 2));
-      }
       job.run();
     });
   }
@@ -245,52 +288,84 @@ class StratlmDecodeBlock : public mx::Primitive {
 
  private:
   BlockParams p_;
+  std::shared_ptr<const BlockWeights> weights_;
 };
 
-// Checks the shapes and dtypes the kernel assumes; returns (out, keys, values).
-std::vector<mx::array> decode_block(const std::vector<mx::array>& inputs, float eps_in, float eps_post, float scale,
-                                    float rope_scale, int n_heads, int n_kv_heads, int write_at,
-                                    const std::vector<int>& group_sizes, const std::vector<int>& bits) {
-  auto fail = [](const std::string& why) { throw std::invalid_argument("decode_block: " + why); };
-  if (inputs.size() != IN_WEIGHTS + 3 * N_PROJ) fail("expected " + std::to_string(IN_WEIGHTS + 3 * N_PROJ) + " inputs");
+[[noreturn]] static void block_fail(const char* op, const std::string& why) {
+  throw std::invalid_argument(std::string(op) + ": " + why);
+}
+
+// Checks the weights' shapes and dtypes, evaluates them and makes them row-contiguous.
+BlockWeightsHandle block_weights(const std::vector<mx::array>& arrays, float eps_in, float eps_post,
+                                                  const std::vector<int>& group_sizes, const std::vector<int>& bits) {
+  auto fail = [](const std::string& why) { block_fail("block_weights", why); };
+  if (arrays.size() != N_WEIGHTS) fail("expected " + std::to_string(N_WEIGHTS) + " arrays");
   if (group_sizes.size() != N_PROJ || bits.size() != N_PROJ) fail("one group size and bit width per projection");
+  auto wt = std::make_shared<BlockWeights>();
+  wt->arrays = arrays;
+  mx::eval(wt->arrays);
+  for (auto& a : wt->arrays)
+    if (!a.flags().row_contiguous) {
+      a = mx::contiguous(a);
+      a.eval();
+    }
+  wt->eps_in = eps_in;
+  wt->eps_post = eps_post;
+  const auto& norm_in = wt->arrays[W_NORM_IN];
+  if (norm_in.ndim() != 1) fail("norm weights must be (hidden,) float32");
+  const int hidden = norm_in.shape(0);
+  for (int i : {W_NORM_IN, W_NORM_POST})
+    if (wt->arrays[i].dtype() != mx::float32 || wt->arrays[i].shape() != mx::Shape{hidden})
+      fail("norm weights must be (hidden,) float32");
+  auto rows_of = [&](int j) { return wt->proj(j, 0).ndim() == 2 ? wt->proj(j, 0).shape(0) : -1; };
+  const int q_width = rows_of(P_Q), kv_width = rows_of(P_K), inter = rows_of(P_GATE);
+  const int out_dims[N_PROJ] = {q_width, kv_width, kv_width, hidden, inter, inter, hidden};
+  const int in_dims[N_PROJ] = {hidden, hidden, hidden, q_width, hidden, hidden, inter};
+  for (int j = 0; j < N_PROJ; ++j) {
+    const auto &w = wt->proj(j, 0), &s = wt->proj(j, 1), &b = wt->proj(j, 2);
+    if (bits[j] != 4 && bits[j] != 8) fail("bits must be 4 or 8");
+    if (group_sizes[j] != 32 && group_sizes[j] != 64 && group_sizes[j] != 128) fail("group_size must be 32, 64 or 128");
+    if (w.dtype() != mx::uint32 || w.ndim() != 2 || w.shape(0) != out_dims[j] || in_dims[j] <= 0 ||
+        w.shape(1) * 32 / bits[j] != in_dims[j])
+      fail("projection " + std::to_string(j) + "'s weights do not fit the block's shapes");
+    mx::Shape sshape{out_dims[j], in_dims[j] / group_sizes[j]};
+    if ((s.dtype() != mx::float32 && s.dtype() != mx::float16) || b.dtype() != s.dtype() || s.shape() != sshape ||
+        b.shape() != sshape)
+      fail("projection " + std::to_string(j) + "'s scales and biases must be float32 or float16 (N, K / group_size)");
+    wt->group_size[j] = group_sizes[j];
+    wt->bits[j] = bits[j];
+  }
+  wt->hidden = hidden;
+  wt->inter = inter;
+  wt->q_width = q_width;
+  wt->kv_width = kv_width;
+  return BlockWeightsHandle{std::move(wt)};
+}
+
+// Checks the inputs against the weights and each other; returns (out, keys, values).
+std::vector<mx::array> decode_block(const std::vector<mx::array>& inputs, const BlockWeightsHandle& handle, float scale, float rope_scale, int n_heads, int n_kv_heads, int write_at) {
+  auto fail = [](const std::string& why) { block_fail("decode_block", why); };
+  if (inputs.size() != N_INPUTS) fail("expected " + std::to_string(N_INPUTS) + " inputs: h, inv_freq, starts, keys, values");
+  const auto& weights = handle.weights;
+  if (!weights) fail("no weights");
   const auto &h = inputs[IN_H], &keys = inputs[IN_KEYS], &values = inputs[IN_VALUES];
-  if (h.ndim() != 3 || h.dtype() != mx::float32) fail("h must be (B, L, hidden) float32");
-  const int B = h.shape(0), L = h.shape(1), hidden = h.shape(2);
+  if (h.ndim() != 3 || h.dtype() != mx::float32 || h.shape(2) != weights->hidden)
+    fail("h must be (B, L, hidden) float32, hidden the weights' width");
+  const int B = h.shape(0), L = h.shape(1);
   if (keys.ndim() != 4 || keys.dtype() != mx::float32 || keys.shape() != values.shape() || values.dtype() != mx::float32)
     fail("keys and values must be (B, n_kv_heads, capacity, head_dim) float32 of one shape");
   const int D = keys.shape(3), capacity = keys.shape(2);
   if (keys.shape(0) != B || keys.shape(1) != n_kv_heads || n_kv_heads <= 0 || n_heads % n_kv_heads || D % 2)
     fail("the storage's rows or heads do not match");
+  if (n_heads * D != weights->q_width || n_kv_heads * D != weights->kv_width)
+    fail("the heads do not match the q, k and v projections' widths");
   if (D > MAX_HEAD_DIM) fail("head_dim above " + std::to_string(MAX_HEAD_DIM));
   if (write_at < 0 || write_at + L > capacity) fail("no room in the storage for the new positions");
-  for (int i : {IN_NORM_IN, IN_NORM_POST})
-    if (inputs[i].dtype() != mx::float32 || inputs[i].shape() != mx::Shape{hidden}) fail("norm weights must be (hidden,) float32");
   if (inputs[IN_INV_FREQ].dtype() != mx::float32 || inputs[IN_INV_FREQ].shape() != mx::Shape{D / 2})
     fail("inv_freq must be (head_dim / 2,) float32");
   if (inputs[IN_STARTS].dtype() != mx::int32 || inputs[IN_STARTS].shape() != mx::Shape{B}) fail("starts must be (B,) int32");
-  const int inter_of_down = [&] {
-    const auto& w = inputs[IN_WEIGHTS + 3 * P_DOWN];
-    return w.ndim() == 2 ? w.shape(1) * 32 / std::max(1, bits[P_DOWN]) : -1;
-  }();
-  const int out_dims[N_PROJ] = {n_heads * D, n_kv_heads * D, n_kv_heads * D, hidden, inter_of_down, inter_of_down, hidden};
-  const int in_dims[N_PROJ] = {hidden, hidden, hidden, n_heads * D, hidden, hidden, inter_of_down};
-  for (int j = 0; j < N_PROJ; ++j) {
-    const auto &w = inputs[IN_WEIGHTS + 3 * j], &s = inputs[IN_WEIGHTS + 3 * j + 1], &b = inputs[IN_WEIGHTS + 3 * j + 2];
-    if (bits[j] != 4 && bits[j] != 8) fail("bits must be 4 or 8");
-    if (group_sizes[j] != 32 && group_sizes[j] != 64 && group_sizes[j] != 128) fail("group_size must be 32, 64 or 128");
-    if (w.dtype() != mx::uint32 || w.ndim() != 2 || w.shape(0) != out_dims[j] || w.shape(1) * 32 / bits[j] != in_dims[j])
-      fail("projection " + std::to_string(j) + "'s weights do not fit the block's shapes");
-    mx::Shape sshape{out_dims[j], in_dims[j] / group_sizes[j]};
-    if (s.dtype() != mx::float32 || b.dtype() != mx::float32 || s.shape() != sshape || b.shape() != sshape)
-      fail("projection " + std::to_string(j) + "'s scales and biases must be float32 (N, K / group_size)");
-  }
-  BlockParams p{eps_in, eps_post, scale, rope_scale, n_heads, n_kv_heads, write_at, {}, {}};
-  for (int j = 0; j < N_PROJ; ++j) {
-    p.group_size[j] = group_sizes[j];
-    p.bits[j] = bits[j];
-  }
+  BlockParams p{scale, rope_scale, n_heads, n_kv_heads, write_at};
   auto cpu = mx::default_stream(mx::Device::cpu);
   return mx::array::make_arrays({h.shape(), keys.shape(), values.shape()}, {mx::float32, mx::float32, mx::float32},
-                                std::make_shared<StratlmDecodeBlock>(cpu, p), inputs);
+                                std::make_shared<StratlmDecodeBlock>(cpu, p, weights), inputs);
 }

@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -61,7 +62,18 @@ struct Problem {
   const float* b;     // N x G biases
   float* out;         // M x N
   int M, N, K, G, gs, bits;
+  // Or the scales and biases as IEEE fp16 (s and b then unused): a GGUF's are fp16, and fp32
+  // copies are a sixth of a 4-bit model's bytes a token. The direct float kernels read them;
+  // the other paths get fp32 copies (with_fp32_scales).
+  const uint16_t* s16 = nullptr;
+  const uint16_t* b16 = nullptr;
 };
+
+// scales and biases from either form, as the kernels' templates take them
+static SQ_INLINE const float* scales_of(const Problem& p, const float*) { return p.s; }
+static SQ_INLINE const float* biases_of(const Problem& p, const float*) { return p.b; }
+static SQ_INLINE const uint16_t* scales_of(const Problem& p, const uint16_t*) { return p.s16; }
+static SQ_INLINE const uint16_t* biases_of(const Problem& p, const uint16_t*) { return p.b16; }
 
 // Activations quantized to int8 per block of 32 (the int8 path): q the values in the kernel's
 // layout (Q8Layout), d the block scales (x ~ d * q), xs the exact fp32 sums of x per weight
@@ -100,13 +112,18 @@ static SQ_INLINE void prefetch_span(const void* begin, const void* end) {
 }
 
 // Output rows [n0, n1)'s packed weights, scales and biases, toward L1.
-static void prefetch_rows(const Problem& p, int n0, int n1) {
+static SQ_INLINE void prefetch_rows(const Problem& p, int n0, int n1) {
   if (n0 >= n1) return;
   const size_t row_bytes = (size_t)p.K * p.bits / 8;
   const char* w = reinterpret_cast<const char*>(p.w);
   prefetch_span(w + n0 * row_bytes, w + n1 * row_bytes);
-  prefetch_span(p.s + (size_t)n0 * p.G, p.s + (size_t)n1 * p.G);
-  prefetch_span(p.b + (size_t)n0 * p.G, p.b + (size_t)n1 * p.G);
+  if (p.s16 != nullptr) {
+    prefetch_span(p.s16 + (size_t)n0 * p.G, p.s16 + (size_t)n1 * p.G);
+    prefetch_span(p.b16 + (size_t)n0 * p.G, p.b16 + (size_t)n1 * p.G);
+  } else {
+    prefetch_span(p.s + (size_t)n0 * p.G, p.s + (size_t)n1 * p.G);
+    prefetch_span(p.b + (size_t)n0 * p.G, p.b + (size_t)n1 * p.G);
+  }
 }
 
 // For a loop over output rows [n, end) in steps of `step` rows: at the start, the first rows
@@ -205,6 +222,22 @@ static inline vf vbias(vf acc, const float* b, const float* xs, int G) {
   }
   return acc;
 }
+// the same sums with fp16 biases (exact in fp32: the same products, the same order)
+static inline vf vbias(vf acc, const uint16_t* b, const float* xs, int G) {
+  int g = 0;
+  for (; g + L <= G; g += L)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + g))), _mm256_loadu_ps(xs + g), acc);
+  if (g < G) {
+    alignas(16) uint16_t tail[L] = {};
+    std::memcpy(tail, b + g, (size_t)(G - g) * sizeof(uint16_t));
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(G - g), idx);
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tail))), _mm256_maskload_ps(xs + g, m), acc);
+  }
+  return acc;
+}
+static SQ_INLINE float sb_at(const float* v, size_t i) { return v[i]; }
+static SQ_INLINE float sb_at(const uint16_t* v, size_t i) { return _cvtsh_ss(v[i]); }
 template <int BITS>
 static inline vf unpack(const uint32_t* w);
 template <>
@@ -308,6 +341,19 @@ static inline vf vbias(vf acc, const float* b, const float* xs, int G) {
   }
   return acc;
 }
+// the same sums with fp16 biases (exact in fp32: the same products, the same order)
+static inline vf vbias(vf acc, const uint16_t* b, const float* xs, int G) {
+  int g = 0;
+  for (; g + L <= G; g += L)
+    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g))), _mm512_loadu_ps(xs + g), acc);
+  if (g < G) {
+    __mmask16 m = (__mmask16)((1u << (G - g)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, b + g)), _mm512_maskz_loadu_ps(m, xs + g), acc);
+  }
+  return acc;
+}
+static SQ_INLINE float sb_at(const float* v, size_t i) { return v[i]; }
+static SQ_INLINE float sb_at(const uint16_t* v, size_t i) { return _cvtsh_ss(v[i]); }
 template <int BITS>
 static inline vf unpack(const uint32_t* w);
 // 4 bits: two packed words broadcast to every 64-bit lane (w0 w1 w0 w1 ...); lane l keeps
@@ -679,7 +725,16 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int,
                          int);
 static sgemm_fn find_sgemm() { return (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm"); }
 static std::atomic<int> g_chunks_per_thread{2};
-static std::atomic<int> g_gemm_min_rows{48};  // M at or above which the GEMM path is used
+static std::atomic<int> g_gemm_min_rows{0};  // a tuning knob; 0: gemm_min_rows() picks
+
+// M at or above which the GEMM path (dequantized tiles, sgemm) is used. The direct kernels keep
+// each weight tile in L1 for every row: AVX-512's (9 rows a pass) keep up with the GEMM path to
+// ~128 rows, AVX2's (4 rows a pass) to ~48 (measured on SmolLM2's shapes, docs/benchmarks.md).
+static int gemm_min_rows() {
+  const int knob = g_gemm_min_rows.load(std::memory_order_relaxed);
+  if (knob > 0) return knob;
+  return float_isa(g_isa.load(std::memory_order_relaxed)) == AVX512 ? 128 : 48;
+}
 
 // ---------------------------------------------------------------- driver
 // Output rows of one or more problems as one pool job: each problem's rows in chunks of whole
@@ -704,6 +759,48 @@ static void run_chunks(const Problem* ps, int n, const std::function<void(int, i
   }
   pl->run((int)chunks.size(), [&](int i) { rows(chunks[i].j, chunks[i].n0, chunks[i].n1); });
 }
+
+// fp16 -> fp32, n values (F16C where the CPU has it)
+#if SQ_X86
+__attribute__((target("avx,f16c"))) static void halves_f16c(const uint16_t* h, float* out, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
+}
+#endif
+static float half_to_float(uint16_t h) {
+  const int exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  const float v = exp == 0 ? std::ldexp((float)man, -24)  // zero, subnormal
+                  : exp == 31 ? (man ? NAN : INFINITY)
+                              : std::ldexp((float)(man | 0x400), exp - 25);
+  return (h & 0x8000) ? -v : v;
+}
+static void halves_to_floats(const uint16_t* h, float* out, size_t n) {
+#if SQ_X86
+  static const bool f16c = __builtin_cpu_supports("f16c");
+  if (f16c) return halves_f16c(h, out, n);
+#endif
+  for (size_t i = 0; i < n; ++i) out[i] = half_to_float(h[i]);
+}
+
+// fp32 copies of a problem's fp16 scales and biases, for the paths that read fp32 only (int8
+// activations, the GEMM path, the portable kernel)
+struct Fp32Scales {
+  std::vector<float> s, b;
+  Problem of(const Problem& p) {
+    if (p.s16 == nullptr) return p;
+    const size_t n = (size_t)p.N * p.G;
+    s.resize(n);
+    b.resize(n);
+    halves_to_floats(p.s16, s.data(), n);
+    halves_to_floats(p.b16, b.data(), n);
+    Problem q = p;
+    q.s = s.data();
+    q.b = b.data();
+    q.s16 = q.b16 = nullptr;
+    return q;
+  }
+};
 
 // x as the direct kernels read it: per-group sums, and the rows in the kernel's lane order
 struct DirectInput {
@@ -749,15 +846,21 @@ static void direct_rows(const Problem& p, int isa, const DirectInput& in, int n0
   generic::rows(p, in.xk, in.xs.data(), n0, n1);
 }
 
-static void run_direct(const Problem* ps, int n) {
+static void run_direct(const Problem* ps_in, int n) {
   int isa = float_isa(g_isa.load(std::memory_order_relaxed));
+  std::vector<Fp32Scales> fp32(isa == GENERIC ? n : 0);
+  std::vector<Problem> converted(ps_in, ps_in + n);
+  for (int j = 0; j < (int)fp32.size(); ++j) converted[j] = fp32[j].of(ps_in[j]);
+  const Problem* ps = converted.data();
   std::vector<DirectInput> in(n);
   for (int j = 0; j < n; ++j) prepare_direct(ps[j], isa, in[j]);
   run_chunks(ps, n, [&](int j, int n0, int n1) { direct_rows(ps[j], isa, in[j], n0, n1); });
 }
 
-static void run_gemm(const Problem& p, sgemm_fn sgemm) {
+static void run_gemm(const Problem& p_in, sgemm_fn sgemm) {
   int isa = float_isa(g_isa.load(std::memory_order_relaxed));
+  Fp32Scales fp32;
+  const Problem p = fp32.of(p_in);
   // tiles of up to 4 MB of fp32 weights (one tile for a whole layer matrix of a small model),
   // a multiple of 16 rows; the scratch is kept per thread between calls
   int tile = std::max(16, (int)((1 << 20) / std::max(1, p.K)) / 16 * 16);
@@ -908,8 +1011,12 @@ static void q8_rows_of(const Problem& p, int isa, const Q8Act& a, int n0, int n1
   q8_rows_generic(p, a, n0, n1);
 }
 
-static void run_q8(const Problem* ps, int n) {
+static void run_q8(const Problem* ps_in, int n) {
   int isa = g_isa.load(std::memory_order_relaxed);
+  std::vector<Fp32Scales> fp32(n);
+  std::vector<Problem> converted(n);
+  for (int j = 0; j < n; ++j) converted[j] = fp32[j].of(ps_in[j]);
+  const Problem* ps = converted.data();
   std::vector<Q8Input> in(n);
   for (int j = 0; j < n; ++j) prepare_q8(ps[j], isa, in[j]);
   run_chunks(ps, n, [&](int j, int n0, int n1) { q8_rows_of(ps[j], isa, in[j].a, n0, n1); });
@@ -927,7 +1034,7 @@ static void round_like_q8(const Problem& p, float* out) {
 static void compute(const Problem& p) {
   if (p.M <= 0 || p.N <= 0) return;
   bool exact = g_exact.load(std::memory_order_relaxed);
-  if (p.M >= g_gemm_min_rows.load(std::memory_order_relaxed)) {
+  if (p.M >= gemm_min_rows()) {
     static sgemm_fn sgemm = find_sgemm();
     if (sgemm && exact) return run_gemm(p, sgemm);
     if (sgemm) {
@@ -945,7 +1052,7 @@ static void compute(const Problem& p) {
 // Several products (each as compute would do it) with their output rows in one pool job: the
 // same results as one compute call each.
 static void compute_many(const Problem* ps, int n) {
-  const int gemm_from = g_gemm_min_rows.load(std::memory_order_relaxed);
+  const int gemm_from = gemm_min_rows();
   bool direct = true;
   for (int j = 0; j < n; ++j) direct = direct && ps[j].M > 0 && ps[j].N > 0 && ps[j].M < gemm_from;
   if (!direct) {
@@ -956,26 +1063,27 @@ static void compute_many(const Problem* ps, int n) {
   run_direct(ps, n);
 }
 
-// A view of a 4-byte array's data; non-contiguous or broadcast inputs are gathered row-major.
+// A view of an array's data; non-contiguous or broadcast inputs are gathered row-major.
 struct View {
   const void* ptr;
   mx::Shape shape;
   mx::Strides strides;
   bool contiguous;
-  size_t size;
+  size_t size, itemsize;
   static View of(const mx::array& a) {
-    return View{a.data<void>(), a.shape(), a.strides(), a.flags().row_contiguous, a.size()};
+    return View{a.data<void>(), a.shape(), a.strides(), a.flags().row_contiguous, a.size(), a.itemsize()};
   }
   const void* data(std::vector<uint32_t>& tmp) const {
     if (contiguous) return ptr;
-    tmp.resize(size);
-    const uint32_t* src = static_cast<const uint32_t*>(ptr);
+    tmp.resize((size * itemsize + 3) / 4);
+    const char* src = static_cast<const char*>(ptr);
+    char* dst = reinterpret_cast<char*>(tmp.data());
     int nd = (int)shape.size();
     std::vector<int64_t> idx(nd, 0);
     for (size_t i = 0; i < size; ++i) {
       int64_t off = 0;
       for (int d = 0; d < nd; ++d) off += idx[d] * strides[d];
-      tmp[i] = src[off];
+      std::memcpy(dst + i * itemsize, src + off * itemsize, itemsize);
       for (int d = nd - 1; d >= 0; --d) {
         if (++idx[d] < shape[d]) break;
         idx[d] = 0;
@@ -1005,10 +1113,12 @@ class StratlmQuantizedMatmul : public mx::UnaryPrimitive {
     enc.dispatch([xv = View::of(x), wv = View::of(w), sv = View::of(s), bv = View::of(b),
                   outp = out.data<float>(), M, N, K, gs = gs_, bits = bits_]() {
       std::vector<uint32_t> tx, tw, ts, tb;
+      const void *sp = sv.data(ts), *bp = bv.data(tb);
+      const bool half = sv.itemsize == 2;
       Problem p{static_cast<const float*>(xv.data(tx)),
                 static_cast<const uint32_t*>(wv.data(tw)),
-                static_cast<const float*>(sv.data(ts)),
-                static_cast<const float*>(bv.data(tb)),
+                half ? nullptr : static_cast<const float*>(sp),
+                half ? nullptr : static_cast<const float*>(bp),
                 outp,
                 M,
                 N,
@@ -1016,6 +1126,10 @@ class StratlmQuantizedMatmul : public mx::UnaryPrimitive {
                 K / gs,
                 gs,
                 bits};
+      if (half) {
+        p.s16 = static_cast<const uint16_t*>(sp);
+        p.b16 = static_cast<const uint16_t*>(bp);
+      }
       compute(p);
     });
   }
@@ -1071,7 +1185,9 @@ mx::array qmm(const mx::array& x_in, const mx::array& w, const mx::array& scales
   auto cpu = mx::default_stream(mx::Device::cpu);
   mx::Dtype dt = x_in.dtype();
   auto f32 = [&](const mx::array& a) { return a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, cpu); };
-  mx::array x = f32(x_in), scales = f32(scales_in), biases = f32(biases_in);
+  // fp16 scales and biases are read as they are (exact in fp32); other dtypes are made fp32
+  const bool half = scales_in.dtype() == mx::float16 && biases_in.dtype() == mx::float16;
+  mx::array x = f32(x_in), scales = half ? scales_in : f32(scales_in), biases = half ? biases_in : f32(biases_in);
   auto shape = x.shape();
   shape.back() = N;
   mx::array out(std::move(shape), mx::float32,
@@ -1089,9 +1205,12 @@ NB_MODULE(_stratlm_quantized, m) {
   m.def("quantized_matmul", &qmm, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::kw_only(),
         nb::arg("group_size"), nb::arg("bits"),
         "x @ dequantize(w, scales, biases, group_size, bits).T, lazily, on the CPU");
-  m.def("decode_block", &decode_block, nb::arg("inputs"), nb::kw_only(), nb::arg("eps_in"), nb::arg("eps_post"),
-        nb::arg("scale"), nb::arg("rope_scale"), nb::arg("n_heads"), nb::arg("n_kv_heads"), nb::arg("write_at"),
+  nb::class_<BlockWeightsHandle>(m, "BlockWeights", "a decoder block's weights as decode_block holds them (block_weights)");
+  m.def("block_weights", &block_weights, nb::arg("arrays"), nb::kw_only(), nb::arg("eps_in"), nb::arg("eps_post"),
         nb::arg("group_sizes"), nb::arg("bits"),
+        "a block's norm weights and (w, scales, biases) of q, k, v, o, gate, up, down, checked and evaluated once");
+  m.def("decode_block", &decode_block, nb::arg("inputs"), nb::arg("weights"), nb::kw_only(), nb::arg("scale"),
+        nb::arg("rope_scale"), nb::arg("n_heads"), nb::arg("n_kv_heads"), nb::arg("write_at"),
         "a decoder block for a few new positions as one lazy op (decode_block.h): [out, keys, values]");
   m.def("decode_block_storage_copies", [] { return g_block_storage_copies.load(); },
         "how many times decode_block copied a cache storage it could not reuse in place");
@@ -1139,9 +1258,12 @@ NB_MODULE(_stratlm_quantized, m) {
   m.def("set_chunks_per_thread", [](int n) { g_chunks_per_thread.store(std::max(1, n)); }, nb::arg("n"));
   m.def("prefetch", [] { return g_prefetch.load(); }, "whether the row loops prefetch the rows ahead");
   m.def("set_prefetch", [](bool on) { g_prefetch.store(on); }, nb::arg("on"));
+  m.def("parallel_attention", [] { return g_parallel_attention.load(); }, "whether a block's attention heads use the pool");
+  m.def("set_parallel_attention", [](bool on) { g_parallel_attention.store(on); }, nb::arg("on"));
   m.def("set_pass_rows", [](int n) { g_pass_rows.store(std::max(2, n)); }, nb::arg("n"));
-  m.def("gemm_min_rows", [] { return g_gemm_min_rows.load(); });
-  m.def("set_gemm_min_rows", [](int n) { g_gemm_min_rows.store(n); }, nb::arg("n"));
+  m.def("gemm_min_rows", [] { return gemm_min_rows(); }, "rows from which a product takes the GEMM path");
+  m.def("set_gemm_min_rows", [](int n) { g_gemm_min_rows.store(std::max(0, n)); }, nb::arg("n"),
+        "rows from which a product takes the GEMM path; 0: by the instruction set");
   m.def("has_sgemm", [] { return find_sgemm() != nullptr; });
   m.def(
       "time_kernel",

@@ -6,7 +6,8 @@
 //   vzero, vload, vset1, vmul, vfma, vreduce(v) -> float
 //   NREG, MB_MAX    vector registers; most activation rows per pass over the weights (block_m)
 //   vreduce_n<n>(v, out)  out[i] = sum of the lanes of v[i], i < n <= L
-//   vbias(acc, b, xs, G)   acc + sum_g b[g] * xs[g] spread over lanes (masked tail)
+//   vbias(acc, b, xs, G)   acc + sum_g b[g] * xs[g] spread over lanes (masked tail), b fp32 or fp16
+//   sb_at(v, i)     scale or bias i of fp32 or fp16 v, as a float
 //   unpack<BITS>(w) the L quantized values starting at packed word w, as floats, in the lane
 //                   order of prepare_x (x is permuted/scaled once per call to match it)
 //   prepare_x<BITS>(x, xp, K)
@@ -15,8 +16,8 @@
 // so the packed weights are read once and converted once for up to MB_MAX activation rows.
 
 // Output rows [n0, n0+R) for the one activation row m0: the scale multiplies a whole group's
-// partial dot product. (Several rows go through block_m below.)
-template <int BITS, int R, int GS>
+// partial dot product. (Several rows go through block_m below.) SB: the scales' and biases' type.
+template <int BITS, int R, int GS, class SB>
 static void block(const Problem& p, const float* xp, const float* xs, int n0, int m0) {
   constexpr int V = GS / L;                // vectors per group
   constexpr int WPV = L * BITS / 32;       // packed words per vector
@@ -28,7 +29,7 @@ static void block(const Problem& p, const float* xp, const float* xs, int n0, in
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) tot[r] = vzero();
   const uint32_t* w = p.w + (size_t)n0 * KW;
-  const float* s = p.s + (size_t)n0 * G;
+  const SB* s = scales_of(p, (const SB*)nullptr) + (size_t)n0 * G;
   const float* x = xp + (size_t)m0 * K;
   for (int g = 0; g < G; ++g) {
     const uint32_t* wg = w + (size_t)g * WPG;
@@ -44,9 +45,9 @@ static void block(const Problem& p, const float* xp, const float* xs, int n0, in
       }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) tot[r] = vfma(vset1(s[(size_t)r * G + g]), acc[r], tot[r]);
+    for (int r = 0; r < R; ++r) tot[r] = vfma(vset1(sb_at(s, (size_t)r * G + g)), acc[r], tot[r]);
   }
-  const float* b = p.b + (size_t)n0 * G;
+  const SB* b = biases_of(p, (const SB*)nullptr) + (size_t)n0 * G;
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) p.out[(size_t)m0 * p.N + n0 + r] = vreduce(vbias(tot[r], b + (size_t)r * G, xs + (size_t)m0 * G, G));
 }
@@ -74,7 +75,7 @@ static SQ_INLINE void reduce_all(const vf* v, float* out) {
   }
 }
 
-template <int BITS, int R, int MB, int GS>
+template <int BITS, int R, int MB, int GS, class SB>
 static void block_m(const Problem& p, const float* xp, const float* xs, int n0, int m0) {
   constexpr int V = GS / L;
   constexpr int WPV = L * BITS / 32;
@@ -86,7 +87,7 @@ static void block_m(const Problem& p, const float* xp, const float* xs, int n0, 
 #pragma GCC unroll 64
   for (int i = 0; i < R * MB; ++i) tot[i] = vzero();
   const uint32_t* w = p.w + (size_t)n0 * KW;
-  const float* s = p.s + (size_t)n0 * G;
+  const SB* s = scales_of(p, (const SB*)nullptr) + (size_t)n0 * G;
   const float* x = xp + (size_t)m0 * K;
   for (int g = 0; g < G; ++g) {
     const uint32_t* wg = w + (size_t)g * WPG;
@@ -95,7 +96,7 @@ static void block_m(const Problem& p, const float* xp, const float* xs, int n0, 
     for (int v = 0; v < V; ++v) {
       vf q[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) q[r] = vmul(unpack<BITS>(wg + (size_t)r * KW + v * WPV), vset1(s[(size_t)r * G + g]));
+      for (int r = 0; r < R; ++r) q[r] = vmul(unpack<BITS>(wg + (size_t)r * KW + v * WPV), vset1(sb_at(s, (size_t)r * G + g)));
 #pragma GCC unroll 16
       for (int m = 0; m < MB; ++m) {
         vf xv = vload(xg + (size_t)m * K + v * L);
@@ -105,7 +106,7 @@ static void block_m(const Problem& p, const float* xp, const float* xs, int n0, 
       }
     }
   }
-  const float* b = p.b + (size_t)n0 * G;
+  const SB* b = biases_of(p, (const SB*)nullptr) + (size_t)n0 * G;
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
@@ -120,24 +121,24 @@ static void block_m(const Problem& p, const float* xp, const float* xs, int n0, 
 }
 
 // rows [n0, n1) for activation rows [m0, m0+MB)
-template <int BITS, int MB, int GS>
+template <int BITS, int MB, int GS, class SB>
 static void pass_m(const Problem& p, const float* xp, const float* xs, int n0, int n1, int m0) {
   constexpr int R = rows_for<MB>();
   int n = n0;
-  for (; n + R <= n1; n += R) block_m<BITS, R, MB, GS>(p, xp, xs, n, m0);
+  for (; n + R <= n1; n += R) block_m<BITS, R, MB, GS, SB>(p, xp, xs, n, m0);
   for (; n < n1; ++n)  // the last N % R rows (none for the usual model widths): one x row at a time
-    for (int m = m0; m < m0 + MB; ++m) block<BITS, 1, GS>(p, xp, xs, n, m);
+    for (int m = m0; m < m0 + MB; ++m) block<BITS, 1, GS, SB>(p, xp, xs, n, m);
 }
 
-template <int BITS, int GS, int MB = 2>
+template <int BITS, int GS, class SB, int MB = 2>
 static void pass_dispatch(const Problem& p, const float* xp, const float* xs, int n0, int n1, int m0, int mb) {
   if constexpr (MB <= MB_MAX) {
-    if (mb == MB) return pass_m<BITS, MB, GS>(p, xp, xs, n0, n1, m0);
-    return pass_dispatch<BITS, GS, MB + 1>(p, xp, xs, n0, n1, m0, mb);
+    if (mb == MB) return pass_m<BITS, MB, GS, SB>(p, xp, xs, n0, n1, m0);
+    return pass_dispatch<BITS, GS, SB, MB + 1>(p, xp, xs, n0, n1, m0, mb);
   }
 }
 
-template <int BITS, int GS>
+template <int BITS, int GS, class SB>
 static void rows_bg(const Problem& p, const float* xp, const float* xs, int n_begin, int n_end) {
   if (p.M == 1) {
     constexpr int R = 4;
@@ -145,9 +146,9 @@ static void rows_bg(const Problem& p, const float* xp, const float* xs, int n_be
     const RowPrefetch ahead(p, n, n_end, R);
     for (; n + R <= n_end; n += R) {
       ahead.at(n);
-      block<BITS, R, GS>(p, xp, xs, n, 0);
+      block<BITS, R, GS, SB>(p, xp, xs, n, 0);
     }
-    for (; n < n_end; ++n) block<BITS, 1, GS>(p, xp, xs, n, 0);
+    for (; n < n_end; ++n) block<BITS, 1, GS, SB>(p, xp, xs, n, 0);
     return;
   }
   // passes of at most max_pass rows, of balanced sizes; each tile of output rows is done for
@@ -162,24 +163,30 @@ static void rows_bg(const Problem& p, const float* xp, const float* xs, int n_be
     for (int i = 0, m0 = 0; i < passes; ++i) {
       int mb = (p.M - m0) / (passes - i);
       if (mb == 1) {
-        for (int n = t; n < t1; ++n) block<BITS, 1, GS>(p, xp, xs, n, m0);
+        for (int n = t; n < t1; ++n) block<BITS, 1, GS, SB>(p, xp, xs, n, m0);
       } else {
-        pass_dispatch<BITS, GS>(p, xp, xs, t, t1, m0, mb);
+        pass_dispatch<BITS, GS, SB>(p, xp, xs, t, t1, m0, mb);
       }
       m0 += mb;
     }
   }
 }
 
+template <class SB>
+static void rows_sb(const Problem& p, const float* xp, const float* xs, int n_begin, int n_end) {
+  if (p.bits == 4) {
+    if (p.gs == 32) rows_bg<4, 32, SB>(p, xp, xs, n_begin, n_end);
+    else if (p.gs == 64) rows_bg<4, 64, SB>(p, xp, xs, n_begin, n_end);
+    else rows_bg<4, 128, SB>(p, xp, xs, n_begin, n_end);
+  } else {
+    if (p.gs == 32) rows_bg<8, 32, SB>(p, xp, xs, n_begin, n_end);
+    else if (p.gs == 64) rows_bg<8, 64, SB>(p, xp, xs, n_begin, n_end);
+    else rows_bg<8, 128, SB>(p, xp, xs, n_begin, n_end);
+  }
+}
+
 // Output rows [n_begin, n_end) for all activation rows.
 static void rows(const Problem& p, const float* xp, const float* xs, int n_begin, int n_end) {
-  if (p.bits == 4) {
-    if (p.gs == 32) rows_bg<4, 32>(p, xp, xs, n_begin, n_end);
-    else if (p.gs == 64) rows_bg<4, 64>(p, xp, xs, n_begin, n_end);
-    else rows_bg<4, 128>(p, xp, xs, n_begin, n_end);
-  } else {
-    if (p.gs == 32) rows_bg<8, 32>(p, xp, xs, n_begin, n_end);
-    else if (p.gs == 64) rows_bg<8, 64>(p, xp, xs, n_begin, n_end);
-    else rows_bg<8, 128>(p, xp, xs, n_begin, n_end);
-  }
+  if (p.s16 != nullptr) rows_sb<uint16_t>(p, xp, xs, n_begin, n_end);
+  else rows_sb<float>(p, xp, xs, n_begin, n_end);
 }
