@@ -252,6 +252,24 @@ def test_install_needs_blocks_on_the_kernels_and_the_plan_sees_changes_at_the_ne
     np.testing.assert_array_equal(np.array(model(mx.array([[4]]), cache)), np.array(Model.__call__(model, mx.array([[4]]), plain)))
 
 
+def test_a_copied_model_plans_its_own_decode_path():
+    """Transforms deep-copy models: a model whose decode path has planned (its plan holds the
+    extension's BlockWeights) copies, and the copy plans again on its own arrays."""
+    import copy
+
+    model = quantized_tiny(6)
+    fast = decoder.install(model)
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache)
+    assert fast.plan is not None
+    twin = copy.deepcopy(model)
+    assert twin.fast_forward is not fast and twin.fast_forward.plan is None
+    twin_cache = twin.make_cache()
+    twin(mx.array([[1, 2, 3]]), twin_cache)
+    assert twin.fast_forward.plan is not None
+    np.testing.assert_array_equal(np.array(twin(mx.array([[4]]), twin_cache)), np.array(model(mx.array([[4]]), cache)))
+
+
 def test_prompts_many_rows_and_empty_caches_take_the_reference_forward():
     model = quantized_tiny(6)
     fast = decoder.install(model)

@@ -99,6 +99,11 @@ class KernelDecoder:
     def prepare(self, model: DecoderLM) -> None:
         self.plan = model_plan(model) if kernels.available() else None
 
+    def __deepcopy__(self, memo: dict) -> "KernelDecoder":
+        # a copied model (a transform's deepcopy) plans again at its first cache: the plan holds the
+        # original's arrays, in the extension's BlockWeights, which cannot be copied
+        return type(self)()
+
     def compiled_decoding_pays(self) -> bool:
         return False  # mx.compile on the CPU traces the same nodes; this path already has few
 
