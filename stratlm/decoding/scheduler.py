@@ -473,9 +473,9 @@ class Scheduler:
         self._emit_picks(request.rows, picks)
 
     def _fresh_group(self) -> list[Request]:
-        """Admitted prompts without a cached prefix, to prefill together in one left-padded
-        batch: at most PREFILL_ROWS rows and 4 * prefill_chunk padded tokens (a longer prompt
-        goes alone, chunk by chunk)."""
+        """Admitted prompts without a cached prefix worth a prefill of their own (MIN_REUSED_PREFIX),
+        to prefill together in one left-padded batch: at most PREFILL_ROWS rows and
+        4 * prefill_chunk padded tokens (a longer prompt goes alone, chunk by chunk)."""
         group: list[Request] = []
         alone = len(self._prefilling) == 1
         for request in self._prefilling:
