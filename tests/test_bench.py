@@ -192,6 +192,28 @@ def test_prompt_tokens_and_weight_bytes(tiny_folder):
     assert weight_bytes_per_token(loaded) == params  # tied embeddings: the head reads all of it
 
 
+def test_weight_bytes_count_the_kernels_fp16_scales():
+    """A quantized model whose scales and biases fp16 holds exactly (a GGUF's): once a forward
+    made the kernels' fp16 copies, a step reads those instead of the fp32 parameters."""
+    import mlx.nn as nn
+
+    from stratlm.backends.cpu.quantized import use_cpu_kernels
+    from stratlm.testing import tiny_model
+
+    loaded = tiny_model("llama", seed=2)
+    nn.quantize(loaded.model, group_size=32, bits=4, class_predicate=lambda _, layer: isinstance(layer, nn.Linear))
+    for _, layer in loaded.model.named_modules():
+        if isinstance(layer, nn.QuantizedLinear):
+            layer.update({name: layer[name].astype(mx.float16).astype(mx.float32) for name in ("scales", "biases")})
+    assert use_cpu_kernels(loaded.model) > 0
+    params = sum(v.nbytes for _, v in tree_flatten(loaded.model.parameters()))
+    assert weight_bytes_per_token(loaded) == params  # no forward yet: no copies
+    mx.eval(loaded.model(mx.array([[1, 2, 3]])))
+    fp32_scales = sum(layer[n].nbytes for _, layer in loaded.model.named_modules() if isinstance(layer, nn.QuantizedLinear)
+                      for n in ("scales", "biases"))
+    assert weight_bytes_per_token(loaded) == params - fp32_scales // 2
+
+
 def test_bench_cli_json_and_bad_options(tiny_folder, capsys):
     assert main(["bench", "--model", str(tiny_folder), "--prompt-tokens", "4", "--max-tokens", "3", "--reps", "1", "--warmup", "0",
                  "--baselines", "none", "--json"]) == 0

@@ -74,15 +74,18 @@ def is_quantized(loaded: LoadedModel) -> bool:
 
 def weight_bytes_per_token(loaded: LoadedModel) -> int:
     """Bytes of weights one decode step must read: every parameter once, except an untied
-    input embedding, of which only the looked-up rows are read."""
+    input embedding, of which only the looked-up rows are read; the CPU kernels' fp16 copies of
+    scales and biases in place of the fp32 ones (once made, by a forward)."""
     from mlx.utils import tree_flatten
+
+    from stratlm.backends.cpu.quantized import kernel_scale_savings
 
     params = dict(tree_flatten(loaded.model.parameters()))
     total = sum(v.nbytes for v in params.values())
     if not loaded.model.config.get("tie_word_embeddings", False):
         embed = [v for k, v in params.items() if k.endswith("embed_tokens.weight")]
         total -= sum(v.nbytes - v.nbytes // v.shape[0] for v in embed)
-    return total
+    return total - kernel_scale_savings(loaded.model)
 
 
 def prompt_tokens(loaded: LoadedModel, n: int, text: str | None = None) -> list[int]:
