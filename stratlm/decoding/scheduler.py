@@ -532,9 +532,12 @@ class Scheduler:
 
     def _room(self, new_rows: list[Row]) -> int:
         """Positions a joined batch keeps free: the most any of its rows may still write (its
-        tokens left, with room for a few draft tokens), at most MAX_ROOM (beyond, it grows)."""
-        left = max(row.request.params.max_tokens - len(row.completion.tokens) for row in [*self.rows, *new_rows])
-        return max(batch_cache.SPARE, min(MAX_ROOM, left + batch_cache.SPARE))
+        tokens left, with room for a few draft tokens), at most MAX_ROOM and half of a row's share
+        of the KV budget (every row gets the room; beyond it, the storage grows)."""
+        rows = [*self.rows, *new_rows]
+        left = max(row.request.params.max_tokens - len(row.completion.tokens) for row in rows)
+        share = self.kv_budget // (2 * self.bytes_per_position * len(rows))
+        return max(batch_cache.SPARE, min(MAX_ROOM, share, left + batch_cache.SPARE))
 
     # -- decode -------------------------------------------------------------------------------
     def _decode_step(self) -> None:
