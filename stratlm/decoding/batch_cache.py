@@ -37,8 +37,8 @@ def join(batch: list[KVCache] | None, new: list[KVCache], copies: int | Sequence
     rows = new[0].keys.shape[0]
     counts = [copies] * rows if isinstance(copies, int) else list(copies)
     if any(c != 1 for c in counts):
-        index = mx.array([r for r in range(rows) for _ in range(counts[r])], dtype=mx.int32)
-        new = [_take_rows(c, index) for c in new]
+        taken = [r for r in range(rows) for _ in range(counts[r])]
+        new = [_take_rows(c, taken) for c in new]
     if not batch or batch[0].keys is None:
         return [_with_room(_trimmed(c), room) for c in new]
     joined = []
@@ -115,12 +115,13 @@ def state_nbytes(state: list[tuple[mx.array, mx.array]]) -> int:
     return sum(k.nbytes + v.nbytes for k, v in state)
 
 
-def _take_rows(cache: KVCache, index: mx.array) -> KVCache:
+def _take_rows(cache: KVCache, rows: list[int]) -> KVCache:
     out = KVCache()
+    index = mx.array(rows, dtype=mx.int32)
     out.keys, out.values, out.offset = cache.keys[index], cache.values[index], cache.offset
     if cache.left_padding is not None:
         padding = padding_of(cache)
-        out.set_left_padding([padding[r] for r in index.tolist()])
+        out.set_left_padding([padding[r] for r in rows])
     return out
 
 

@@ -64,7 +64,7 @@ def run_batch(
     if copies > 1:
         index = mx.array(rows, dtype=mx.int32)
         for layer_cache in cache:
-            layer_cache.filter(index)
+            layer_cache.filter(rows)  # the host list: no read back of the index, layer by layer
         logits, tokens = logits[index], tokens[index]
     history = sampler.start_history(tokens)
 
@@ -103,7 +103,7 @@ def run_batch(
                 break
             index = mx.array(keep, dtype=mx.int32)
             for layer_cache in cache:
-                layer_cache.filter(index)
+                layer_cache.filter(keep)
             next_token = next_token[index]
             next_lp = next_lp[index] if next_lp is not None else None
             history = history.rows(index) if history is not None else None
