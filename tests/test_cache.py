@@ -1,12 +1,16 @@
-"""KVCache: block growth, trim, per-row padding (masks, RoPE offsets) and filter."""
+"""KVCache: block growth, trim, per-row padding (masks, RoPE offsets) and filter; a batch's rows
+as slots (batch_cache.place, release, ensure_room)."""
 
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mlx.core as mx
 
 from stratlm.core.cache import KVCache, StaticKVCache
+from stratlm.decoding import batch_cache
 from stratlm.testing import tiny_model
 
 
@@ -142,3 +146,57 @@ def test_a_static_cache_stores_the_capacity_asked_for_then_grows_by_a_block():
     assert cache.rope_offset == 324  # outside the compiled step the offset is the host's
     cache.tracing = True
     assert int(cache.rope_offset.item()) == 324
+
+
+@settings(max_examples=20, deadline=None)
+@given(plan=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 7), st.integers(0, 3)), min_size=1, max_size=7),
+       room=st.integers(1, 4))
+def test_rows_in_slots_decode_like_single_rows(plan, room):
+    """Rows arrive (prompt length, tokens to decode, steps after the previous one), are written
+    into a free slot or a new one, and are released when done; the storage is rebuilt when a row
+    is longer than the batch or when it is full (a room of a few positions). Every row's logits
+    equal its decode alone, and free slots never spoil a row placed in them later."""
+    model = tiny_model("llama", seed=1).model
+    rng = np.random.RandomState(len(plan) * 7 + room)
+    prompts = [rng.randint(0, 256, n).tolist() for n, _, _ in plan]
+    steps = [rng.randint(0, 256, k).tolist() for _, k, _ in plan]
+    arrival = np.cumsum([gap for _, _, gap in plan]).tolist()
+    logits: list[list[np.ndarray]] = [[] for _ in plan]
+    slots: list[int | None] = []  # the request in each row of the batch
+    cache, done, t, arrived = None, [0] * len(plan), 0, 0
+    while arrived < len(plan) or slots:
+        while arrived < len(plan) and arrival[arrived] <= t:
+            new = model.make_cache()
+            logits[arrived].append(np.array(model(mx.array([prompts[arrived]]), new))[0, -1])
+            if cache is None:
+                cache, slots = batch_cache.join(None, new, room=room), [arrived]
+            else:
+                free = [i for i, r in enumerate(slots) if r is None] or [len(slots)]
+                slots += [None] * (free[0] + 1 - len(slots))
+                cache = batch_cache.place(cache, new, free[:1], free=free, rows=len(slots), room=room)
+                slots[free[0]] = arrived
+            arrived += 1
+        if slots:
+            free = [i for i, r in enumerate(slots) if r is None]
+            cache = batch_cache.ensure_room(cache, 1, free=free, room=room)
+            tokens = [[steps[r][done[r]] if r is not None else 0] for r in slots]
+            out = np.array(model(mx.array(tokens), cache))[:, 0]
+            assert cache[0].keys.shape[0] == len(slots)
+            finished = []
+            for i, r in enumerate(slots):
+                if r is not None:
+                    logits[r].append(out[i])
+                    done[r] += 1
+                    if done[r] == len(steps[r]):
+                        finished.append(i)
+                        slots[i] = None
+            if all(r is None for r in slots):
+                cache, slots = None, []
+            elif finished:
+                batch_cache.release(cache, finished)
+        t += 1
+    for r in range(len(plan)):
+        single = model.make_cache()
+        alone = [np.array(model(mx.array([prompts[r]]), single))[0, -1]]
+        alone += [np.array(model(mx.array([[s]]), single))[0, 0] for s in steps[r]]
+        assert np.abs(np.stack(logits[r]) - np.stack(alone)).max() < 1e-4, r

@@ -5,6 +5,12 @@ Rows of a batch are aligned at the right: every row's newest position is the cac
 by attention, and its RoPE offset is its own). With that one invariant, rows join (`join`),
 leave (KVCache.filter), and forget a different number of newest positions each (`drop_newest`,
 for speculative rows that rejected different numbers of draft tokens).
+
+A long-lived batch (the scheduler's) keeps its rows as slots instead: a finished row's slot is
+freed (`release`) and a new row is written into a free slot (`place`), in place, so neither
+copies the other rows' storage. The storage is rebuilt (every row copied) only when it must:
+more slots, a new row longer than the batch's width, or no room left (`ensure_room`, which
+also drops the columns no live row needs).
 """
 
 from __future__ import annotations
@@ -62,6 +68,80 @@ def join(batch: list[KVCache] | None, new: list[KVCache], copies: int | Sequence
     return joined
 
 
+def place(batch: list[KVCache], new: list[KVCache], slots: Sequence[int], copies: int | Sequence[int] = 1,
+          free: Sequence[int] = (), rows: int = 0, room: int = SPARE) -> list[KVCache]:
+    """Write the rows of `new` (row r repeated `copies` or copies[r] times) into the batch's rows
+    `slots`: free ones (listed in `free`, with any others not in use) or ones past the last (the
+    batch grows to them, or to `rows` rows). Only the new rows are written unless the storage must
+    be rebuilt."""
+    new_rows = new[0].keys.shape[0]
+    counts = [copies] * new_rows if isinstance(copies, int) else list(copies)
+    taken = [r for r in range(new_rows) for _ in range(counts[r])]
+    if len(taken) != len(slots):
+        raise ValueError(f"{len(taken)} new rows for {len(slots)} slots")
+    held, stored = new[0].offset, batch[0].keys.shape[0]
+    size = max(stored, max(slots) + 1, rows)
+    if held > batch[0].offset or size > stored:
+        batch = _rebuilt(batch, free, width=held, rows=size, room=room)
+    index = mx.array(list(slots), dtype=mx.int32)
+    source = None if taken == list(range(new_rows)) else mx.array(taken, dtype=mx.int32)
+    for layer, add in zip(batch, new):
+        width = layer.offset
+        keys, values = add.keys[:, :, :held], add.values[:, :, :held]
+        if source is not None:
+            keys, values = keys[source], values[source]
+        layer.keys[index, :, width - held : width] = keys  # a scatter into the storage: in place
+        layer.values[index, :, width - held : width] = values
+        padding, added = padding_of(layer), padding_of(add)
+        for slot, r in zip(slots, taken):
+            padding[slot] = width - held + added[r]
+        set_padding(layer, padding)
+    return batch
+
+
+def release(batch: list[KVCache], slots: Sequence[int]) -> None:
+    """Free these rows: nothing is copied; they see only their own newest position from now on
+    (a row that sees no key at all would compute NaN)."""
+    for layer in batch:
+        padding = padding_of(layer)
+        for slot in slots:
+            padding[slot] = layer.offset
+        set_padding(layer, padding)
+
+
+def ensure_room(batch: list[KVCache], n: int, free: Sequence[int] = (), room: int = SPARE) -> list[KVCache]:
+    """Room for n more positions: when the storage is full, it is rebuilt without the columns no
+    live row needs, with `room` (at least n) free positions."""
+    first = batch[0]
+    if first.offset + n <= first.keys.shape[2]:
+        return batch
+    return _rebuilt(batch, free, width=0, rows=first.keys.shape[0], room=max(room, n))
+
+
+def _rebuilt(batch: list[KVCache], free: Sequence[int], width: int, rows: int, room: int) -> list[KVCache]:
+    """Every layer's storage copied once: `rows` rows, the leading columns no live row (not in
+    `free`) needs dropped, at least `width` positions wide (rows moved right, gaining padding),
+    and `room` free positions after them. Free and added rows see nothing (see `release`)."""
+    free = set(free)
+    out = []
+    for layer in batch:
+        offset, stored = layer.offset, layer.keys.shape[0]
+        padding = padding_of(layer)
+        drop = min((p for i, p in enumerate(padding) if i not in free), default=offset)
+        new_width = max(offset - drop, width)
+        shift = new_width - (offset - drop)
+        pad = [(0, rows - stored), (0, 0), (shift, room), (0, 0)]
+        cache = KVCache()
+        cache.keys = mx.pad(layer.keys[:, :, drop:offset], pad)
+        cache.values = mx.pad(layer.values[:, :, drop:offset], pad)
+        cache.offset = new_width
+        set_padding(cache, [new_width if i in free else p - drop + shift for i, p in enumerate(padding)] + [new_width] * (rows - stored))
+        out.append(cache)
+    # queued now, layer by layer: the old storage is freed as each copy completes
+    mx.async_eval([c.keys for c in out] + [c.values for c in out])
+    return out
+
+
 def drop_newest(cache: list[KVCache], counts: Sequence[int]) -> None:
     """Row r forgets its newest counts[r] positions. What all rows drop is trimmed; a row that
     drops more has its positions rolled right, so the dropped ones become left padding."""
@@ -69,6 +149,9 @@ def drop_newest(cache: list[KVCache], counts: Sequence[int]) -> None:
     if common:
         for layer in cache:
             layer.trim(common)
+            padding = padding_of(layer)
+            if any(p > layer.offset for p in padding):  # free rows (see `release`): kept seeing their own position
+                set_padding(layer, [min(p, layer.offset) for p in padding])
     extra = [c - common for c in counts]
     if not any(extra):
         return
@@ -85,7 +168,7 @@ def drop_newest(cache: list[KVCache], counts: Sequence[int]) -> None:
         layer.values = mx.take_along_axis(layer.values[:, :, :width], mx.broadcast_to(index, (rows, heads, width, dv)), axis=2)
         if room:
             layer.keys, layer.values = mx.pad(layer.keys, [(0, 0), (0, 0), (0, room), (0, 0)]), mx.pad(layer.values, [(0, 0), (0, 0), (0, room), (0, 0)])
-        set_padding(layer, [p + e for p, e in zip(padding_of(layer), extra)])
+        set_padding(layer, [min(p + e, width) for p, e in zip(padding_of(layer), extra)])
     mx.eval([c.keys for c in cache] + [c.values for c in cache])
 
 

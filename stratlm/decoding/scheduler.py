@@ -287,7 +287,9 @@ class Scheduler:
         self._serial: deque[Request] = deque()
         self._serial_stream: Iterator | None = None
         self._serial_pieces: list[str] = []
-        self.rows: list[Row] = []  # in batch order
+        # the batch's rows by slot (the cache's rows); None: a free slot, which a new row takes
+        # (see batch_cache.place); there is a live row whenever the list is not empty
+        self.rows: list[Row | None] = []
         self.cache: list[KVCache] | None = None
         # the rows' next picks, queued but not read: while nothing joins or drafts, the next
         # forward is built from them before they are read, so the device never waits on the host
@@ -343,7 +345,7 @@ class Scheduler:
         prefix = self.prefix_cache
         return {
             "waiting": waiting,
-            "running": len(self.rows),
+            "running": len(self._live()),
             "prefilling": len(self._prefilling),
             "kv_reserved_bytes": self.reserved * self.bytes_per_position,
             "kv_budget_bytes": self.kv_budget,
@@ -367,7 +369,7 @@ class Scheduler:
         new ones. The loop never resumes; close() no longer waits for it."""
         with self._lock:
             self._stop = self._abandoned = True
-            requests = {id(r): r for r in [*self._serial, *self._prefilling, *self._waiting, *(row.request for row in self.rows)]}
+            requests = {id(r): r for r in [*self._serial, *self._prefilling, *self._waiting, *(row.request for row in self._live())]}
         for request in requests.values():
             self.counters["requests_failed"] += 1
             request.handle._finish(error=error)
@@ -421,7 +423,7 @@ class Scheduler:
         budget = self.kv_budget // self.bytes_per_position
         while self._waiting:
             request = self._waiting[0]
-            running = len(self.rows) + sum(r.n_rows for r in self._prefilling)
+            running = len(self._live()) + sum(r.n_rows for r in self._prefilling)
             if running and (running + request.n_rows > self.config.max_running or self.reserved + request.positions > budget):
                 break
             self._waiting.popleft()
@@ -431,7 +433,7 @@ class Scheduler:
 
     def _step(self) -> None:
         # (a prefill reads the queued picks itself, once its own forward is queued behind them)
-        if self._pending is not None and (self._serial or any(r.request.handle.cancelled for r in self.rows)):
+        if self._pending is not None and (self._serial or any(r.request.handle.cancelled for r in self._live())):
             self._flush_pending()
         self._retire_cancelled_running()
         if self._prefilling:
@@ -467,9 +469,8 @@ class Scheduler:
             self.prefix_cache.insert(prompt, batch_cache.row_state(request.cache, 0))
         self._start_rows(request)
         picks = [self._pick(row, logits) for row in request.rows]
-        self.cache = batch_cache.join(self.cache, request.cache, copies=request.n_rows, room=self._room(request.rows))
+        self._join(request.cache, request.rows, copies=request.n_rows)
         request.cache = None
-        self.rows += request.rows
         self._emit_picks(request.rows, picks)
 
     def _fresh_group(self) -> list[Request]:
@@ -511,8 +512,7 @@ class Scheduler:
             self._start_rows(request)
             picks += [self._pick(row, logits[j : j + 1]) for row in request.rows]
         new_rows = [row for request in group for row in request.rows]
-        self.cache = batch_cache.join(self.cache, cache, copies=[r.n_rows for r in group], room=self._room(new_rows))
-        self.rows += new_rows
+        self._join(cache, new_rows, copies=[r.n_rows for r in group])
         for _ in group:  # only now: a failure before this leaves them where _fail_all finds them
             self._prefilling.popleft()
         self._emit_picks(new_rows, picks)
@@ -530,11 +530,41 @@ class Scheduler:
         self.counters["prompt_tokens"] += len(request.prompt)
         self.counters["cached_prompt_tokens"] += request.cached_tokens
 
+    def _live(self) -> list[Row]:
+        return [row for row in self.rows if row is not None]
+
+    def _free_slots(self) -> list[int]:
+        return [i for i, row in enumerate(self.rows) if row is None]
+
+    def _join(self, cache: list[KVCache], new_rows: list[Row], copies: int | list[int]) -> None:
+        """The new rows' cache into the batch: into free slots, the batch growing by at least half
+        again when there are too few (up to max_running rows), so that later joins find slots."""
+        room = self._room(new_rows)
+        if self.cache is None:
+            self.cache, self.rows = batch_cache.join(None, cache, copies=copies, room=room), list(new_rows)
+            return
+        free = self._free_slots()
+        stored = len(self.rows)
+        if len(new_rows) > len(free):
+            needed = stored + len(new_rows) - len(free)
+            size = max(needed, min(stored + stored // 2, self.config.max_running))
+            free += range(stored, size)
+            self.rows += [None] * (size - stored)
+        slots = free[: len(new_rows)]
+        self.cache = batch_cache.place(self.cache, cache, slots, copies=copies, free=free, rows=len(self.rows), room=room)
+        for slot, row in zip(slots, new_rows):
+            self.rows[slot] = row
+
+    def _forward(self, tokens: mx.array) -> mx.array:
+        """The batch's forward on tokens (rows, width): the storage rebuilt first if it is full."""
+        self.cache = batch_cache.ensure_room(self.cache, tokens.shape[1], self._free_slots(), room=self._room([]))
+        return self.model(tokens, self.cache)
+
     def _room(self, new_rows: list[Row]) -> int:
         """Positions a joined batch keeps free: the most any of its rows may still write (its
         tokens left, with room for a few draft tokens), at most MAX_ROOM and half of a row's share
         of the KV budget (every row gets the room; beyond it, the storage grows)."""
-        rows = [*self.rows, *new_rows]
+        rows = [*self._live(), *new_rows]
         left = max(row.request.params.max_tokens - len(row.completion.tokens) for row in rows)
         share = self.kv_budget // (2 * self.bytes_per_position * len(rows))
         return max(batch_cache.SPARE, min(MAX_ROOM, share, left + batch_cache.SPARE))
@@ -545,10 +575,11 @@ class Scheduler:
         if self._pending is not None:
             picks, self._pending = self._pending, None
         else:
-            drafts = [self._propose(row) for row in rows]
+            drafts = [self._propose(row) if row is not None else [] for row in rows]
             width = 1 + max(len(d) for d in drafts)
-            inputs = [[row.sequence[-1], *d] + [row.sequence[-1]] * (width - 1 - len(d)) for row, d in zip(rows, drafts)]
-            logits = self.model(mx.array(inputs, dtype=mx.int32), self.cache)  # (rows, width, vocab)
+            last = [row.sequence[-1] if row is not None else 0 for row in rows]  # a free slot's token: any
+            inputs = [[token, *d] + [token] * (width - 1 - len(d)) for token, d in zip(last, drafts)]
+            logits = self._forward(mx.array(inputs, dtype=mx.int32))  # (rows, width, vocab)
             self.counters["decode_steps"] += 1
             if width > 1:
                 return self._verify_step(rows, drafts, width, logits)
@@ -556,20 +587,27 @@ class Scheduler:
         if self._pipelines():
             # queue the next step on the picks not yet read (a row that turns out finished
             # costs one wasted position, dropped when it retires)
-            tokens = picks[:, None] if isinstance(picks, mx.array) else mx.concatenate([pick[0] for pick in picks])[:, None]
-            self._pending = self._picks(rows, self.model(tokens, self.cache)[:, 0, :])
+            if isinstance(picks, mx.array):
+                tokens = picks[:, None]
+            else:  # a free slot's input: any token
+                tokens = mx.concatenate([pick[0] if pick is not None else mx.zeros((1,), dtype=mx.int32) for pick in picks])[:, None]
+            self._pending = self._picks(rows, self._forward(tokens)[:, 0, :])
             self.counters["decode_steps"] += 1
-            mx.async_eval(self._pending if isinstance(self._pending, mx.array) else [x for pick in self._pending for x in pick[:2] if x is not None])
+            pending = self._pending
+            mx.async_eval(pending if isinstance(pending, mx.array) else [x for pick in pending if pick is not None for x in pick[:2] if x is not None])
         self._emit_picks(rows, picks)
 
-    def _picks(self, rows: list[Row], logits: mx.array) -> list[tuple] | mx.array:
+    def _picks(self, rows: list[Row | None], logits: mx.array) -> list[tuple | None] | mx.array:
         """Each row's next token from its logits row (rows, vocab), lazily: (token, logprob, top)
-        per row, or when every row is plain greedy without log-probabilities, the tokens as one
-        (rows,) array (one node to build and one read a step, not one per row)."""
-        greedy = mx.argmax(logits, axis=-1).astype(mx.int32) if any(r.plain_greedy for r in rows) else None
-        if all(r.plain_greedy and not (r.request.params.logprobs or r.request.params.top_logprobs) for r in rows):
+        per row (None for a free slot), or when every row is plain greedy without
+        log-probabilities, the tokens as one (rows,) array (one node to build and one read a step,
+        not one per row)."""
+        live = [r for r in rows if r is not None]
+        greedy = mx.argmax(logits, axis=-1).astype(mx.int32) if any(r.plain_greedy for r in live) else None
+        if all(r.plain_greedy and not (r.request.params.logprobs or r.request.params.top_logprobs) for r in live):
             return greedy
-        return [self._pick(row, logits[i : i + 1], greedy[i : i + 1] if row.plain_greedy else None) for i, row in enumerate(rows)]
+        return [None if row is None else self._pick(row, logits[i : i + 1], greedy[i : i + 1] if row.plain_greedy else None)
+                for i, row in enumerate(rows)]
 
     def _pipelines(self) -> bool:
         """Whether the next step's input is known before this step's picks are read: nothing is
@@ -579,7 +617,7 @@ class Scheduler:
         if self._prefilling or self._serial:
             return False
         return all(type(r.request.policy).propose is RequestPolicy.propose and not r.sampler.processors and not r.request.params.top_logprobs
-                   for r in self.rows)
+                   for r in self._live())
 
     def _flush_pending(self) -> None:
         """Read and emit the queued picks, so that rows may join, leave or draft again."""
@@ -591,7 +629,7 @@ class Scheduler:
         """Rows with draft tokens check them all in this forward (logits (rows, width, vocab))."""
         drops, outputs = [], []
         for i, (row, drafted) in enumerate(zip(rows, drafts)):
-            if not drafted:
+            if row is None or not drafted:
                 outputs.append(None)
                 drops.append(width - 1)
                 continue
@@ -601,10 +639,12 @@ class Scheduler:
             out = drafted[:accepted] + [following]
             outputs.append((out, logits[i, : len(out)]))
             drops.append(width - 1 - accepted)
-        plain = [self._pick(row, logits[i : i + 1, 0, :]) if outputs[i] is None else None for i, row in enumerate(rows)]
+        plain = [self._pick(row, logits[i : i + 1, 0, :]) if outputs[i] is None and row is not None else None for i, row in enumerate(rows)]
         plain_read = iter(self._read([p for p in plain if p is not None]))
         batch_cache.drop_newest(self.cache, drops)
         for row, output in zip(rows, outputs):
+            if row is None:
+                continue
             if output is None:
                 self._emit(row, [next(plain_read)])
             else:
@@ -630,13 +670,18 @@ class Scheduler:
         return token, lp, top
 
     @staticmethod
-    def _read(picks: list[tuple] | mx.array) -> list[tuple[int, float | None, dict[int, float] | None]]:
+    def _read(picks: list[tuple | None] | mx.array) -> list[tuple[int, float | None, dict[int, float] | None] | None]:
         if isinstance(picks, mx.array):
             return [(token, None, None) for token in picks.tolist()]
-        mx.eval([x for pick in picks for x in pick if x is not None and not isinstance(x, tuple)] +
-                [x for pick in picks if pick[2] is not None for x in pick[2]])
+        picks_made = [pick for pick in picks if pick is not None]
+        mx.eval([x for pick in picks_made for x in pick if x is not None and not isinstance(x, tuple)] +
+                [x for pick in picks_made if pick[2] is not None for x in pick[2]])
         out = []
-        for token, lp, top in picks:
+        for pick in picks:
+            if pick is None:
+                out.append(None)
+                continue
+            token, lp, top = pick
             top_dict = dict(zip(top[0][0].tolist(), top[1][0].tolist())) if top is not None else None
             out.append((int(token.item()), float(lp.item()) if lp is not None else None, top_dict))
         return out
@@ -644,7 +689,8 @@ class Scheduler:
     def _emit_picks(self, rows: list[Row], picks: list[tuple] | mx.array) -> None:
         """Read one pick per row (waiting for the device) and emit each row's token."""
         for row, choice in zip(rows, self._read(picks)):
-            self._emit(row, [choice])
+            if row is not None:
+                self._emit(row, [choice])
 
     def _scored(self, row: Row, tokens: list[int], logits: mx.array) -> list[tuple]:
         """Log-probabilities of verified tokens (logits: (n, vocab) at their positions)."""
@@ -680,7 +726,7 @@ class Scheduler:
         wake_handles(handles)
 
     def _retire_cancelled_running(self) -> None:
-        for row in self.rows:
+        for row in self._live():
             if row.request.handle.cancelled and not row.finished:
                 row.completion.end("cancelled")
         for request in [r for r in self._prefilling if r.handle.cancelled]:
@@ -690,17 +736,22 @@ class Scheduler:
         self._retire_finished()
 
     def _retire_finished(self) -> None:
-        if not any(row.finished for row in self.rows):
+        gone = [(i, row) for i, row in enumerate(self.rows) if row is not None and row.finished]
+        if not gone:
             return
-        keep = [i for i, row in enumerate(self.rows) if not row.finished]
-        gone = [(i, row) for i, row in enumerate(self.rows) if row.finished]
         if self.prefix_cache is not None:
             for i, row in gone:
                 if row.request.n_rows == 1 and row.completion.finish_reason != "cancelled":
                     held = self.cache[0].offset - batch_cache.padding_of(self.cache[0])[i]
                     self.prefix_cache.insert(row.sequence[:held], batch_cache.row_state(self.cache, i))
-        self.rows = [self.rows[i] for i in keep]
-        if keep:
+        for i, _ in gone:
+            self.rows[i] = None
+        keep = [i for i, row in enumerate(self.rows) if row is not None]
+        if not keep:
+            self.rows, self.cache, self._pending = [], None, None
+        elif 2 * len(keep) <= len(self.rows) and not self._prefilling and not self._waiting:
+            # half the slots free and nobody to take them: the free ones would cost compute at every step
+            self.rows = [self.rows[i] for i in keep]
             if isinstance(self._pending, mx.array):
                 self._pending = self._pending[mx.array(keep, dtype=mx.int32)]
             elif self._pending is not None:
@@ -708,7 +759,7 @@ class Scheduler:
             for layer in self.cache:
                 layer.filter(keep)
         else:
-            self.cache, self._pending = None, None
+            batch_cache.release(self.cache, [i for i, _ in gone])
         for request in {id(row.request): row.request for _, row in gone}.values():
             if all(r.finished for r in request.rows):
                 self._finish_request(request)
@@ -750,7 +801,7 @@ class Scheduler:
 
     def _fail_all(self, exc: BaseException) -> None:
         error = exc if isinstance(exc, StratlmError) else RequestFailedError(f"the engine failed while decoding: {exc!r}")
-        requests = {id(r.request): r.request for r in self.rows}
+        requests = {id(r.request): r.request for r in self._live()}
         for request in [*requests.values(), *self._prefilling, *self._serial, *self._waiting]:
             self.counters["requests_failed"] += 1
             request.handle._finish(error=error)
