@@ -53,6 +53,11 @@ PREFILL_ROWS = 32  # prompts prefilled together at most
 MIN_REUSED_PREFIX = 64  # shorter cached prefixes are recomputed in a batched prefill (see _fresh_group)
 MAX_ROOM = 512  # most free positions a joined batch keeps (a longer generation grows the storage)
 BUCKET = 16  # a batched prefill's width is a multiple of this: fewer distinct shapes to compile
+# While rows decode, new prompts are prefilled once there are a PREFILL_SHARE-th as many new rows
+# as running ones, or once the oldest has waited PREFILL_WAIT decode steps: on a GPU a prefill's
+# forward costs about as much for one short prompt as for several, and every running row waits it
+PREFILL_SHARE = 8
+PREFILL_WAIT = 8
 
 
 def bucket(n: int) -> int:
@@ -258,6 +263,7 @@ class Request:
         self.handle, self.positions = handle, positions
         self.submitted = time.perf_counter()
         self.admitted: float | None = None
+        self.admitted_step = 0  # the scheduler's decode steps when admitted
         self.rows: list[Row] = []
         self.cached_tokens = 0
         # prefill progress
@@ -428,6 +434,7 @@ class Scheduler:
                 break
             self._waiting.popleft()
             request.admitted = time.perf_counter()
+            request.admitted_step = self.counters["decode_steps"]
             self.reserved += request.positions
             (self._prefilling if request.policy is not None else self._serial).append(request)
 
@@ -436,7 +443,7 @@ class Scheduler:
         if self._pending is not None and (self._serial or any(r.request.handle.cancelled for r in self._live())):
             self._flush_pending()
         self._retire_cancelled_running()
-        if self._prefilling:
+        if self._prefilling and self._prefill_due():
             group = self._fresh_group()
             if group:
                 self._prefill_together(group)
@@ -472,6 +479,16 @@ class Scheduler:
         self._join(request.cache, request.rows, copies=request.n_rows)
         request.cache = None
         self._emit_picks(request.rows, picks)
+
+    def _prefill_due(self) -> bool:
+        """Whether to prefill now (see PREFILL_SHARE): at once while nothing decodes or a prompt is
+        part way through, else when enough rows wait to be prefilled or the oldest waited long."""
+        live, head = len(self._live()), self._prefilling[0]
+        if not live or head.cache is not None:
+            return True
+        want = min(max(1, live // PREFILL_SHARE), PREFILL_ROWS, self.config.max_running - live)
+        waited = self.counters["decode_steps"] - head.admitted_step
+        return sum(r.n_rows for r in self._prefilling) >= want or waited >= PREFILL_WAIT
 
     def _fresh_group(self) -> list[Request]:
         """Admitted prompts without a cached prefix worth a prefill of their own (MIN_REUSED_PREFIX),
