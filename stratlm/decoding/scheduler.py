@@ -627,11 +627,11 @@ class Scheduler:
                 for i, row in enumerate(rows)]
 
     def _pipelines(self) -> bool:
-        """Whether the next step's input is known before this step's picks are read: nothing is
-        being prefilled to join, and every row takes one token a step and samples without looking
-        at its history. Requests still waiting after _admit have no room until a row retires, and
-        a retiring row reads the queued picks anyway, so a full queue keeps the pipeline."""
-        if self._prefilling or self._serial:
+        """Whether the next step's input is known before this step's picks are read: every row
+        takes one token a step and samples without looking at its history. Prompts waiting to be
+        prefilled keep the pipeline: their rows join after the queued picks are read
+        (_read_pending_behind), as a retiring row's slot is freed after they are."""
+        if self._serial:
             return False
         return all(type(r.request.policy).propose is RequestPolicy.propose and not r.sampler.processors and not r.request.params.top_logprobs
                    for r in self._live())
