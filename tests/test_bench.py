@@ -278,9 +278,11 @@ def test_load_mode_counts_requested_tokens_and_warms_up_on_a_short_pass():
     warm = warmup_workload(work, rows=4, max_tokens=2)
     assert len(warm.prompts) == 4 and all(n <= 2 for n in warm.max_tokens) and warm.arrivals == [0.0] * 4
     scheduled = run_stratlm(loaded, work, max_running=4)
+    waited = run_stratlm(loaded, work, max_running=4, readers="results")
     static = run_static(loaded, work)
     waves = run_static(loaded, work, wave=4)  # the same concurrency as the scheduler's: 4 rows, then 2
-    assert scheduled.tokens == static.tokens == waves.tokens == sum(work.max_tokens)
-    assert len(scheduled.ttft) == len(static.ttft) == len(waves.ttft) == len(work.prompts)
+    assert scheduled.tokens == waited.tokens == static.tokens == waves.tokens == sum(work.max_tokens)
+    assert len(scheduled.ttft) == len(waited.ttft) == len(static.ttft) == len(waves.ttft) == len(work.prompts)
+    assert waited.engine == "stratlm scheduler, result readers"
     assert waves.engine == "stratlm static batch (waves of 4)"
     assert max(waves.ttft[4:]) > max(waves.ttft[:4])  # the second wave starts after the first

@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
                    "--prompt-tokens and --max-tokens) through the scheduler, mlx-lm's BatchGenerator and a static batch")
     p.add_argument("--rate", type=float, default=0.0, help="load mode: Poisson arrivals per second (0: all at once)")
     p.add_argument("--concurrency", type=int, default=64, help="load mode: rows decoding at once (scheduler max_running, mlx-lm completion batch)")
+    p.add_argument("--readers", choices=("streams", "results", "both"), default="both",
+                   help="load mode: the scheduler's callers read each text stream, wait for results, or both (one run each)")
     p.add_argument("--history-tokens", type=int, default=2000, help="load mode: the chat-turn history for the prefix-cache measurement (0: skip)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
@@ -74,7 +76,8 @@ def run_load(args: argparse.Namespace) -> int:
 
     rows = []
     say("stratlm scheduler ...")
-    rows.append(measured(lambda w: run_stratlm(loaded, w, args.concurrency)))
+    for readers in ("streams", "results") if args.readers == "both" else (args.readers,):
+        rows.append(measured(lambda w, readers=readers: run_stratlm(loaded, w, args.concurrency, readers)))
     if args.baselines != "none":
         say("mlx-lm BatchGenerator ...")
         folder = str(model_folder(loaded, dtype=args.dtype))

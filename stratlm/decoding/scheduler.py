@@ -120,6 +120,7 @@ class RequestHandle:
         self._result: GenerationResult | None = None
         self._error: BaseException | None = None
         self._cond = threading.Condition()
+        self._done = threading.Event()  # result() waits on this alone: the pieces' wakes pass it by
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.cancelled = False
         self.prompt = ""  # the text the model saw (set by the Engine)
@@ -138,6 +139,7 @@ class RequestHandle:
             if self.done:
                 return
             self._result, self._error = result, error
+            self._done.set()
             self._wake()
 
     def _wake(self) -> None:
@@ -169,9 +171,8 @@ class RequestHandle:
                 return
 
     def result(self, timeout: float | None = None) -> GenerationResult:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.done, timeout):
-                raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         self._raise_error()
         return self._result  # type: ignore[return-value]
 
