@@ -155,6 +155,8 @@ def test_scheduler_options_are_checked():
         SchedulerConfig.make({"max_running": 0})
     with pytest.raises(ConfigError, match="unknown scheduler option"):
         SchedulerConfig.make({"max_runing": 4})
+    with pytest.raises(ConfigError, match="prefill_batch"):
+        SchedulerConfig.make({"prefill_batch": -1})
 
 
 def test_many_threads_share_one_engine(engine, reference):

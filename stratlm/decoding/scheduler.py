@@ -49,7 +49,7 @@ from .speculation import process_positions, verify
 log = get_logger(__name__)
 
 GB = 1 << 30
-PREFILL_ROWS = 32  # prompts prefilled together at most
+PREFILL_ROWS = 32  # the most new rows a running batch waits for before a prefill (see PREFILL_SHARE)
 MIN_REUSED_PREFIX = 64  # shorter cached prefixes are recomputed in a batched prefill (see _fresh_group)
 MAX_ROOM = 512  # most free positions a joined batch keeps (a longer generation grows the storage)
 BUCKET = 16  # a batched prefill's width is a multiple of this: fewer distinct shapes to compile
@@ -87,13 +87,16 @@ class SchedulerConfig:
     QueueFullError). kv_budget: bytes of keys and values for running rows (None: a quarter of
     memory, at most 16 GiB); a request reserves its prompt plus max_tokens positions per row.
     prefix_cache_bytes: kept prompt prefixes (None: a quarter of kv_budget; 0: off).
-    prefill_chunk: prompt tokens per prefill forward between decode steps."""
+    prefill_chunk: prompt tokens per prefill forward between decode steps. prefill_batch: padded
+    prompt tokens prefilled together at most (None: 4 * prefill_chunk on the CPU, 32 * on a GPU,
+    where a prefill's forward costs about as much for one short prompt as for many)."""
 
     max_running: int = attrs.field(default=64, validator=_positive("max_running"))
     max_queue: int = attrs.field(default=1024, validator=_positive("max_queue"))
     kv_budget: int | None = attrs.field(default=None, validator=_positive("kv_budget"))
     prefix_cache_bytes: int | None = None
     prefill_chunk: int = attrs.field(default=512, validator=_positive("prefill_chunk"))
+    prefill_batch: int | None = attrs.field(default=None, validator=_positive("prefill_batch"))
 
     @classmethod
     def make(cls, value: "SchedulerConfig | dict | None") -> "SchedulerConfig":
@@ -287,6 +290,8 @@ class Scheduler:
         prefix_bytes = self.kv_budget // 4 if self.config.prefix_cache_bytes is None else self.config.prefix_cache_bytes
         self.prefix_cache = PrefixCache(prefix_bytes) if prefix_bytes > 0 else None
         self.context_length = loaded.context_length
+        on_gpu = mx.default_device().type == mx.DeviceType.gpu
+        self.prefill_batch = self.config.prefill_batch or (32 if on_gpu else 4) * self.config.prefill_chunk
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -493,12 +498,12 @@ class Scheduler:
 
     def _fresh_group(self) -> list[Request]:
         """Admitted prompts without a cached prefix worth a prefill of their own (MIN_REUSED_PREFIX),
-        to prefill together in one left-padded batch: at most PREFILL_ROWS rows and
-        4 * prefill_chunk padded tokens (a longer prompt goes alone, chunk by chunk)."""
+        to prefill together in one left-padded batch of at most prefill_batch padded tokens (a
+        longer prompt goes alone, chunk by chunk)."""
         group: list[Request] = []
         alone = len(self._prefilling) == 1
         for request in self._prefilling:
-            if request.cache is not None or len(group) >= PREFILL_ROWS:
+            if request.cache is not None:
                 break
             hit, state = self.prefix_cache.lookup(request.prompt) if self.prefix_cache is not None else (0, None)
             # a short cached prefix (a chat template's system lines) is recomputed when the prompt
@@ -508,7 +513,7 @@ class Scheduler:
                 request.filled = request.cached_tokens = hit
                 break
             width = bucket(max(len(r.prompt) for r in [*group, request]))
-            if width * (len(group) + 1) > 4 * self.config.prefill_chunk:
+            if width * (len(group) + 1) > self.prefill_batch:
                 if not group:
                     request.cache = self.model.make_cache()  # alone, chunk by chunk
                 break
