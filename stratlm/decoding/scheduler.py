@@ -54,10 +54,12 @@ MIN_REUSED_PREFIX = 64  # shorter cached prefixes are recomputed in a batched pr
 MAX_ROOM = 512  # most free positions a joined batch keeps (a longer generation grows the storage)
 BUCKET = 16  # a batched prefill's width is a multiple of this: fewer distinct shapes to compile
 # While rows decode, new prompts are prefilled once there are a PREFILL_SHARE-th as many new rows
-# as running ones, or once the oldest has waited PREFILL_WAIT decode steps: on a GPU a prefill's
-# forward costs about as much for one short prompt as for several, and every running row waits it
+# as running ones (on a GPU at least GPU_PREFILL_ROWS), or once the oldest has waited PREFILL_WAIT
+# decode steps: on a GPU a prefill's forward costs about as much for one short prompt as for
+# several, and every running row waits for it
 PREFILL_SHARE = 8
 PREFILL_WAIT = 8
+GPU_PREFILL_ROWS = 8
 
 
 def bucket(n: int) -> int:
@@ -292,6 +294,7 @@ class Scheduler:
         self.context_length = loaded.context_length
         on_gpu = mx.default_device().type == mx.DeviceType.gpu
         self.prefill_batch = self.config.prefill_batch or (32 if on_gpu else 4) * self.config.prefill_chunk
+        self.prefill_rows = GPU_PREFILL_ROWS if on_gpu else 1  # new rows a running batch waits for (see PREFILL_SHARE)
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -492,7 +495,7 @@ class Scheduler:
         live, head = len(self._live()), self._prefilling[0]
         if not live or head.cache is not None:
             return True
-        want = min(max(1, live // PREFILL_SHARE), PREFILL_ROWS, self.config.max_running - live)
+        want = min(max(self.prefill_rows, live // PREFILL_SHARE), PREFILL_ROWS, self.config.max_running - live)
         waited = self.counters["decode_steps"] - head.admitted_step
         return sum(r.n_rows for r in self._prefilling) >= want or waited >= PREFILL_WAIT
 
