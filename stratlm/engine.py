@@ -35,7 +35,7 @@ class Engine:
 
     Every generation runs in the engine's scheduler (continuous batching, prefix caching): call
     it from any number of threads or asyncio tasks. `scheduler`: a SchedulerConfig or a dict
-    of its options (max_running, max_queue, kv_budget, prefix_cache_bytes, prefill_chunk, prefill_batch).
+    of its options (max_running, max_queue, kv_budget, prefix_cache_bytes, prefill_chunk, prefill_batch, batch_prefills).
 
     An adapter is merged into the base weights at load (`fuse_adapter=False` keeps it as
     separate layers, as training needs; that form decodes many times slower).

@@ -53,13 +53,14 @@ PREFILL_ROWS = 32  # the most new rows a running batch waits for before a prefil
 MIN_REUSED_PREFIX = 64  # shorter cached prefixes are recomputed in a batched prefill (see _fresh_group)
 MAX_ROOM = 512  # most free positions a joined batch keeps (a longer generation grows the storage)
 BUCKET = 16  # a batched prefill's width is a multiple of this: fewer distinct shapes to compile
-# While rows decode, new prompts are prefilled once there are a PREFILL_SHARE-th as many new rows
-# as running ones (on a GPU at least GPU_PREFILL_ROWS), or once the oldest has waited PREFILL_WAIT
-# decode steps: on a GPU a prefill's forward costs about as much for one short prompt as for
-# several, and every running row waits for it
+# With batch_prefills (the default on a GPU), new prompts wait while rows decode until there are
+# PREFILL_MIN_ROWS of them and a PREFILL_SHARE-th as many as running rows, or until the oldest has
+# waited PREFILL_WAIT decode steps: on a GPU a prefill's forward costs about as much for one short
+# prompt as for several, and every running row waits for it. On the CPU it costs per token, and a
+# prompt is prefilled at once.
 PREFILL_SHARE = 8
 PREFILL_WAIT = 8
-GPU_PREFILL_ROWS = 8
+PREFILL_MIN_ROWS = 8
 
 
 def bucket(n: int) -> int:
@@ -91,7 +92,8 @@ class SchedulerConfig:
     prefix_cache_bytes: kept prompt prefixes (None: a quarter of kv_budget; 0: off).
     prefill_chunk: prompt tokens per prefill forward between decode steps. prefill_batch: padded
     prompt tokens prefilled together at most (None: 4 * prefill_chunk on the CPU, 32 * on a GPU,
-    where a prefill's forward costs about as much for one short prompt as for many)."""
+    where a prefill's forward costs about as much for one short prompt as for many).
+    batch_prefills: new prompts wait a few steps for others to be prefilled with (None: on a GPU)."""
 
     max_running: int = attrs.field(default=64, validator=_positive("max_running"))
     max_queue: int = attrs.field(default=1024, validator=_positive("max_queue"))
@@ -99,6 +101,7 @@ class SchedulerConfig:
     prefix_cache_bytes: int | None = None
     prefill_chunk: int = attrs.field(default=512, validator=_positive("prefill_chunk"))
     prefill_batch: int | None = attrs.field(default=None, validator=_positive("prefill_batch"))
+    batch_prefills: bool | None = None
 
     @classmethod
     def make(cls, value: "SchedulerConfig | dict | None") -> "SchedulerConfig":
@@ -294,7 +297,7 @@ class Scheduler:
         self.context_length = loaded.context_length
         on_gpu = mx.default_device().type == mx.DeviceType.gpu
         self.prefill_batch = self.config.prefill_batch or (32 if on_gpu else 4) * self.config.prefill_chunk
-        self.prefill_rows = GPU_PREFILL_ROWS if on_gpu else 1  # new rows a running batch waits for (see PREFILL_SHARE)
+        self.batch_prefills = on_gpu if self.config.batch_prefills is None else bool(self.config.batch_prefills)
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -493,9 +496,9 @@ class Scheduler:
         """Whether to prefill now (see PREFILL_SHARE): at once while nothing decodes or a prompt is
         part way through, else when enough rows wait to be prefilled or the oldest waited long."""
         live, head = len(self._live()), self._prefilling[0]
-        if not live or head.cache is not None:
+        if not self.batch_prefills or not live or head.cache is not None:
             return True
-        want = min(max(self.prefill_rows, live // PREFILL_SHARE), PREFILL_ROWS, self.config.max_running - live)
+        want = min(max(PREFILL_MIN_ROWS, live // PREFILL_SHARE), PREFILL_ROWS, self.config.max_running - live)
         waited = self.counters["decode_steps"] - head.admitted_step
         return sum(r.n_rows for r in self._prefilling) >= want or waited >= PREFILL_WAIT
 
