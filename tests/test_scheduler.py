@@ -71,6 +71,38 @@ def test_any_arrival_schedule_gives_each_request_its_solo_output(engine, referen
     assert engine.metrics()["running"] == 0
 
 
+def test_rows_outgrowing_the_batch_room_and_joining_freed_slots_keep_solo_outputs(reference):
+    """A long generation outgrows the room its batch was given (a small KV budget keeps the room at
+    its minimum; the storage is rebuilt without the columns no row needs), while short requests
+    finish and new ones take their freed slots."""
+    from stratlm.decoding import batch_cache
+
+    model = fresh_model()
+    probe = Engine(model)
+    per_position = probe.scheduler.bytes_per_position
+    probe.close()
+    eng = Engine(model, scheduler={"max_running": 3, "kv_budget": 600 * per_position})
+    rebuilds = []
+    rebuilt = batch_cache._rebuilt
+    batch_cache._rebuilt = lambda *args, **kwargs: rebuilds.append(kwargs["width"]) or rebuilt(*args, **kwargs)
+    try:
+        long = eng.submit(TEXTS[4], max_tokens=160)
+        short = [(text, eng.submit(text, max_tokens=6)) for text in TEXTS[:2]]
+        later = []
+        for text, handle in short:
+            handle.result(timeout=60)
+            later.append((text, eng.submit(text, max_tokens=9)))
+        check(reference, TEXTS[4], 160, long.result(timeout=120).token_ids)
+        for text, handle in short:
+            check(reference, text, 6, handle.result().token_ids)
+        for text, handle in later:
+            check(reference, text, 9, handle.result(timeout=60).token_ids)
+    finally:
+        batch_cache._rebuilt = rebuilt
+        eng.close()
+    assert 0 in rebuilds  # the storage was full at least once (ensure_room), not only widened for a join
+
+
 def test_streamed_pieces_join_to_the_result(engine):
     handle = engine.submit(TEXTS[2], max_tokens=20)
     pieces = list(handle)
