@@ -164,7 +164,7 @@ class RequestHandle:
         """Stop the request (idempotent); its result ends with finish_reason "cancelled"."""
         if not self.done and not self.cancelled:
             self.cancelled = True
-            self._scheduler._wake()
+            self._scheduler._cancelled()
 
     def __iter__(self) -> Iterator[str]:
         shown = 0
@@ -249,6 +249,11 @@ class Row:
         sampling = attrs.evolve(params.sampling, seed=seed + index) if seed is not None and index else params.sampling
         self.sampler = Sampler(sampling, request.strategy.registry)
         self.plain_greedy = sampling.greedy and not self.sampler.processors
+        wants = request.params
+        # picks as one argmax array: greedy, no processors, no log-probabilities
+        self.plain = self.plain_greedy and not (wants.logprobs or wants.top_logprobs)
+        # its next input is known before its pick is read (see Scheduler._pipelines)
+        self.pipelines = type(request.policy).propose is RequestPolicy.propose and not self.sampler.processors and not wants.top_logprobs
         self.completion = Completion(tokenizer, params, eos, stream=request.policy.streams)
         self.sequence = list(request.prompt)  # prompt + every sampled token
         self.first_token_time: float | None = None
@@ -308,6 +313,9 @@ class Scheduler:
         # the batch's rows by slot (the cache's rows); None: a free slot, which a new row takes
         # (see batch_cache.place); there is a live row whenever the list is not empty
         self.rows: list[Row | None] = []
+        # counts over the live rows, kept as rows join and leave (not recounted every step)
+        self._n_live = self._n_not_plain = self._n_not_pipelined = 0
+        self._cancels = False  # a caller cancelled since the loop last looked
         self.cache: list[KVCache] | None = None
         # the rows' next picks, queued but not read: while nothing joins or drafts, the next
         # forward is built from them before they are read, so the device never waits on the host
@@ -363,7 +371,7 @@ class Scheduler:
         prefix = self.prefix_cache
         return {
             "waiting": waiting,
-            "running": len(self._live()),
+            "running": self._n_live,
             "prefilling": len(self._prefilling),
             "kv_reserved_bytes": self.reserved * self.bytes_per_position,
             "kv_budget_bytes": self.kv_budget,
@@ -396,6 +404,11 @@ class Scheduler:
         with self._lock:
             self._lock.notify_all()
 
+    def _cancelled(self) -> None:
+        with self._lock:
+            self._cancels = True
+            self._lock.notify_all()
+
     # -- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -410,10 +423,12 @@ class Scheduler:
                 self._lock.wait_for(lambda: self._stop or self._waiting or self._busy())
                 if self._stop:
                     break
-                self._retire_cancelled_waiting()
+                cancels, self._cancels = self._cancels, False
+                if cancels:
+                    self._retire_cancelled_waiting()
                 self._admit()
             try:
-                self._step()
+                self._step(cancels)
             except Exception as exc:  # the batch's state is unknown: fail what ran in it, keep serving
                 log.error("scheduler step failed", error=repr(exc))
                 self._fail_all(exc)
@@ -430,7 +445,7 @@ class Scheduler:
         self.bytes_per_position = max(1, sum(c.nbytes for c in probe))
 
     def _busy(self) -> bool:
-        return bool(self.rows or self._prefilling or self._serial or any(r.handle.cancelled for r in self._waiting))
+        return bool(self.rows or self._prefilling or self._serial or self._cancels)
 
     def _retire_cancelled_waiting(self) -> None:
         for request in [r for r in self._waiting if r.handle.cancelled]:
@@ -441,7 +456,7 @@ class Scheduler:
         budget = self.kv_budget // self.bytes_per_position
         while self._waiting:
             request = self._waiting[0]
-            running = len(self._live()) + sum(r.n_rows for r in self._prefilling)
+            running = self._n_live + sum(r.n_rows for r in self._prefilling)
             if running and (running + request.n_rows > self.config.max_running or self.reserved + request.positions > budget):
                 break
             self._waiting.popleft()
@@ -450,11 +465,12 @@ class Scheduler:
             self.reserved += request.positions
             (self._prefilling if request.policy is not None else self._serial).append(request)
 
-    def _step(self) -> None:
+    def _step(self, cancels: bool = False) -> None:
         # (a prefill reads the queued picks itself, once its own forward is queued behind them)
-        if self._pending is not None and (self._serial or any(r.request.handle.cancelled for r in self._live())):
+        if self._pending is not None and (self._serial or cancels):
             self._flush_pending()
-        self._retire_cancelled_running()
+        if cancels:
+            self._retire_cancelled_running()
         if self._prefilling and self._prefill_due():
             group = self._fresh_group()
             if group:
@@ -495,7 +511,7 @@ class Scheduler:
     def _prefill_due(self) -> bool:
         """Whether to prefill now (see PREFILL_SHARE): at once while nothing decodes or a prompt is
         part way through, else when enough rows wait to be prefilled or the oldest waited long."""
-        live, head = len(self._live()), self._prefilling[0]
+        live, head = self._n_live, self._prefilling[0]
         if not self.batch_prefills or not live or head.cache is not None:
             return True
         want = min(max(PREFILL_MIN_ROWS, live // PREFILL_SHARE), PREFILL_ROWS, self.config.max_running - live)
@@ -569,6 +585,7 @@ class Scheduler:
         """The new rows' cache into the batch: into free slots, the batch growing by at least half
         again when there are too few (up to max_running rows), so that later joins find slots."""
         room = self._room(new_rows)
+        self._count(new_rows, 1)
         if self.cache is None:
             self.cache, self.rows = batch_cache.join(None, cache, copies=copies, room=room), list(new_rows)
             return
@@ -584,9 +601,16 @@ class Scheduler:
         for slot, row in zip(slots, new_rows):
             self.rows[slot] = row
 
+    def _count(self, rows: list[Row], sign: int) -> None:
+        self._n_live += sign * len(rows)
+        self._n_not_plain += sign * sum(not row.plain for row in rows)
+        self._n_not_pipelined += sign * sum(not row.pipelines for row in rows)
+
     def _forward(self, tokens: mx.array) -> mx.array:
         """The batch's forward on tokens (rows, width): the storage rebuilt first if it is full."""
-        self.cache = batch_cache.ensure_room(self.cache, tokens.shape[1], self._free_slots(), room=self._room([]))
+        first = self.cache[0]
+        if first.offset + tokens.shape[1] > first.keys.shape[2]:
+            self.cache = batch_cache.ensure_room(self.cache, tokens.shape[1], self._free_slots(), room=self._room([]))
         return self.model(tokens, self.cache)
 
     def _room(self, new_rows: list[Row]) -> int:
@@ -631,9 +655,11 @@ class Scheduler:
         per row (None for a free slot), or when every row is plain greedy without
         log-probabilities, the tokens as one (rows,) array (one node to build and one read a step,
         not one per row)."""
+        if rows is self.rows and not self._n_not_plain:
+            return mx.argmax(logits, axis=-1).astype(mx.int32)
         live = [r for r in rows if r is not None]
         greedy = mx.argmax(logits, axis=-1).astype(mx.int32) if any(r.plain_greedy for r in live) else None
-        if all(r.plain_greedy and not (r.request.params.logprobs or r.request.params.top_logprobs) for r in live):
+        if all(r.plain for r in live):
             return greedy
         return [None if row is None else self._pick(row, logits[i : i + 1], greedy[i : i + 1] if row.plain_greedy else None)
                 for i, row in enumerate(rows)]
@@ -643,10 +669,7 @@ class Scheduler:
         takes one token a step and samples without looking at its history. Prompts waiting to be
         prefilled keep the pipeline: their rows join after the queued picks are read
         (_read_pending_behind), as a retiring row's slot is freed after they are."""
-        if self._serial:
-            return False
-        return all(type(r.request.policy).propose is RequestPolicy.propose and not r.sampler.processors and not r.request.params.top_logprobs
-                   for r in self._live())
+        return not self._serial and not self._n_not_pipelined
 
     def _flush_pending(self) -> None:
         """Read and emit the queued picks, so that rows may join, leave or draft again."""
@@ -775,6 +798,7 @@ class Scheduler:
                     self.prefix_cache.insert(row.sequence[:held], batch_cache.row_state(self.cache, i))
         for i, _ in gone:
             self.rows[i] = None
+        self._count([row for _, row in gone], -1)
         keep = [i for i, row in enumerate(self.rows) if row is not None]
         if not keep:
             self.rows, self.cache, self._pending = [], None, None
@@ -835,6 +859,7 @@ class Scheduler:
             self.counters["requests_failed"] += 1
             request.handle._finish(error=error)
         self.rows, self.cache, self.reserved, self._pending = [], None, 0, None
+        self._n_live = self._n_not_plain = self._n_not_pipelined = 0
         self._prefilling.clear()
         self._serial.clear()
         self._waiting.clear()
