@@ -101,16 +101,19 @@ static int pass_rows() { return g_pass_rows.load(std::memory_order_relaxed); }
 static constexpr int PREFETCH_BYTES = 8192;
 static std::atomic<bool> g_prefetch{true};
 
+// Toward L2 (prefetcht1), not L1: prefetches into L1 filled its few miss buffers and stalled the
+// loops' own loads (measured: docs/benchmarks.md, CPU session 5); a line moves from L2 to L1 in a
+// few cycles when the loop reaches it.
 static SQ_INLINE void prefetch_span(const void* begin, const void* end) {
   for (const char* a = static_cast<const char*>(begin); a < static_cast<const char*>(end); a += 64)
 #if SQ_X86
-    asm volatile("prefetcht0 %0" : : "m"(*a));  // (GCC 12 dropped the builtin here, inlined into the ISA loops)
+    asm volatile("prefetcht1 %0" : : "m"(*a));  // (GCC 12 dropped the builtin here, inlined into the ISA loops)
 #else
-    __builtin_prefetch(a, 0, 3);
+    __builtin_prefetch(a, 0, 2);
 #endif
 }
 
-// Output rows [n0, n1)'s packed weights, scales and biases, toward L1.
+// Output rows [n0, n1)'s packed weights, scales and biases, toward L2.
 static SQ_INLINE void prefetch_rows(const Problem& p, int n0, int n1) {
   if (n0 >= n1) return;
   const size_t row_bytes = (size_t)p.K * p.bits / 8;
