@@ -52,15 +52,15 @@ def quantized_tiny(seed: int = 0, group_size: int = 32, bits: int = 4, mixed: bo
 
 
 def decode_both_ways(model, prompts: mx.array, padding: list[int], windows: list[int], seed: int) -> float:
-    """Largest logit difference between the reference forward and the decode path over decode
-    windows of these lengths after a prompt (the reference makes the prompt's cache both ways:
-    prompts take it), rows left-padded; the greedy tokens of the reference fed to both."""
+    """Largest logit difference between the reference forward and the decode path over a prompt
+    (each way making its own cache from empty storage) and decode windows of these lengths after
+    it, rows left-padded; the greedy tokens of the reference fed to both."""
     fast = decoder.KernelDecoder()
     fast.prepare(model)
     plain, fused = model.make_cache(padding), model.make_cache(padding)
-    expected = Model.__call__(model, prompts, plain)
-    Model.__call__(model, prompts, fused)
-    worst = 0.0
+    expected, got = Model.__call__(model, prompts, plain), fast.forward(model, prompts, fused)
+    assert got is not None and got.shape == expected.shape
+    worst = float(mx.abs(expected - got).max())
     key = mx.random.key(seed)
     for n in windows:
         key, sub = mx.random.split(key)
@@ -270,17 +270,33 @@ def test_a_copied_model_plans_its_own_decode_path():
     np.testing.assert_array_equal(np.array(twin(mx.array([[4]]), twin_cache)), np.array(model(mx.array([[4]]), cache)))
 
 
-def test_prompts_many_rows_and_empty_caches_take_the_reference_forward():
+def test_prompt_chunks_take_the_decode_path_and_many_rows_the_reference_forward():
     model = quantized_tiny(6)
     fast = decoder.install(model)
-    assert fast.forward(model, mx.array([[1]]), model.make_cache()) is None  # no storage yet: the prompt's pass makes it
     cache = model.make_cache()
-    model(mx.array([[1, 2]]), cache)
+    assert fast.forward(model, mx.array([[1, 2]]), cache) is not None  # empty storage: the decode path makes it
+    assert cache[0].offset == 2 and cache[0].keys.shape[2] >= 2
     assert fast.forward(model, mx.zeros((1, decoder.MAX_POSITIONS), dtype=mx.int32), cache) is not None
     assert fast.forward(model, mx.zeros((1, decoder.MAX_POSITIONS + 1), dtype=mx.int32), cache) is None
     many = model.make_cache()
-    model(mx.zeros((decoder.MAX_ROWS + 1, 2), dtype=mx.int32), many)
-    assert fast.forward(model, mx.zeros((decoder.MAX_ROWS + 1, 1), dtype=mx.int32), many) is None
+    rows = decoder.MAX_ROWS // 2 + 1
+    assert fast.forward(model, mx.zeros((rows, 2), dtype=mx.int32), many) is None
+
+
+def test_a_long_prompt_through_the_decode_path_gives_the_reference_logits():
+    """A prompt of several hundred positions in chunks (the products past the direct kernels'
+    row count, on their GEMM path), then decode steps: the reference forward's logits."""
+    model = quantized_tiny(8)
+    fast = decoder.KernelDecoder()
+    fast.prepare(model)
+    prompt = mx.random.randint(0, model.vocab_size, (1, 300), key=mx.random.key(3))
+    plain, fused = model.make_cache(), model.make_cache()
+    worst = 0.0
+    for chunk in (prompt[:, :170], prompt[:, 170:], mx.array([[5]]), mx.array([[7]])):
+        expected, got = Model.__call__(model, chunk, plain), fast.forward(model, chunk, fused)
+        assert got is not None
+        worst = max(worst, float(mx.abs(expected - got).max()))
+    assert worst < 2e-5
 
 
 def test_the_engine_installs_the_path_for_a_model_on_the_kernels(tmp_path):

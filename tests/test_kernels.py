@@ -253,6 +253,39 @@ def test_property_matches_definition(bits, gs, m, n, k_groups, batch, seed):
 
 
 @needs_ext
+@settings(max_examples=40, deadline=None)
+@given(
+    isa=st.sampled_from(_isas()),
+    bits=st.sampled_from([4, 8]),
+    gs=st.sampled_from([32, 64, 128]),
+    m=st.integers(1, 20),
+    n=st.integers(1, 70),
+    k_groups=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_property_fp16_scales_match_the_definition(isa, bits, gs, m, n, k_groups, seed):
+    """fp16 scales and biases (converted a tile of rows at a time for the kernels' group loops)
+    give the product of their fp32 values bit for bit, and the definition within fp32 rounding,
+    for random shapes on every instruction set."""
+    ext = kernels.extension()
+    before = ext.isa()
+    k = gs * k_groups
+    q, s, b = _weights(n, k, bits, gs, seed)
+    s16, b16 = s.astype(mx.float16), b.astype(mx.float16)
+    s32, b32 = s16.astype(mx.float32), b16.astype(mx.float32)
+    x = mx.random.normal((m, k), key=mx.random.key(seed + 1)) * 3
+    try:
+        ext.set_isa(isa)
+        got = kernels.quantized_matmul(x, q, s16, b16, group_size=gs, bits=bits)
+        want = kernels.quantized_matmul(x, q, s32, b32, group_size=gs, bits=bits)
+        mx.eval(got, want)
+    finally:
+        ext.set_isa(before)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
+    _assert_matches(got, x, q, s32, b32, gs, bits)
+
+
+@needs_ext
 @pytest.mark.parametrize("bits", [4, 8])
 def test_vjp_matches_gradient_through_dequantize(bits):
     q, s, b = _weights(24, 96, bits, 32, seed=14)

@@ -10,8 +10,11 @@ The reference model stays as it reads; the Engine calls `install` on the CPU, wh
 `KernelDecoder` as the model's `fast_forward` when its blocks run on the kernels
 (backends/cpu/quantized.use_cpu_kernels). DecoderLM consults it when called with a cache: the
 decoder takes a plan of the model's arrays when a cache is made (make_cache: each generation
-starts there) and runs the forward from it, or answers None (prompts, many rows, a block out of
-the plan's shape, off the CPU) and the reference forward runs.
+starts there) and runs the forward from it, or answers None (many rows, a block out of the
+plan's shape, off the CPU) and the reference forward runs. Prompts take it too, a chunk of the
+prompt (loop.PREFILL_CHUNK) at a time: the products then take the kernels' GEMM path from its
+row count on, and the ~60 nodes a block the reference graph would run cost more than the
+decode path's per-row attention loop.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from stratlm.core.model import Model
 from stratlm.device import cpu_active
 from stratlm.models.transformer import MLP, Attention, Block, DecoderLM, plan_blocks
 
-# Decode steps and speculative verify windows; a prompt is compute-bound, and its rows go to the
-# kernels' GEMM path through the reference graph at no extra cost per row.
-MAX_POSITIONS = 16
-MAX_ROWS = 32
+# Positions and rows (batch x positions) a forward takes: decode steps, verify windows and a
+# prompt's chunks (PREFILL_CHUNK), one row or a few. More rows (a batch of prompts) take the
+# reference forward: decode_block keeps its scratch at the largest size seen, rows x the widths.
+MAX_POSITIONS = 512
+MAX_ROWS = 512
 
 PROJECTIONS = (
     ("self_attn", "q_proj"),
@@ -85,7 +89,7 @@ def model_plan(model: nn.Module) -> tuple | None:
     attn = model.layers[0].self_attn
     if any(block.self_attn.rope is not attn.rope or block.self_attn.scale != attn.scale for block in model.layers):
         return None
-    return tuple(plans), (attn.n_heads, attn.n_kv_heads, attn.scale, attn.rope)
+    return tuple(plans), (attn.n_heads, attn.n_kv_heads, attn.head_dim, attn.scale, attn.rope)
 
 
 class KernelDecoder:
@@ -113,26 +117,28 @@ class KernelDecoder:
     def forward(self, model: DecoderLM, tokens: mx.array, cache: list[KVCache]) -> mx.array | None:
         """The cached forward, each block one decode_block node: the reference forward's logits up
         to fp32 rounding (the kernels' int8 setting applies to the products as it does there).
-        None for prompts, many rows, a cache other than KVCache or not yet holding positions (the
-        prompt's pass makes the storage), or activations other than fp32."""
+        None for many rows, a cache other than KVCache, or activations other than fp32."""
         if self.plan is None or len(cache) != len(self.plan[0]):
             return None
         B, L = tokens.shape
         if L > MAX_POSITIONS or B * L > MAX_ROWS:
             return None
-        if any(type(c) is not KVCache or c.keys is None or c.keys.dtype != mx.float32 for c in cache):
+        if any(type(c) is not KVCache or (c.keys is not None and c.keys.dtype != mx.float32) for c in cache):
             return None
         h = model.embed(tokens)
         if h.dtype != mx.float32:
             return None
-        plans, (n_heads, n_kv_heads, scale, rope) = self.plan
+        plans, (n_heads, n_kv_heads, head_dim, scale, rope) = self.plan
         starts = cache[0].row_starts(B)
         inv_freq, rope_scale = rope.inv_freq(), rope.scale
         block = kernels.extension().decode_block
+        template = None  # the new positions' shape, for KVCache.make_room (never evaluated)
         for weights, c in zip(plans, cache):
             write_at = c.offset
-            if write_at + L > c.keys.shape[2]:  # KVCache.make_room grows the storage (its template: the stored shapes)
-                c.make_room(c.keys[:, :, :L], c.values[:, :, :L])
+            if c.keys is None or write_at + L > c.keys.shape[2]:  # make_room makes or grows the storage
+                if template is None:
+                    template = mx.zeros((B, n_kv_heads, L, head_dim), mx.float32)
+                c.make_room(template, template)
             else:
                 c.offset += L  # make_room without growth: the positions are written by decode_block
             h, c.keys, c.values = block(

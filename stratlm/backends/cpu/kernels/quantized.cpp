@@ -27,6 +27,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -69,10 +70,8 @@ struct Problem {
   const uint16_t* b16 = nullptr;
 };
 
-// scales and biases from either form, as the kernels' templates take them
-static SQ_INLINE const float* scales_of(const Problem& p, const float*) { return p.s; }
+// biases from either form, as the kernels' templates take them
 static SQ_INLINE const float* biases_of(const Problem& p, const float*) { return p.b; }
-static SQ_INLINE const uint16_t* scales_of(const Problem& p, const uint16_t*) { return p.s16; }
 static SQ_INLINE const uint16_t* biases_of(const Problem& p, const uint16_t*) { return p.b16; }
 
 // Activations quantized to int8 per block of 32 (the int8 path): q the values in the kernel's
@@ -102,16 +101,19 @@ static int pass_rows() { return g_pass_rows.load(std::memory_order_relaxed); }
 static constexpr int PREFETCH_BYTES = 8192;
 static std::atomic<bool> g_prefetch{true};
 
+// Toward L2 (prefetcht1), not L1: prefetches into L1 filled its few miss buffers and stalled the
+// loops' own loads (measured: docs/benchmarks.md, CPU session 5); a line moves from L2 to L1 in a
+// few cycles when the loop reaches it.
 static SQ_INLINE void prefetch_span(const void* begin, const void* end) {
   for (const char* a = static_cast<const char*>(begin); a < static_cast<const char*>(end); a += 64)
 #if SQ_X86
-    asm volatile("prefetcht0 %0" : : "m"(*a));  // (GCC 12 dropped the builtin here, inlined into the ISA loops)
+    asm volatile("prefetcht1 %0" : : "m"(*a));  // (GCC 12 dropped the builtin here, inlined into the ISA loops)
 #else
-    __builtin_prefetch(a, 0, 3);
+    __builtin_prefetch(a, 0, 2);
 #endif
 }
 
-// Output rows [n0, n1)'s packed weights, scales and biases, toward L1.
+// Output rows [n0, n1)'s packed weights, scales and biases, toward L2.
 static SQ_INLINE void prefetch_rows(const Problem& p, int n0, int n1) {
   if (n0 >= n1) return;
   const size_t row_bytes = (size_t)p.K * p.bits / 8;
@@ -236,8 +238,11 @@ static inline vf vbias(vf acc, const uint16_t* b, const float* xs, int G) {
   }
   return acc;
 }
-static SQ_INLINE float sb_at(const float* v, size_t i) { return v[i]; }
-static SQ_INLINE float sb_at(const uint16_t* v, size_t i) { return _cvtsh_ss(v[i]); }
+static inline void halves(const uint16_t* h, float* out, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
+}
 template <int BITS>
 static inline vf unpack(const uint32_t* w);
 template <>
@@ -352,8 +357,14 @@ static inline vf vbias(vf acc, const uint16_t* b, const float* xs, int G) {
   }
   return acc;
 }
-static SQ_INLINE float sb_at(const float* v, size_t i) { return v[i]; }
-static SQ_INLINE float sb_at(const uint16_t* v, size_t i) { return _cvtsh_ss(v[i]); }
+static inline void halves(const uint16_t* h, float* out, int n) {
+  int i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + i)));
+  }
+}
 template <int BITS>
 static inline vf unpack(const uint32_t* w);
 // 4 bits: two packed words broadcast to every 64-bit lane (w0 w1 w0 w1 ...); lane l keeps
@@ -1265,6 +1276,46 @@ NB_MODULE(_stratlm_quantized, m) {
   m.def("set_gemm_min_rows", [](int n) { g_gemm_min_rows.store(std::max(0, n)); }, nb::arg("n"),
         "rows from which a product takes the GEMM path; 0: by the instruction set");
   m.def("has_sgemm", [] { return find_sgemm() != nullptr; });
+  m.def(
+      "time_products",
+      [](const std::vector<mx::array>& xs, const std::vector<mx::array>& ws, const std::vector<mx::array>& scales,
+         const std::vector<mx::array>& biases, const std::vector<int>& group_sizes, const std::vector<int>& bits,
+         int reps) {
+        // seconds of the fastest of reps passes over every product in turn (no graph: the kernels
+        // alone), for tuning; the scales and biases fp32 or fp16 as quantized_matmul takes them
+        const size_t n = xs.size();
+        if (ws.size() != n || scales.size() != n || biases.size() != n || group_sizes.size() != n || bits.size() != n)
+          throw std::invalid_argument("time_products: one w, scales, biases, group size and bit width per x");
+        std::vector<mx::array> all;
+        for (size_t i = 0; i < n; ++i) all.insert(all.end(), {xs[i], ws[i], scales[i], biases[i]});
+        mx::eval(all);
+        std::vector<std::vector<float>> outs(n);
+        std::vector<Problem> ps(n);
+        for (size_t i = 0; i < n; ++i) {
+          const auto &x = xs[i], &w = ws[i], &s = scales[i], &b = biases[i];
+          if (!x.flags().row_contiguous || x.dtype() != mx::float32 || !w.flags().row_contiguous)
+            throw std::invalid_argument("time_products: x float32 and x, w contiguous");
+          int K = x.shape(-1), N = w.shape(0), M = (int)(x.size() / K);
+          outs[i].resize((size_t)M * N);
+          const bool half = s.dtype() == mx::float16;
+          ps[i] = Problem{x.data<float>(), w.data<uint32_t>(), half ? nullptr : s.data<float>(),
+                          half ? nullptr : b.data<float>(), outs[i].data(), M, N, K, K / group_sizes[i], group_sizes[i],
+                          bits[i]};
+          if (half) {
+            ps[i].s16 = s.data<uint16_t>();
+            ps[i].b16 = b.data<uint16_t>();
+          }
+        }
+        double best = 1e30;
+        for (int r = 0; r < reps; ++r) {
+          auto t0 = std::chrono::steady_clock::now();
+          for (auto& p : ps) compute(p);
+          best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        return best;
+      },
+      nb::arg("xs"), nb::arg("ws"), nb::arg("scales"), nb::arg("biases"), nb::arg("group_sizes"), nb::arg("bits"),
+      nb::arg("reps"));
   m.def(
       "time_kernel",
       [](const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
