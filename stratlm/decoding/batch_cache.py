@@ -41,9 +41,8 @@ def join(batch: list[KVCache] | None, new: list[KVCache], copies: int | Sequence
     positions in use and `room` more (the most any row will still write: no growth, which
     copies the whole batch's storage, while they decode)."""
     rows = new[0].keys.shape[0]
-    counts = [copies] * rows if isinstance(copies, int) else list(copies)
-    if any(c != 1 for c in counts):
-        taken = [r for r in range(rows) for _ in range(counts[r])]
+    taken = _repeated(rows, copies)
+    if taken != list(range(rows)):
         new = [_take_rows(c, taken) for c in new]
     if not batch or batch[0].keys is None:
         return [_with_room(_trimmed(c), room) for c in new]
@@ -75,8 +74,7 @@ def place(batch: list[KVCache], new: list[KVCache], slots: Sequence[int], copies
     batch grows to them, or to `rows` rows). Only the new rows are written unless the storage must
     be rebuilt."""
     new_rows = new[0].keys.shape[0]
-    counts = [copies] * new_rows if isinstance(copies, int) else list(copies)
-    taken = [r for r in range(new_rows) for _ in range(counts[r])]
+    taken = _repeated(new_rows, copies)
     if len(taken) != len(slots):
         raise ValueError(f"{len(taken)} new rows for {len(slots)} slots")
     held, stored = new[0].offset, batch[0].keys.shape[0]
@@ -109,13 +107,17 @@ def release(batch: list[KVCache], slots: Sequence[int]) -> None:
         set_padding(layer, padding)
 
 
+def has_room(batch: list[KVCache], n: int) -> bool:
+    """Whether the storage holds n more positions."""
+    return batch[0].offset + n <= batch[0].keys.shape[2]
+
+
 def ensure_room(batch: list[KVCache], n: int, free: Sequence[int] = (), room: int = SPARE) -> list[KVCache]:
     """Room for n more positions: when the storage is full, it is rebuilt without the columns no
     live row needs, with `room` (at least n) free positions."""
-    first = batch[0]
-    if first.offset + n <= first.keys.shape[2]:
+    if has_room(batch, n):
         return batch
-    return _rebuilt(batch, free, width=0, rows=first.keys.shape[0], room=max(room, n))
+    return _rebuilt(batch, free, width=0, rows=batch[0].keys.shape[0], room=max(room, n))
 
 
 def _rebuilt(batch: list[KVCache], free: Sequence[int], width: int, rows: int, room: int) -> list[KVCache]:
@@ -196,6 +198,12 @@ def from_state(state: list[tuple[mx.array, mx.array]], length: int) -> list[KVCa
 
 def state_nbytes(state: list[tuple[mx.array, mx.array]]) -> int:
     return sum(k.nbytes + v.nbytes for k, v in state)
+
+
+def _repeated(rows: int, copies: int | Sequence[int]) -> list[int]:
+    """Each of `rows` rows repeated `copies` (or copies[r]) times, in order."""
+    counts = [copies] * rows if isinstance(copies, int) else list(copies)
+    return [r for r in range(rows) for _ in range(counts[r])]
 
 
 def _take_rows(cache: KVCache, rows: list[int]) -> KVCache:

@@ -608,8 +608,7 @@ class Scheduler:
 
     def _forward(self, tokens: mx.array) -> mx.array:
         """The batch's forward on tokens (rows, width): the storage rebuilt first if it is full."""
-        first = self.cache[0]
-        if first.offset + tokens.shape[1] > first.keys.shape[2]:
+        if not batch_cache.has_room(self.cache, tokens.shape[1]):  # (the room is counted only then)
             self.cache = batch_cache.ensure_room(self.cache, tokens.shape[1], self._free_slots(), room=self._room([]))
         return self.model(tokens, self.cache)
 
@@ -636,7 +635,7 @@ class Scheduler:
             self.counters["decode_steps"] += 1
             if width > 1:
                 return self._verify_step(rows, drafts, width, logits)
-            picks = self._picks(rows, logits[:, 0, :])
+            picks = self._picks(logits[:, 0, :])
         if self._pipelines():
             # queue the next step on the picks not yet read (a row that turns out finished
             # costs one wasted position, dropped when it retires)
@@ -644,25 +643,22 @@ class Scheduler:
                 tokens = picks[:, None]
             else:  # a free slot's input: any token
                 tokens = mx.concatenate([pick[0] if pick is not None else mx.zeros((1,), dtype=mx.int32) for pick in picks])[:, None]
-            self._pending = self._picks(rows, self._forward(tokens)[:, 0, :])
+            self._pending = self._picks(self._forward(tokens)[:, 0, :])
             self.counters["decode_steps"] += 1
             pending = self._pending
             mx.async_eval(pending if isinstance(pending, mx.array) else [x for pick in pending if pick is not None for x in pick[:2] if x is not None])
         self._emit_picks(rows, picks)
 
-    def _picks(self, rows: list[Row | None], logits: mx.array) -> list[tuple | None] | mx.array:
-        """Each row's next token from its logits row (rows, vocab), lazily: (token, logprob, top)
-        per row (None for a free slot), or when every row is plain greedy without
+    def _picks(self, logits: mx.array) -> list[tuple | None] | mx.array:
+        """Each batch row's next token from its logits row (rows, vocab), lazily: (token, logprob,
+        top) per row (None for a free slot), or when every row is plain greedy without
         log-probabilities, the tokens as one (rows,) array (one node to build and one read a step,
-        not one per row)."""
-        if rows is self.rows and not self._n_not_plain:
-            return mx.argmax(logits, axis=-1).astype(mx.int32)
-        live = [r for r in rows if r is not None]
-        greedy = mx.argmax(logits, axis=-1).astype(mx.int32) if any(r.plain_greedy for r in live) else None
-        if all(r.plain for r in live):
+        not one per row). The argmax is a lazy node: unused, it is never computed."""
+        greedy = mx.argmax(logits, axis=-1).astype(mx.int32)
+        if not self._n_not_plain:
             return greedy
         return [None if row is None else self._pick(row, logits[i : i + 1], greedy[i : i + 1] if row.plain_greedy else None)
-                for i, row in enumerate(rows)]
+                for i, row in enumerate(self.rows)]
 
     def _pipelines(self) -> bool:
         """Whether the next step's input is known before this step's picks are read: every row
